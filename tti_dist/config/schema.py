@@ -1,0 +1,206 @@
+"""The typed run configuration.
+
+A run is described by one YAML file that maps onto `RunConfig`. Every section is a frozen
+dataclass: it is validated once (config/validate.py) before any process group starts, and
+never mutated afterwards. Values derived from it (device, dtype, padded vocabulary, batch
+arithmetic) live in separate objects (`RuntimeSettings`, `ModelDims`), not in the config.
+
+Units: steps are optimizer steps; batch sizes are in sequences; lengths are in tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the GPT decoder (pre-norm, causal attention, GELU MLP)."""
+
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    hidden_size: int = 128
+    """Residual stream width d_model."""
+    num_heads: int = 4
+    """Attention heads; split across tensor-parallel ranks, so tp_size must divide it."""
+    ffn_hidden_size: int | None = None
+    """MLP hidden width; None means 4 * hidden_size."""
+    vocab_size: int = 257
+    """Tokenizer vocabulary (257 = byte-level: 256 bytes + end-of-document)."""
+    vocab_pad_multiple: int = 128
+    """The embedding table is padded to a multiple of this (Megatron's
+    make-vocab-size-divisible-by). Independent of tp_size, so the same seed gives the same
+    weights at every TP degree; tp_size must divide the padded size."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts, in tokens (size of the learned position table)."""
+    position_embedding: Literal["learned", "rope"] = "learned"
+    """Learned absolute positions (GPT-2) or rotary embeddings on q and k (RoFormer)."""
+    rope_base: float = 10000.0
+    """RoPE frequency base; used only with position_embedding: rope."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection (GPT-2)."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches."""
+    bias: bool = True
+    """Biases in linear layers."""
+    layernorm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; residual output projections use
+    init_std / sqrt(2 * num_layers) (GPT-2)."""
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP hidden width actually used."""
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""
+        m = self.vocab_pad_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are laid out: world size = tp_size * dp_size."""
+
+    tp_size: int = 1
+    """Tensor-parallel degree (megatron-core): heads, MLP hidden units and vocabulary are split."""
+    dp_size: int = 1
+    """Data-parallel degree: replicas (or ZeRO shards) that see different batches."""
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes the layout needs."""
+        return self.tp_size * self.dp_size
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO settings (the generated DeepSpeed JSON's zero_optimization block)."""
+
+    stage: int = 1
+    """0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward (worth it on GPU, not with gloo)."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 50_000_000
+    """Elements per all-gather bucket (stages 1 and 2)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warmup, then cosine decay)."""
+
+    lr: float = 3e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio at the last step."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from lr / warmup_steps to lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; applied to matrices only (not biases, norms)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 50
+    """Total optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per data-parallel rank per micro-step."""
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated per optimizer step.
+    Global batch = micro_batch_size * grad_accum_steps * dp_size sequences."""
+    seed: int = 1234
+    """Seeds weights (identical on every rank, so identical at every TP degree), data order,
+    and per-data-parallel-rank runtime randomness (dropout)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on cuda, fp32 on cpu."""
+    eval_every: int = 25
+    """Compute eval/loss on the validation split every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 4
+    """Micro-batches per data-parallel rank used for eval/loss (fixed, so values compare across steps)."""
+    dist_timeout_s: int = 600
+    """Timeout of collectives, in seconds, before a hung rank fails the job."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training text (minimal loader: byte-level tokens over a text source)."""
+
+    source: str = "stdlib"
+    """'stdlib' (the running interpreter's standard-library sources) or a text file/directory."""
+    max_bytes: int = 8_000_000
+    """Read at most this many bytes of the source."""
+    seq_len: int = 128
+    """Tokens per training sequence (<= model.max_seq_len)."""
+    val_fraction: float = 0.02
+    """Share of sequences held out for the validation split (the end of the corpus)."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics output: TensorBoard under RUN/tb and RUN/metrics.parquet, written by rank 0."""
+
+    log_every: int = 1
+    """Log train/* and perf/* scalars every this many optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    parquet: bool = True
+    """Write RUN/metrics.parquet (one row per logged step)."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of tti_dist loggers."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """DeepSpeed checkpoints under RUN/checkpoints/global_step<N>."""
+
+    every: int = 25
+    """Save every this many optimizer steps; 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; 0 keeps all."""
+    save_final: bool = True
+    """Save after the last step."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. Sections map one to one onto the YAML file's top-level keys."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The GPT shape."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/data-parallel layout."""
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and logs."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    regularizers: tuple[dict[str, Any], ...] = ()
+    """Interpretability regularizers, one entry each ({type, name, coefficient, hookpoints,
+    schedule, ...}); each type validates its own entry."""

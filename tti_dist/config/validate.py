@@ -1,0 +1,152 @@
+"""Validation of a `RunConfig`, run once before any process group starts.
+
+Each check raises `ConfigError` with one line: the field path, the value given and what is
+allowed. Checks that involve the number of processes take it as an argument, because the
+launcher knows it (`--nproc`, or the Ray worker count) and the config alone does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tti_dist.config.schema import RunConfig
+from tti_dist.errors import ConfigError
+
+
+def validate_config(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Raise `ConfigError` on the first problem found; return None when the config is usable."""
+    _validate_model(cfg)
+    _validate_parallel(cfg, world_size)
+    _validate_optim(cfg)
+    _validate_train(cfg)
+    _validate_data(cfg)
+    _validate_logging_and_checkpoint(cfg)
+    _validate_regularizers(cfg)
+
+
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: {value!r} must be > 0")
+
+
+def _non_negative(value: float, where: str) -> None:
+    if value < 0:
+        raise ConfigError(f"{where}: {value!r} must be >= 0")
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    m = cfg.model
+    for name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "vocab_pad_multiple", "max_seq_len"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.ffn_hidden_size is not None:
+        _positive(m.ffn_hidden_size, "model.ffn_hidden_size")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads: {m.num_heads} must divide model.hidden_size ({m.hidden_size})"
+        )
+    head_dim = m.hidden_size // m.num_heads
+    if m.position_embedding == "rope" and head_dim % 2:
+        raise ConfigError(
+            f"model.position_embedding: 'rope' needs an even head dimension; "
+            f"hidden_size/num_heads = {head_dim}"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: {m.dropout!r} must be in [0, 1)")
+    _positive(m.layernorm_eps, "model.layernorm_eps")
+    _positive(m.init_std, "model.init_std")
+    _positive(m.rope_base, "model.rope_base")
+
+
+def _validate_parallel(cfg: RunConfig, world_size: int | None) -> None:
+    p, m = cfg.parallel, cfg.model
+    _positive(p.tp_size, "parallel.tp_size")
+    _positive(p.dp_size, "parallel.dp_size")
+    tp = p.tp_size
+    for field, size in (
+        ("model.num_heads", m.num_heads),
+        ("model.hidden_size", m.hidden_size),
+        ("model.ffn_hidden_size", m.ffn_size),
+        ("model.vocab_size (padded to vocab_pad_multiple)", m.padded_vocab_size),
+    ):
+        if size % tp:
+            raise ConfigError(f"parallel.tp_size: {tp} must divide {field} = {size}")
+    if world_size is not None and world_size != p.world_size:
+        raise ConfigError(
+            f"parallel: tp_size * dp_size = {tp} * {p.dp_size} = {p.world_size} "
+            f"but the job has {world_size} processes; make them equal"
+        )
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage: {cfg.zero.stage!r} is not allowed; choose 0, 1, 2 or 3")
+    _positive(cfg.zero.reduce_bucket_size, "zero.reduce_bucket_size")
+    _positive(cfg.zero.allgather_bucket_size, "zero.allgather_bucket_size")
+
+
+def _validate_optim(cfg: RunConfig) -> None:
+    o = cfg.optim
+    _positive(o.lr, "optim.lr")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: {o.min_lr_ratio!r} must be in [0, 1]")
+    _non_negative(o.warmup_steps, "optim.warmup_steps")
+    _non_negative(o.weight_decay, "optim.weight_decay")
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"optim.{name}: {value!r} must be in [0, 1)")
+    _positive(o.eps, "optim.eps")
+    _non_negative(o.grad_clip, "optim.grad_clip")
+    if o.warmup_steps > cfg.train.steps:
+        raise ConfigError(
+            f"optim.warmup_steps: {o.warmup_steps} exceeds train.steps = {cfg.train.steps}"
+        )
+
+
+def _validate_train(cfg: RunConfig) -> None:
+    t = cfg.train
+    _positive(t.steps, "train.steps")
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    _positive(t.grad_accum_steps, "train.grad_accum_steps")
+    _non_negative(t.eval_every, "train.eval_every")
+    _positive(t.eval_batches, "train.eval_batches")
+    _positive(t.dist_timeout_s, "train.dist_timeout_s")
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    _positive(d.seq_len, "data.seq_len")
+    _positive(d.max_bytes, "data.max_bytes")
+    if d.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {cfg.model.max_seq_len}"
+        )
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {d.val_fraction!r} must be in (0, 1)")
+    if d.source != "stdlib" and not Path(d.source).exists():
+        raise ConfigError(
+            f"data.source: '{d.source}' does not exist; use 'stdlib' or a path to a text file or directory"
+        )
+    if cfg.model.vocab_size < 257:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte-level tokenizer's 257 tokens"
+        )
+
+
+def _validate_logging_and_checkpoint(cfg: RunConfig) -> None:
+    _positive(cfg.logging.log_every, "logging.log_every")
+    _non_negative(cfg.checkpoint.every, "checkpoint.every")
+    _non_negative(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+
+
+def _validate_regularizers(cfg: RunConfig) -> None:
+    # The regularizer registry is filled by tti_dist.regularizers; until a type is
+    # registered, any entry would be silently ignored, which is a bug (DESIGN 5.6).
+    registered: tuple[str, ...] = ()
+    for i, entry in enumerate(cfg.regularizers):
+        kind = entry.get("type")
+        if kind not in registered:
+            allowed = ", ".join(registered) if registered else "none are registered in this version"
+            raise ConfigError(f"regularizers[{i}].type: {kind!r} is not a known regularizer; {allowed}")

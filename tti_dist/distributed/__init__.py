@@ -1,0 +1,1 @@
+"""Process groups (megatron-core parallel_state), DeepSpeed mpu adapter, ZeRO config."""

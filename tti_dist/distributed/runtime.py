@@ -1,0 +1,94 @@
+"""Process-group setup for one rank: torch.distributed, then megatron-core parallel_state.
+
+The launcher (torch's elastic agent locally, Ray Train on a cluster) sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT. `init_parallel` starts the default group (gloo on
+CPU, NCCL on CUDA, with the configured timeout) and builds the tensor- and data-parallel
+groups with megatron-core, in Megatron's rank order: the ranks of one TP group are
+adjacent (TP=2 x DP=2: TP groups {0,1}, {2,3}; DP groups {0,2}, {1,3}).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in the layout, and the groups every collective names explicitly."""
+
+    device: torch.device
+    """Where this rank computes."""
+    rank: int
+    """Global rank."""
+    world_size: int
+    """Number of processes."""
+    tp_group: dist.ProcessGroup
+    """Ranks that hold shards of the same layers."""
+    tp_rank: int
+    """Rank within tp_group."""
+    tp_size: int
+    """Size of tp_group."""
+    dp_group: dist.ProcessGroup
+    """Ranks that hold the same shard and see different data."""
+    dp_rank: int
+    """Rank within dp_group."""
+    dp_size: int
+    """Size of dp_group."""
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 writes TensorBoard, Parquet and the run directory's files."""
+        return self.rank == 0
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank)
+
+
+def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> ParallelGroups:
+    """Initialise torch.distributed (if needed) and megatron-core's TP/DP groups."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    groups = ParallelGroups(
+        device=device,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+    )
+    logger.debug("parallel layout: tp %d/%d, dp %d/%d", groups.tp_rank, groups.tp_size, groups.dp_rank, groups.dp_size)
+    return groups
+
+
+def shutdown_parallel() -> None:
+    """Tear down megatron-core groups and the default process group (idempotent)."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

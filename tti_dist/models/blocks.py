@@ -1,0 +1,133 @@
+"""Transformer blocks on megatron-core tensor-parallel linear layers.
+
+Attention: the fused QKV projection is a `ColumnParallelLinear` whose output rows are laid
+out head by head ([head][q|k|v][head_dim]), so a contiguous split across TP ranks gives each
+rank whole heads with their q, k and v. Each rank runs SDPA on its local heads, and the
+output projection is a `RowParallelLinear` that sums the ranks' partial products with one
+all-reduce. The MLP is the same pattern: column-parallel up-projection (each rank holds a
+contiguous slice of hidden units), GELU, row-parallel down-projection.
+
+Only megatron-core code paths that run on CPU are used: `gather_output=False`,
+`input_is_parallel=True`, no sequence parallelism, CPU initialisation (which also makes
+weights independent of tp_size: megatron builds the full master weight from the global RNG
+and keeps this rank's slice).
+
+Tensors are batch-first: [batch, seq, features] (the megatron layers only touch the last
+dimension).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from tti_dist.capture.hookpoints import HookPoint
+from tti_dist.config.schema import ModelConfig
+from tti_dist.models.rope import apply_rope
+
+
+def normal_init(std: float):
+    """An init_method for megatron layers: N(0, std^2) on the full master weight."""
+
+    def init(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+class ParallelAttention(nn.Module):
+    """Causal multi-head self-attention with heads split across the TP group.
+
+    Hookpoints: `attn.z` (concatenated per-head outputs before the output projection,
+    TP-sharded by head) and `attn.out` (after it, replicated).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int):
+        super().__init__()
+        self.num_heads_local = cfg.num_heads // tp_size
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.position_embedding == "rope"
+        self.rope_base = cfg.rope_base
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, config=mp_config, init_method=normal_init(cfg.init_std),
+            bias=cfg.bias, gather_output=False, tp_group=tp_group,
+        )
+        self.proj = RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+        self.hook_z = HookPoint(cfg.hidden_size, tp_sharded=True)
+        self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        qkv, _ = self.qkv(x_BTD)
+        # [B, T, heads_local, 3, head_dim] -> three [B, heads_local, T, head_dim]
+        qkv = qkv.view(B, T, self.num_heads_local, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.use_rope:
+            q, k = apply_rope(q, k, base=self.rope_base)
+        z = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        z = self.hook_z(z.transpose(1, 2).reshape(B, T, self.num_heads_local * self.head_dim))
+        out, _ = self.proj(z)
+        return self.hook_out(out)
+
+
+class ParallelMLP(nn.Module):
+    """GELU MLP with hidden units split across the TP group.
+
+    Hookpoints: `mlp.pre` and `mlp.act` (before/after GELU, TP-sharded), `mlp.out` (replicated).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.fc1 = ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_size, config=mp_config, init_method=normal_init(cfg.init_std),
+            bias=cfg.bias, gather_output=False, tp_group=tp_group,
+        )
+        self.fc2 = RowParallelLinear(
+            cfg.ffn_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+        self.hook_pre = HookPoint(cfg.ffn_size, tp_sharded=True)
+        self.hook_act = HookPoint(cfg.ffn_size, tp_sharded=True)
+        self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        pre, _ = self.fc1(x_BTD)
+        act = self.hook_act(F.gelu(self.hook_pre(pre)))
+        out, _ = self.fc2(act)
+        return self.hook_out(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)).
+
+    Hookpoints: `resid_pre`, `resid_mid`, `resid_post` (replicated across TP).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
+        self.attn = ParallelAttention(cfg, mp_config, tp_group, tp_size)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
+        self.mlp = ParallelMLP(cfg, mp_config, tp_group)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
+        self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
+        self.hook_resid_post = HookPoint(cfg.hidden_size, tp_sharded=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x = self.hook_resid_pre(x_BTD)
+        x = self.hook_resid_mid(x + self.drop(self.attn(self.ln1(x))))
+        return self.hook_resid_post(x + self.drop(self.mlp(self.ln2(x))))

@@ -1,0 +1,127 @@
+"""A GPT decoder built from megatron-core tensor-parallel layers.
+
+    tokens -> VocabParallelEmbedding (+ learned positions) -> Block x num_layers
+           -> LayerNorm -> vocab-parallel output projection -> local logit shard
+
+The output projection is a `ColumnParallelLinear` over the padded vocabulary; with tied
+embeddings it borrows the embedding's weight (megatron's own tying), so each TP rank
+holds the same vocabulary rows for both. `forward` returns this rank's shard of the logits
+([batch, seq, padded_vocab / tp_size]); `lm_loss` turns it into per-token cross entropy
+with megatron's `vocab_parallel_cross_entropy`, never materialising full logits.
+
+The model knows nothing about regularizers or DeepSpeed: parallelism and training are
+applied around it by plain functions (tti_dist.train).
+
+Weights do not depend on tp_size: every rank seeds the global RNG identically before
+construction, megatron's CPU initialisation draws each full master weight and keeps the
+local slice, and the non-parallel modules draw the same numbers in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from torch import nn
+
+from tti_dist.capture.hookpoints import HookPoint
+from tti_dist.config.schema import ModelConfig
+from tti_dist.models.blocks import Block, normal_init
+
+
+def megatron_config(tp_size: int) -> ModelParallelConfig:
+    """The ModelParallelConfig for our layers: CPU initialisation, no CUDA-only features."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer LM, tensor-parallel over `tp_group`.
+
+    Hookpoints (see `tti_dist.capture.list_hookpoints`): `embed` (embeddings), and per block i:
+    `blocks.{i}.resid_pre`, `.attn.z`, `.attn.out`, `.resid_mid`, `.mlp.pre`, `.mlp.act`,
+    `.mlp.out`, `.resid_post`; finally `final_norm` (input to the unembedding). `attn.z`, `mlp.pre` and `mlp.act`
+    are TP-sharded (this rank's heads / hidden units); the rest are replicated.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+        super().__init__()
+        self.cfg = cfg
+        tp_size = dist.get_world_size(tp_group)
+        mp_config = megatron_config(tp_size)
+        self.embedding = VocabParallelEmbedding(
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
+            config=mp_config, tp_group=tp_group,
+        )
+        self.position_embedding = None
+        if cfg.position_embedding == "learned":
+            self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+            nn.init.normal_(self.position_embedding.weight, mean=0.0, std=cfg.init_std)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.hook_embed = HookPoint(cfg.hidden_size, tp_sharded=False)
+        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
+        self.hook_final_norm = HookPoint(cfg.hidden_size, tp_sharded=False)
+        self.output_layer = ColumnParallelLinear(
+            cfg.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=normal_init(cfg.init_std),
+            bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
+            tp_group=tp_group,
+        )
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Local logit shard [batch, seq, padded_vocab / tp_size] for int64 tokens [batch, seq]."""
+        x = self.embedding(tokens_BT)
+        if self.position_embedding is not None:
+            positions = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
+            x = x + self.position_embedding(positions)
+        x = self.hook_embed(self.embed_drop(x))
+        for block in self.blocks:
+            x = block(x)
+        x = self.hook_final_norm(self.final_norm(x))
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.output_layer(x, weight=weight)
+        return logits
+
+
+def lm_loss(logits_local_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross entropy [batch, seq] from the local logit shard.
+
+    Reduces over the tensor-parallel group (megatron's vocab_parallel_cross_entropy takes it
+    from parallel_state: the max, the target logit and the softmax denominator are each
+    all-reduced). Computed in fp32 whatever the logits' dtype.
+    """
+    return vocab_parallel_cross_entropy(logits_local_BTV.float(), targets_BT)
+
+
+def tp_partition_dims(model: nn.Module) -> dict[str, int | None]:
+    """For each parameter name, the dimension split across TP ranks (None: replicated).
+
+    Read from the attributes megatron-core sets on its sharded parameters, so it stays
+    right for any layer built from megatron's tensor_parallel modules.
+    """
+    dims: dict[str, int | None] = {}
+    for name, param in model.named_parameters():
+        sharded = getattr(param, "tensor_model_parallel", False)
+        dims[name] = int(param.partition_dim) if sharded else None
+    return dims
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the whole (unsharded) model, padded vocabulary included."""
+    d, f, v, n = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab_size, cfg.num_layers
+    b = 1 if cfg.bias else 0
+    ln = d * (1 + b)
+    per_block = 2 * ln + (d * 3 * d + b * 3 * d) + (d * d + b * d) + (d * f + b * f) + (f * d + b * d)
+    total = v * d + n * per_block + ln
+    if cfg.position_embedding == "learned":
+        total += cfg.max_seq_len * d
+    if not cfg.tie_embeddings:
+        total += v * d
+    return total

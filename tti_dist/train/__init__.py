@@ -1,0 +1,1 @@
+"""Trainer loop, checkpoint/resume, engine construction, local multi-rank launcher."""

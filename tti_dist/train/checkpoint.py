@@ -1,0 +1,164 @@
+"""Atomic DeepSpeed checkpoints with the state needed for exact resume.
+
+Layout under RUN/checkpoints/:
+
+    latest                      the tag to resume from (DeepSpeed's convention)
+    global_step<N>/             a complete checkpoint (DeepSpeed's file names:
+        mp_rank_XX_model_states.pt, *_optim_states.pt, ...)
+        rng_rank<R>.pt          per-rank RNG states (torch, cuda, numpy, python)
+        tp_layout.json          TP partition dim of every parameter (for export)
+    zero_to_fp32.py             DeepSpeed's consolidation script (copied by DeepSpeed)
+
+Why this is atomic: DeepSpeed writes into `global_step<N>.partial/` with `save_latest=False`;
+each rank adds its RNG state; after a barrier rank 0 renames the directory to
+`global_step<N>` and only then replaces `latest` (write to a temp file, fsync,
+`os.replace`). A crash at any point leaves `latest` naming the previous complete
+checkpoint; a stale `.partial` directory is never read and is removed by the next save.
+The training position (step, tokens, data loader state) travels in DeepSpeed's
+client_state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tti_dist.distributed.runtime import ParallelGroups
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+PARTIAL_SUFFIX = ".partial"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def checkpoint_tag(step: int) -> str:
+    """DeepSpeed's tag naming: global_step<N>."""
+    return f"global_step{step}"
+
+
+def tag_step(tag: str) -> int | None:
+    """The step of a complete-checkpoint tag, None for anything else."""
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag named by `latest`, if it names an existing complete checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / LATEST_FILE
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if tag_step(tag) is None or not (ckpt_dir / tag).is_dir():
+        logger.warning("%s names %r, which is not a complete checkpoint; ignoring it", latest, tag)
+        return None
+    return tag
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and tag_step(p.name) is not None]
+    return sorted(tags, key=lambda t: tag_step(t))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    engine,
+    ckpt_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    groups: ParallelGroups,
+    tp_layout: dict[str, int | None],
+    keep_last: int,
+) -> str:
+    """Save a complete checkpoint for `step` atomically; returns its tag. Collective over all ranks."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = checkpoint_tag(step)
+    staging = tag + PARTIAL_SUFFIX
+    if groups.is_writer:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # Left by a save that crashed; DeepSpeed would otherwise mix old and new files.
+        shutil.rmtree(ckpt_dir / staging, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=staging, client_state=client_state, save_latest=False)
+    torch.save(capture_rng_state(), ckpt_dir / staging / f"rng_rank{groups.rank:05d}.pt")
+    dist.barrier()
+    if groups.is_writer:
+        _write_atomic(ckpt_dir / staging / "tp_layout.json", json.dumps(tp_layout, indent=1))
+        final = ckpt_dir / tag
+        if final.exists():  # the same step saved again (e.g. a final save after a periodic one)
+            shutil.rmtree(final)
+        os.rename(ckpt_dir / staging, final)
+        _write_atomic(ckpt_dir / LATEST_FILE, tag)
+        _prune(ckpt_dir, keep_last, protect=tag)
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
+    for stale in ckpt_dir.glob("*" + PARTIAL_SUFFIX):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    tags = complete_tags(ckpt_dir)
+    for tag in tags[:-keep_last]:
+        if tag != protect:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, groups: ParallelGroups) -> dict[str, Any]:
+    """Load model, optimizer, LR scheduler and this rank's RNG states; return client_state."""
+    ckpt_dir = Path(ckpt_dir)
+    path, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rng_file = ckpt_dir / tag / f"rng_rank{groups.rank:05d}.pt"
+    restore_rng_state(torch.load(rng_file, weights_only=False))
+    logger.info("resumed from %s (step %s)", ckpt_dir / tag, client_state.get("step"))
+    return client_state

@@ -1,0 +1,105 @@
+"""Wrap a model in a DeepSpeed engine for the configured ZeRO stage and precision.
+
+Applied by a plain function (DESIGN 5.3): the model stays a model. DeepSpeed is imported
+here, inside the worker, never at package import (a Ray driver on a CPU-only head must not
+import it, and on CPU the accelerator must be chosen before the import).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from tti_dist.config.schema import RunConfig
+from tti_dist.distributed.mpu import MegatronMpu
+from tti_dist.distributed.runtime import ParallelGroups
+from tti_dist.distributed.zero_config import deepspeed_config
+from tti_dist.train.lr_schedule import warmup_cosine_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def import_deepspeed():
+    """Import DeepSpeed with the CPU accelerator when no GPU is visible.
+
+    DeepSpeed picks its accelerator at import time; on a CPU machine it must be told
+    (DS_ACCELERATOR=cpu), and it then falls back to gloo when oneCCL is absent.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def resolve_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    """precision auto -> bf16 on CUDA, fp32 on CPU."""
+    if cfg.train.precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.precision == "bf16"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (>= 2 dims: linear weights, embeddings); not biases or norm gains."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(model: nn.Module, cfg: RunConfig, groups: ParallelGroups):
+    """deepspeed.initialize with the generated config, our mpu adapter and LR schedule."""
+    deepspeed = import_deepspeed()
+    bf16 = resolve_bf16(cfg, groups.device)
+    ds_config = deepspeed_config(cfg, dp_size=groups.dp_size, bf16=bf16, on_cuda=groups.device.type == "cuda")
+    model = model.to(groups.device)
+    if cfg.zero.stage == 3 and getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        # The output layer reads the embedding's weight outside the embedding module's own
+        # forward; ZeRO-3 must keep that partitioned parameter gathered for it.
+        deepspeed.zero.register_external_parameter(model, model.embedding.weight)
+
+    def scheduler(optimizer):
+        return warmup_cosine_scheduler(
+            optimizer,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=cfg.train.steps,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        lr_scheduler=scheduler,
+        mpu=MegatronMpu(),
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine, ds_config
+
+
+def global_grad_norm(engine) -> torch.Tensor | float | None:
+    """The pre-clipping global gradient norm of the last optimizer step, or None.
+
+    ZeRO stages 1-3 and bf16 record it in the optimizer; plain fp32 data parallelism
+    (stage 0) does not, so the trainer computes it before the step with `grad_norm_now`.
+    """
+    return engine.get_global_grad_norm()
+
+
+def grad_norm_now(engine) -> torch.Tensor:
+    """Global L2 norm of the current gradients, TP-replicated parameters counted once.
+
+    DeepSpeed's own get_grad_norm: sums squares of TP-sharded parameters over the
+    model-parallel group and counts replicated ones on TP rank 0 only.
+    """
+    from deepspeed.runtime.utils import get_grad_norm
+
+    return torch.as_tensor(get_grad_norm(engine.module.parameters(), mpu=engine.mpu))

@@ -1,0 +1,137 @@
+"""Export a checkpoint as one consolidated fp32 safetensors file (TP shards merged).
+
+The result loads with `load_state_dict(strict=True)` into a GPT built at tp_size=1.
+
+Two layers of sharding are undone:
+- data-parallel ZeRO partitioning, by DeepSpeed's own `zero_to_fp32` consolidation
+  (`get_fp32_state_dict_from_zero_checkpoint`), which reads the fp32 master weights out of
+  the optimizer-state files. That tool knows nothing of tensor parallelism: it expects the
+  files of one model-parallel rank named `mp_rank_00`. So for each TP rank r we point it
+  at a directory of symlinks presenting rank r's files under the mp_rank_00 names.
+  (ZeRO stage 0 has no partitioned optimizer files; there the module weights in
+  `mp_rank_XX_model_states.pt` are read directly.)
+- tensor parallelism, by concatenating each parameter's shards along the dimension
+  recorded in the checkpoint's tp_layout.json (megatron's `partition_dim`); replicated
+  parameters are taken from TP rank 0 after checking that all ranks agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from tti_dist.config.load import config_from_dict
+from tti_dist.config.schema import RunConfig
+from tti_dist.errors import ConfigError
+from tti_dist.train import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str | None) -> tuple[RunConfig, Path, str]:
+    """(run config, checkpoints dir, tag) for `checkpoint` = None (latest), a step or a tag."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"RUN: '{run_dir}' is not a tti run directory (no config.yaml)")
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    ckpt_dir = run_dir / "checkpoints"
+    if checkpoint is None:
+        tag = ckpt.latest_tag(ckpt_dir)
+        if tag is None:
+            raise ConfigError(f"RUN: '{run_dir}' holds no complete checkpoint")
+    else:
+        tag = ckpt.checkpoint_tag(int(checkpoint)) if str(checkpoint).isdigit() else str(checkpoint)
+        if not (ckpt_dir / tag).is_dir():
+            available = ", ".join(ckpt.complete_tags(ckpt_dir)) or "none"
+            raise ConfigError(f"--checkpoint: {checkpoint!r} not found in {ckpt_dir}; available: {available}")
+    return cfg, ckpt_dir, tag
+
+
+def _rank_view(ckpt_dir: Path, tag: str, tp_rank: int, view_root: Path) -> None:
+    """Symlink TP rank `tp_rank`'s files of `tag` into view_root/tag under mp_rank_00 names."""
+    src = ckpt_dir / tag
+    dst = view_root / tag
+    dst.mkdir(parents=True)
+    pattern = re.compile(rf"mp_rank_{tp_rank:02d}(?=_|\.)")
+    for f in src.iterdir():
+        if pattern.search(f.name):
+            os.symlink(f.resolve(), dst / pattern.sub("mp_rank_00", f.name))
+    (view_root / ckpt.LATEST_FILE).write_text(tag)
+
+
+def tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full (DP-consolidated) fp32 weights of one TP rank's shard."""
+    if zero_stage == 0:
+        states = torch.load(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
+    from tti_dist.train.engine import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="tti-export-") as tmp:
+        _rank_view(ckpt_dir, tag, tp_rank, Path(tmp))
+        sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+        return {k: v.float().clone() for k, v in sd.items()}
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict[str, int | None]) -> dict[str, torch.Tensor]:
+    """Concatenate sharded parameters along their partition dim; check replicated ones agree."""
+    merged: dict[str, torch.Tensor] = {}
+    for name, dim in layout.items():
+        pieces = [s[name] for s in shards]
+        if dim is None:
+            for r, piece in enumerate(pieces[1:], start=1):
+                if not torch.equal(piece, pieces[0]):
+                    diff = (piece - pieces[0]).abs().max().item()
+                    raise RuntimeError(f"replicated parameter {name} differs between TP rank 0 and {r} (max |diff| {diff:g})")
+            merged[name] = pieces[0].contiguous()
+        else:
+            merged[name] = torch.cat(pieces, dim=dim).contiguous()
+    return merged
+
+
+def consolidated_state_dict(run_dir: str | Path, checkpoint: str | None = None) -> tuple[RunConfig, dict[str, torch.Tensor], str]:
+    """The whole model's fp32 weights from a checkpoint, any TP/ZeRO layout."""
+    cfg, ckpt_dir, tag = resolve_checkpoint(run_dir, checkpoint)
+    layout = json.loads((ckpt_dir / tag / "tp_layout.json").read_text())
+    shards = [tp_rank_state_dict(ckpt_dir, tag, r, cfg.zero.stage) for r in range(cfg.parallel.tp_size)]
+    return cfg, merge_tp_shards(shards, layout), tag
+
+
+def export_safetensors(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
+    """Write the consolidated weights to `out` (atomically) with the model config as metadata."""
+    from safetensors.torch import save_file
+
+    from tti_dist.config.load import config_to_dict
+
+    cfg, state, tag = consolidated_state_dict(run_dir, checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    metadata = {"model_config": json.dumps(config_to_dict(cfg.model)), "checkpoint": tag, "format": "tti_dist.gpt"}
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    logger.info("exported %s (%d tensors) to %s", tag, len(state), out)
+    return out
+
+
+def load_exported(path: str | Path):
+    """(ModelConfig, state_dict) from a file written by export_safetensors."""
+    from safetensors import safe_open
+
+    from tti_dist.config.load import section_from_dict
+    from tti_dist.config.schema import ModelConfig
+
+    with safe_open(str(path), framework="pt") as f:
+        model_cfg = section_from_dict(ModelConfig, json.loads(f.metadata()["model_config"]), "model.")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return model_cfg, state

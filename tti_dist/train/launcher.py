@@ -1,0 +1,53 @@
+"""Single-node launcher: spawn N local ranks with torch's elastic agent (torchrun's engine).
+
+This is the single-node smoke-test path (CPU with gloo, or the GPUs of one machine with
+NCCL). The agent runs a c10d rendezvous on a free loopback port, sets RANK / LOCAL_RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT for each child, and fails the whole job if any rank
+fails, reporting which one.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from tti_dist.config.schema import RunConfig
+from tti_dist.train.worker import run_worker
+
+logger = logging.getLogger(__name__)
+
+
+def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
+    """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
+    if nproc == 1:
+        # One rank needs no agent; still a real (size-1) process group.
+        import os
+
+        from torch.distributed.elastic.utils.distributed import get_free_port
+
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port())}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return {0: run_worker(cfg, run_dir, resume)}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"tti-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    return elastic_launch(config, run_worker)(cfg, run_dir, resume)

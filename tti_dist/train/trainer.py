@@ -1,0 +1,201 @@
+"""The training loop of one rank: forward, loss, DeepSpeed backward/step, eval, log, checkpoint.
+
+Data flow per optimizer step (grad_accum_steps micro-steps):
+    batch (this DP rank's slice; identical on the TP ranks of a DP group)
+    -> engine(tokens) -> local logit shard -> vocab-parallel cross entropy (TP group)
+    -> total loss = task loss (+ regularizer losses, later) -> engine.backward -> engine.step
+Metrics are reduced over explicit groups (task loss: mean over the DP group) and only at
+log steps, where the host syncs once. Rank 0 writes TensorBoard and Parquet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tti_dist.config.schema import RunConfig
+from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
+from tti_dist.distributed.runtime import ParallelGroups
+from tti_dist.metrics import open_metrics_writer
+from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
+from tti_dist.train import checkpoint as ckpt
+from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
+from tti_dist.train.seeding import seed_runtime, seed_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (identical on every rank)."""
+
+    final_step: int
+    """Optimizer steps completed."""
+    losses: dict[int, float] = field(default_factory=dict)
+    """train/task_loss at every logged step of this process's lifetime."""
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    """eval/loss at every eval step."""
+    last_checkpoint: str | None = None
+    """Tag of the last checkpoint saved."""
+
+
+def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatchLoader, list[torch.Tensor]]:
+    """Train loader for this DP rank and the fixed validation micro-batches."""
+    tokens = encode_documents(read_text_source(cfg.data.source, cfg.data.max_bytes))
+    windows = TokenWindows(tokens, cfg.data.seq_len, cfg.data.val_fraction)
+    train = DistributedBatchLoader(
+        windows, "train", cfg.train.micro_batch_size, groups.dp_rank, groups.dp_size, cfg.train.seed
+    )
+    val = DistributedBatchLoader(
+        windows, "val", cfg.train.micro_batch_size, groups.dp_rank, groups.dp_size, cfg.train.seed, shuffle=False
+    )
+    return train, val.fixed_batches(cfg.train.eval_batches)
+
+
+def dp_mean(value: torch.Tensor, groups: ParallelGroups) -> float:
+    """Mean of a scalar over the data-parallel group (a host sync)."""
+    value = value.detach().float().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=groups.dp_group)
+    return value.item() / groups.dp_size
+
+
+class Trainer:
+    """Owns the engine, data and sinks of one rank for one run."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, groups: ParallelGroups, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.groups = groups
+        seed_weights(cfg.train.seed)
+        self.model = GPT(cfg.model, groups.tp_group)
+        self.tp_layout = tp_partition_dims(self.model)
+        seed_runtime(cfg.train.seed, groups.dp_rank)
+        self.engine, self.ds_config = build_engine(self.model, cfg, groups)
+        self.train_loader, self.val_batches = build_data(cfg, groups)
+        self.step = 0
+        self.tokens_per_step = (
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * groups.dp_size * cfg.data.seq_len
+        )
+        if resume:
+            tag = ckpt.latest_tag(self.ckpt_dir)
+            if tag is None:
+                logger.warning("resume requested but %s holds no checkpoint; starting from step 0", self.ckpt_dir)
+            else:
+                state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag, groups)
+                self.step = int(state["step"])
+                self.train_loader.load_state_dict(state["loader"])
+        self.metrics = open_metrics_writer(
+            self.run_dir,
+            is_writer_rank=groups.is_writer,
+            tensorboard=cfg.logging.tensorboard,
+            parquet=cfg.logging.parquet,
+            resume_step=self.step if resume else None,
+        )
+
+    # -- one optimizer step --------------------------------------------------------------
+    def _micro_step(self) -> torch.Tensor:
+        batch = self.train_loader.next_batch().to(self.groups.device, non_blocking=True)
+        logits = self.engine(batch[:, :-1])
+        task_loss = lm_loss(logits, batch[:, 1:]).mean()
+        total_loss = task_loss
+        self.engine.backward(total_loss)
+        return task_loss.detach()
+
+    def _optimizer_step(self, need_norm: bool) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+        gas = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.groups.device)
+        norm = None
+        for micro in range(gas):
+            loss_sum += self._micro_step()
+            if micro == gas - 1 and need_norm and self.cfg.zero.stage == 0 and not self.engine.bfloat16_enabled():
+                norm = grad_norm_now(self.engine)
+            self.engine.step()
+        if norm is None and need_norm:
+            norm = global_grad_norm(self.engine)
+        return loss_sum / gas, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed validation micro-batches, averaged over DP."""
+        self.engine.eval()
+        total = torch.zeros((), device=self.groups.device)
+        for batch in self.val_batches:
+            batch = batch.to(self.groups.device)
+            total += lm_loss(self.engine(batch[:, :-1]), batch[:, 1:]).mean()
+        self.engine.train()
+        return dp_mean(total / len(self.val_batches), self.groups)
+
+    def save(self) -> str:
+        """Checkpoint the current step (collective)."""
+        client_state = {
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "loader": self.train_loader.state_dict(),
+        }
+        return ckpt.save_checkpoint(
+            self.engine, self.ckpt_dir, self.step, client_state, self.groups, self.tp_layout,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run until train.steps; returns the logged losses."""
+        cfg, total = self.cfg, self.cfg.train.steps
+        result = TrainResult(final_step=self.step)
+        progress = self._progress_bar(total)
+        interval_start, interval_steps = time.perf_counter(), 0
+        self.engine.train()
+        try:
+            while self.step < total:
+                log_now = (self.step + 1) % cfg.logging.log_every == 0 or self.step + 1 == total
+                loss, norm = self._optimizer_step(need_norm=log_now)
+                self.step += 1
+                interval_steps += 1
+                scalars: dict[str, float] = {}
+                if log_now:
+                    loss_value = dp_mean(loss, self.groups)  # host sync: once per log step
+                    elapsed = time.perf_counter() - interval_start
+                    scalars = {
+                        "train/task_loss": loss_value,
+                        "train/total_loss": loss_value,
+                        "train/lr": self.engine.get_lr()[0],
+                        "train/grad_norm": float(norm) if norm is not None else math.nan,
+                        "perf/step_time_s": elapsed / interval_steps,
+                        "perf/tokens_per_sec": self.tokens_per_step * interval_steps / elapsed,
+                    }
+                    result.losses[self.step] = loss_value
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss_value:.4f}")
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == total):
+                    scalars["eval/loss"] = self.evaluate()
+                    result.eval_losses[self.step] = scalars["eval/loss"]
+                if scalars:
+                    self.metrics.log(self.step, self.step * self.tokens_per_step, scalars)
+                if log_now:
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if progress is not None:
+                    progress.update(1)
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or (self.step == total and cfg.checkpoint.save_final):
+                    result.last_checkpoint = self.save()
+                    interval_start, interval_steps = time.perf_counter(), 0
+        finally:
+            if progress is not None:
+                progress.close()
+            self.metrics.close()
+        result.final_step = self.step
+        return result
+
+    def _progress_bar(self, total: int):
+        if not (self.groups.is_writer and self.cfg.logging.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,64 @@
+"""The per-rank entry point: the same function runs under the local launcher and Ray.
+
+It sets up logging and threads, starts the process groups, trains, and tears everything
+down, whatever happens. The config arrives validated (validation happens once, in the
+launching process, before any process group starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from tti_dist.config.schema import RunConfig
+from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel
+from tti_dist.utils.logging import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def quiet_dependency_warnings(device: torch.device | None = None) -> None:
+    """Silence dependency notices that do not apply to this run, once per rank.
+
+    - megatron-core recommends CUDA_DEVICE_MAX_CONNECTIONS=1 for async TP all-reduce; on
+      CPU there is no CUDA (on GPU the worker sets the variable instead).
+    - torch deprecates all_gather_into_tensor, which DeepSpeed ZeRO calls; not ours to fix.
+    """
+    if device is None or device.type == "cpu":
+        warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated")
+
+
+def set_cpu_threads(device: torch.device) -> None:
+    """Split the machine's cores between the local ranks (intra-op threads)."""
+    if device.type != "cpu":
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False):
+    """Train one rank of `cfg` into `run_dir`; returns its TrainResult."""
+    setup_logging(cfg.logging.level)
+    device = resolve_device(cfg.train.device)
+    quiet_dependency_warnings(device)
+    if device.type == "cuda":
+        # Megatron's TP layers overlap their all-reduce with compute only when kernels are
+        # queued in issue order on one hardware queue.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    set_cpu_threads(device)
+    groups = init_parallel(cfg.parallel.tp_size, device, cfg.train.dist_timeout_s)
+    try:
+        from tti_dist.train.trainer import Trainer
+
+        trainer = Trainer(cfg, Path(run_dir), groups, resume=resume)
+        result = trainer.train()
+        logger.info("finished at step %d", result.final_step)
+        return result
+    finally:
+        shutdown_parallel()
