@@ -10,7 +10,6 @@ with no traceback, and exit with code 2 before any process group starts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -44,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare_train(args: argparse.Namespace):
     """Load, override and validate the config and check the run directory (no processes yet)."""
-    from tti_dist.config import dump_config, load_config, validate_config
+    from tti_dist.config import load_config, validate_config
     from tti_dist.train import checkpoint as ckpt
 
     cfg = load_config(args.config, args.overrides)
@@ -69,9 +68,6 @@ def prepare_train(args: argparse.Namespace):
         raise ConfigError(
             f"--run-dir: '{run_dir}' already holds checkpoints; pass --resume to continue it or choose another directory"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    _write_deepspeed_json(cfg, run_dir)
     return cfg, run_dir, nproc
 
 
@@ -96,17 +92,6 @@ def _check_resume_compatible(cfg, run_dir: Path) -> None:
         raise ConfigError(
             f"zero.stage: {cfg.zero.stage} differs from the checkpointed run's {saved.zero.stage}; resume needs the same value"
         )
-
-
-def _write_deepspeed_json(cfg, run_dir: Path) -> None:
-    import torch
-
-    from tti_dist.distributed.zero_config import deepspeed_config
-
-    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
-    ds = deepspeed_config(cfg, dp_size=cfg.parallel.dp_size, bf16=bf16, on_cuda=on_cuda)
-    (run_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

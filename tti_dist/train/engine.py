@@ -97,9 +97,15 @@ def global_grad_norm(engine) -> torch.Tensor | float | None:
 def grad_norm_now(engine) -> torch.Tensor:
     """Global L2 norm of the current gradients, TP-replicated parameters counted once.
 
-    DeepSpeed's own get_grad_norm: sums squares of TP-sharded parameters over the
-    model-parallel group and counts replicated ones on TP rank 0 only.
+    The rule of DeepSpeed's (and Megatron's) clip_grad_norm_: TP-sharded parameters
+    contribute on every TP rank, replicated ones on TP rank 0 only; the squared sums are
+    all-reduced over the model-parallel group by get_global_norm_of_tensors.
     """
-    from deepspeed.runtime.utils import get_grad_norm
+    from deepspeed.runtime.utils import get_global_norm_of_tensors, is_model_parallel_parameter
 
-    return torch.as_tensor(get_grad_norm(engine.module.parameters(), mpu=engine.mpu))
+    tp_rank = engine.mpu.get_model_parallel_rank()
+    grads = [
+        p.grad for p in engine.module.parameters()
+        if p.grad is not None and (tp_rank == 0 or is_model_parallel_parameter(p))
+    ]
+    return get_global_norm_of_tensors(grads, norm_type=2, mpu=engine.mpu)

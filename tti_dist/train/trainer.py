@@ -10,6 +10,7 @@ log steps, where the host syncs once. Rank 0 writes TensorBoard and Parquet.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tti_dist.config.load import dump_config
 from tti_dist.config.schema import RunConfig
 from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
 from tti_dist.distributed.runtime import ParallelGroups
@@ -78,6 +80,8 @@ class Trainer:
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
+        if groups.is_writer:
+            self._write_run_files()
         self.train_loader, self.val_batches = build_data(cfg, groups)
         self.step = 0
         self.tokens_per_step = (
@@ -98,6 +102,12 @@ class Trainer:
             parquet=cfg.logging.parquet,
             resume_step=self.step if resume else None,
         )
+
+    def _write_run_files(self) -> None:
+        """RUN/config.yaml (the resolved config) and RUN/deepspeed_config.json (as used)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
     # -- one optimizer step --------------------------------------------------------------
     def _micro_step(self) -> torch.Tensor:
