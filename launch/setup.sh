@@ -24,7 +24,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+PIP=("$PY" -m pip install --disable-pip-version-check -q --progress-bar off)
 
 "${PIP[@]}" --upgrade pip setuptools wheel
 

@@ -95,11 +95,13 @@ def _check_resume_compatible(cfg, run_dir: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # Validate first: a user error should answer in a second, before megatron and the
+    # launcher are imported.
+    cfg, run_dir, nproc = prepare_train(args)
     from tti_dist.train.launcher import launch_local
     from tti_dist.train.worker import quiet_dependency_warnings
 
     quiet_dependency_warnings()
-    cfg, run_dir, nproc = prepare_train(args)
     logger.info("run directory: %s (%d processes)", run_dir, nproc)
     results = launch_local(cfg, str(run_dir), nproc, resume=args.resume)
     result = results[min(results)]
@@ -116,9 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tti_dist.train.export import export_safetensors
-    from tti_dist.train.worker import quiet_dependency_warnings
 
-    quiet_dependency_warnings()
     out = export_safetensors(args.run_dir, args.out, args.checkpoint)
     print(f"wrote {out}")
     return 0

@@ -236,3 +236,16 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
         assert r["weights_restored"]
         assert not r["partial_after_good_save"]
         assert r["latest_final"] == "global_step4"
+
+
+def test_dropout_keeps_tp_replicas_identical(tmp_path):
+    """With dropout, TP ranks draw the same masks for replicated activations, so the
+    replicated parameters (norms, biases) stay bit-identical across TP ranks; the export's
+    merge refuses replicas that differ."""
+    from tti_dist.train.export import consolidated_state_dict
+
+    cfg = make_config(2, 1, 1, ("model.dropout=0.1", "train.steps=4", "optim.warmup_steps=1", "train.eval_every=0"))
+    results = launch_local(cfg, str(tmp_path / "run"), nproc=2)
+    assert all(v == v for v in results[0].losses.values())
+    _, state, tag = consolidated_state_dict(tmp_path / "run")
+    assert tag == "global_step4" and "blocks.0.ln1.weight" in state

@@ -85,6 +85,8 @@ def summarize_names(names: list[str]) -> str:
         idxs = sorted(groups[key])
         if idxs == [-1]:
             out.append(key)
+        elif len(idxs) == 1:
+            out.append(key.replace("{}", str(idxs[0])))
         elif idxs == list(range(idxs[0], idxs[-1] + 1)) and len(idxs) > 1:
             out.append(key.replace("{}", f"{{{idxs[0]}..{idxs[-1]}}}"))
         else:

@@ -7,6 +7,7 @@ launcher knows it (`--nproc`, or the Ray worker count) and the config alone does
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from tti_dist.config.schema import RunConfig
@@ -24,12 +25,19 @@ def validate_config(cfg: RunConfig, world_size: int | None = None) -> None:
     _validate_regularizers(cfg)
 
 
+def _finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} must be a finite number")
+
+
 def _positive(value: float, where: str) -> None:
+    _finite(value, where)
     if value <= 0:
         raise ConfigError(f"{where}: {value!r} must be > 0")
 
 
 def _non_negative(value: float, where: str) -> None:
+    _finite(value, where)
     if value < 0:
         raise ConfigError(f"{where}: {value!r} must be >= 0")
 
@@ -94,9 +102,10 @@ def _validate_optim(cfg: RunConfig) -> None:
             raise ConfigError(f"optim.{name}: {value!r} must be in [0, 1)")
     _positive(o.eps, "optim.eps")
     _non_negative(o.grad_clip, "optim.grad_clip")
-    if o.warmup_steps > cfg.train.steps:
+    if o.warmup_steps >= cfg.train.steps:
         raise ConfigError(
-            f"optim.warmup_steps: {o.warmup_steps} exceeds train.steps = {cfg.train.steps}"
+            f"optim.warmup_steps: {o.warmup_steps} must be < train.steps = {cfg.train.steps} "
+            "(the schedule decays to lr * min_lr_ratio at the last step)"
         )
 
 

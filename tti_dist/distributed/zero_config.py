@@ -17,8 +17,9 @@ from tti_dist.config.schema import RunConfig
 def deepspeed_config(cfg: RunConfig, *, dp_size: int, bf16: bool, on_cuda: bool) -> dict[str, Any]:
     """DeepSpeed config dict for this run.
 
-    `torch_adam` selects torch.optim.AdamW: DeepSpeed's FusedAdam is a CUDA kernel, so it is
-    used only on GPU.
+    The optimizer is torch.optim.AdamW (`torch_adam`), fused on CUDA: DeepSpeed's own
+    FusedAdam is JIT-compiled with nvcc on first use, which GPU machines without a CUDA
+    toolkit cannot do, and torch's fused kernel does the same work.
     """
     t, o, z = cfg.train, cfg.optim, cfg.zero
     zero: dict[str, Any] = {
@@ -41,7 +42,8 @@ def deepspeed_config(cfg: RunConfig, *, dp_size: int, bf16: bool, on_cuda: bool)
                 "betas": [o.beta1, o.beta2],
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
-                "torch_adam": not on_cuda,
+                "torch_adam": True,
+                "fused": on_cuda,
             },
         },
         "zero_optimization": zero,

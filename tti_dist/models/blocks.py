@@ -55,15 +55,16 @@ class ParallelAttention(nn.Module):
         self.use_rope = cfg.position_embedding == "rope"
         self.rope_base = cfg.rope_base
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        # Modules are registered in data-flow order, so list_hookpoints follows the forward.
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, 3 * cfg.hidden_size, config=mp_config, init_method=normal_init(cfg.init_std),
             bias=cfg.bias, gather_output=False, tp_group=tp_group,
         )
+        self.hook_z = HookPoint(cfg.hidden_size, tp_sharded=True)
         self.proj = RowParallelLinear(
             cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
-        self.hook_z = HookPoint(cfg.hidden_size, tp_sharded=True)
         self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -95,12 +96,12 @@ class ParallelMLP(nn.Module):
             cfg.hidden_size, cfg.ffn_size, config=mp_config, init_method=normal_init(cfg.init_std),
             bias=cfg.bias, gather_output=False, tp_group=tp_group,
         )
+        self.hook_pre = HookPoint(cfg.ffn_size, tp_sharded=True)
+        self.hook_act = HookPoint(cfg.ffn_size, tp_sharded=True)
         self.fc2 = RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
-        self.hook_pre = HookPoint(cfg.ffn_size, tp_sharded=True)
-        self.hook_act = HookPoint(cfg.ffn_size, tp_sharded=True)
         self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -118,14 +119,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int):
         super().__init__()
+        self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.attn = ParallelAttention(cfg, mp_config, tp_group, tp_size)
+        self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.mlp = ParallelMLP(cfg, mp_config, tp_group)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
-        self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.hook_resid_post = HookPoint(cfg.hidden_size, tp_sharded=False)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(x_BTD)

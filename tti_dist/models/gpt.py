@@ -95,9 +95,10 @@ def lm_loss(logits_local_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.T
 
     Reduces over the tensor-parallel group (megatron's vocab_parallel_cross_entropy takes it
     from parallel_state: the max, the target logit and the softmax denominator are each
-    all-reduced). Computed in fp32 whatever the logits' dtype.
+    all-reduced). Computed in fp32 whatever the logits' dtype, on a copy: megatron's
+    kernel works in place, and callers may still read the logits afterwards.
     """
-    return vocab_parallel_cross_entropy(logits_local_BTV.float(), targets_BT)
+    return vocab_parallel_cross_entropy(logits_local_BTV.to(torch.float32, copy=True), targets_BT)
 
 
 def tp_partition_dims(model: nn.Module) -> dict[str, int | None]:

@@ -27,13 +27,14 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from tti_dist.distributed.runtime import ParallelGroups
+if TYPE_CHECKING:  # runtime import would pull megatron into `tti train`'s validation path
+    from tti_dist.distributed.runtime import ParallelGroups
 
 logger = logging.getLogger(__name__)
 

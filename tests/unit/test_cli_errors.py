@@ -1,0 +1,210 @@
+"""User errors of the `tti` command line, through the real entry point in subprocesses.
+
+Each case must fail before anything is launched: exit code 2, exactly one non-empty stderr
+line `tti: error: ...` naming the field, no traceback, and nothing written to the run
+directory (which proves validation ran before any process group or file output).
+
+Starting the CLI costs a few seconds of imports, so all subprocess cases are started at once
+by a module fixture and the tests only inspect their results. Further cases of the same
+pre-launch checks run in-process through `prepare_train` (what `tti train` calls before
+launching anything).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+TIMEOUT_S = 120
+
+
+@dataclass
+class Case:
+    args: list[str]
+    """Arguments after `tti` ({run} is replaced by the case's run directory)."""
+    field: str
+    """Text the error line must contain (the field path)."""
+    pre_existing_run_dir: bool = False
+    """Create the run directory (empty) before running."""
+    console_script: bool = False
+    """Run through the installed `tti` console script instead of `python -m tti_dist.cli`."""
+
+
+CASES: dict[str, Case] = {
+    "unknown_key": Case(
+        ["train", SMOKE, "--set", "model.hiden_size=64", "--run-dir", "{run}"],
+        "model.hiden_size: unknown key; did you mean 'hidden_size'?",
+        console_script=True,
+    ),
+    "tp_not_dividing_heads": Case(
+        ["train", SMOKE, "--set", "parallel.tp_size=3", "--run-dir", "{run}"],
+        "parallel.tp_size: 3 must divide model.num_heads = 4",
+    ),
+    "world_size_mismatch": Case(
+        ["train", SMOKE, "--nproc", "3", "--run-dir", "{run}"],
+        "parallel: tp_size * dp_size = 2 * 1 = 2 but the job has 3 processes",
+    ),
+    "missing_data_path": Case(
+        ["train", SMOKE, "--set", "data.source=/nonexistent/tti-corpus", "--run-dir", "{run}"],
+        "data.source: '/nonexistent/tti-corpus' does not exist",
+    ),
+    "negative_lr": Case(
+        ["train", SMOKE, "--set", "optim.lr=-1e-3", "--run-dir", "{run}"],
+        "optim.lr: -0.001 must be > 0",
+    ),
+    "resume_empty_run_dir": Case(
+        ["train", SMOKE, "--resume", "--run-dir", "{run}"],
+        "--resume: '{run}' holds no complete checkpoint",
+        pre_existing_run_dir=True,
+    ),
+    "bad_set_syntax": Case(
+        ["train", SMOKE, "--set", "train.steps", "--run-dir", "{run}"],
+        "--set: 'train.steps' must look like section.key=value",
+    ),
+    "export_not_a_run": Case(
+        ["export", "{run}", "--out", "{run}/model.safetensors"],
+        "RUN: '{run}' is not a tti run directory",
+        pre_existing_run_dir=True,
+    ),
+}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+    cwd: Path
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, Result]:
+    base = tmp_path_factory.mktemp("cli")
+    script = Path(sys.executable).parent / "tti"
+    procs = {}
+    for name, case in CASES.items():
+        cwd = base / f"cwd-{name}"
+        cwd.mkdir()
+        run_dir = base / f"run-{name}"
+        if case.pre_existing_run_dir:
+            run_dir.mkdir()
+        args = [a.replace("{run}", str(run_dir)) for a in case.args]
+        if case.console_script:
+            assert script.is_file(), f"console script not installed at {script}"
+            cmd = [str(script), *args]
+        else:
+            cmd = [sys.executable, "-m", "tti_dist.cli", *args]
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[name] = (proc, run_dir, cwd)
+    out = {}
+    try:
+        for name, (proc, run_dir, cwd) in procs.items():
+            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+            out[name] = Result(proc.returncode, stdout, stderr, run_dir, cwd)
+    finally:
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_error_is_one_line_exit_2(results, name):
+    case, res = CASES[name], results[name]
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("tti: error: "), lines[0]
+    assert case.field.replace("{run}", str(res.run_dir)) in lines[0]
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nothing_written(results, name):
+    case, res = CASES[name], results[name]
+    if case.pre_existing_run_dir:
+        assert sorted(p.name for p in res.run_dir.iterdir()) == []
+    else:
+        assert not res.run_dir.exists()
+    # No default runs/<name>-<time> directory (or anything else) in the working directory.
+    assert list(res.cwd.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+def prepare(argv: list[str]):
+    from tti_dist.cli import _parser, prepare_train
+
+    return prepare_train(_parser().parse_args(argv))
+
+
+def prepare_error(argv: list[str]) -> str:
+    from tti_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        prepare(argv)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def fake_checkpoint(run_dir: Path, step: int = 5) -> None:
+    """The minimum `latest_tag` accepts as a complete checkpoint."""
+    ckpt = run_dir / "checkpoints"
+    (ckpt / f"global_step{step}").mkdir(parents=True)
+    (ckpt / "latest").write_text(f"global_step{step}")
+
+
+def test_resume_without_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert prepare_error(["train", SMOKE, "--resume"]) == "--resume: needs --run-dir naming the run to continue"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nope.yaml"
+    msg = prepare_error(["train", str(missing), "--run-dir", str(tmp_path / "run")])
+    assert msg == f"config: '{missing}' does not exist or is not a file"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nproc_zero(tmp_path):
+    msg = prepare_error(["train", SMOKE, "--nproc", "0", "--run-dir", str(tmp_path / "run")])
+    assert msg == "--nproc: 0 must be >= 1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run)
+    msg = prepare_error(["train", SMOKE, "--run-dir", str(run)])
+    assert msg.startswith(f"--run-dir: '{run}' already holds checkpoints; pass --resume")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_resume_with_changed_model_is_rejected(tmp_path):
+    from tti_dist.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    fake_checkpoint(run)
+    dump_config(load_config(SMOKE), run / "config.yaml")  # the checkpointed run's resolved config
+    saved = (run / "config.yaml").read_text()
+    msg = prepare_error(["train", SMOKE, "--resume", "--run-dir", str(run), "--set", "model.hidden_size=64"])
+    assert msg == "model.hidden_size: 64 differs from the checkpointed run's 128; resume needs the same value"
+    msg = prepare_error(["train", SMOKE, "--resume", "--run-dir", str(run), "--set", "zero.stage=2"])
+    assert msg == "zero.stage: 2 differs from the checkpointed run's 1; resume needs the same value"
+    assert (run / "config.yaml").read_text() == saved
+    # Settings outside model/parallel/zero.stage may change on resume.
+    cfg, run_dir, nproc = prepare(["train", SMOKE, "--resume", "--run-dir", str(run), "--set", "train.steps=80"])
+    assert cfg.train.steps == 80 and run_dir == run and nproc == 2
