@@ -159,3 +159,24 @@ def _validate_regularizers(cfg: RunConfig) -> None:
         if kind not in registered:
             allowed = ", ".join(registered) if registered else "none are registered in this version"
             raise ConfigError(f"regularizers[{i}].type: {kind!r} is not a known regularizer; {allowed}")
+
+
+def ignored_settings(cfg: RunConfig) -> list[str]:
+    """Settings that the rest of the config makes ineffective; the trainer warns once about each.
+
+    Compared against the schema defaults, so only values a user actually set are reported.
+    """
+    from tti_dist.config.schema import ModelConfig, TrainConfig, ZeroConfig
+
+    notes = []
+    if cfg.model.position_embedding != "rope" and cfg.model.rope_base != ModelConfig.rope_base:
+        notes.append(f"model.rope_base: {cfg.model.rope_base!r} is ignored with position_embedding "
+                     f"{cfg.model.position_embedding!r}")
+    if cfg.zero.stage in (0, 3) and cfg.zero.allgather_bucket_size != ZeroConfig.allgather_bucket_size:
+        notes.append(f"zero.allgather_bucket_size: {cfg.zero.allgather_bucket_size} is ignored with "
+                     f"zero.stage {cfg.zero.stage} (used by stages 1 and 2)")
+    if cfg.train.eval_every == 0 and cfg.train.eval_batches != TrainConfig.eval_batches:
+        notes.append(f"train.eval_batches: {cfg.train.eval_batches} is ignored with train.eval_every 0")
+    if cfg.checkpoint.every == 0 and not cfg.checkpoint.save_final:
+        notes.append("checkpoint: every 0 and save_final false: this run saves no checkpoint")
+    return notes

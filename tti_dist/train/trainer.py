@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from tti_dist.config.load import dump_config
 from tti_dist.config.schema import RunConfig
+from tti_dist.config.validate import ignored_settings
 from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
 from tti_dist.distributed.runtime import ParallelGroups
 from tti_dist.metrics import open_metrics_writer
@@ -82,6 +83,8 @@ class Trainer:
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
         if groups.is_writer:
             self._write_run_files()
+            for note in ignored_settings(cfg):
+                logger.warning(note)
         self.train_loader, self.val_batches = build_data(cfg, groups)
         self.step = 0
         self.tokens_per_step = (
