@@ -249,3 +249,18 @@ def test_dropout_keeps_tp_replicas_identical(tmp_path):
     assert all(v == v for v in results[0].losses.values())
     _, state, tag = consolidated_state_dict(tmp_path / "run")
     assert tag == "global_step4" and "blocks.0.ln1.weight" in state
+
+
+def test_gradient_accumulation_equals_larger_micro_batch(tmp_path):
+    """micro_batch 2 x 2 accumulation steps == micro_batch 4 x 1: the loader hands out the
+    same sequences per optimizer step, and DeepSpeed scales each micro-loss by 1/2."""
+    common = ("train.steps=6", "optim.warmup_steps=1", "train.eval_every=0", "checkpoint.every=0",
+              "checkpoint.save_final=false")
+    big = launch_local(make_config(2, 1, 1, common + ("train.micro_batch_size=4",)), str(tmp_path / "big"), nproc=2)[0]
+    accum = launch_local(make_config(2, 1, 1, common + ("train.micro_batch_size=2", "train.grad_accum_steps=2")),
+                         str(tmp_path / "accum"), nproc=2)[0]
+    steps = list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([accum.losses[s] for s in steps]),
+                               torch.tensor([big.losses[s] for s in steps]), rtol=1e-5, atol=0)
+    # A wrong accumulation (e.g. summed instead of averaged gradients) diverges after step 1.
+    assert accum.losses[6] < accum.losses[1] - 0.3
