@@ -115,7 +115,32 @@ def _wait_for_later_event_filename(tb_dir: Path) -> None:
         time.sleep(0.01)
 
 
-class MetricsWriter:
+class _ClosableWriter:
+    """What both writers share: an idempotent close() and context-manager use."""
+
+    _closed: bool = False
+
+    def close(self) -> None:  # overridden
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() has been called."""
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class MetricsWriter(_ClosableWriter):
     """Write scalar metrics to TensorBoard and to a Parquet table (writing rank only).
 
     One row per step: `log` calls at the same step merge into one row (a later value for
@@ -303,24 +328,8 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
 
-    @property
-    def closed(self) -> bool:
-        """Whether close() has been called."""
-        return self._closed
 
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class NullMetricsWriter:
+class NullMetricsWriter(_ClosableWriter):
     """A MetricsWriter that writes nothing, for ranks other than the writing rank."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -335,22 +344,6 @@ class NullMetricsWriter:
     def close(self) -> None:
         """Do nothing (but remember that it was closed)."""
         self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        """Whether close() has been called."""
-        return self._closed
-
-    def __enter__(self) -> NullMetricsWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open_metrics_writer(
