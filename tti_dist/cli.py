@@ -20,6 +20,7 @@ from tti_dist.errors import ConfigError
 logger = logging.getLogger("tti_dist.cli")
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def prepare_train(args: argparse.Namespace):
     if nproc < 1:
         raise ConfigError(f"--nproc: {nproc} must be >= 1")
     validate_config(cfg, world_size=nproc)
+    _check_data(cfg)
 
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -69,6 +71,17 @@ def prepare_train(args: argparse.Namespace):
             f"--run-dir: '{run_dir}' already holds checkpoints; pass --resume to continue it or choose another directory"
         )
     return cfg, run_dir, nproc
+
+
+def _check_data(cfg) -> None:
+    """Read the data source once (about a second) so that an empty source or splits too
+    small for the batch are one-line errors here, not a traceback from every rank."""
+    from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
+
+    tokens = encode_documents(read_text_source(cfg.data.source, cfg.data.max_bytes))
+    windows = TokenWindows(tokens, cfg.data.seq_len, cfg.data.val_fraction)
+    for split in ("train", "val"):
+        DistributedBatchLoader(windows, split, cfg.train.micro_batch_size, 0, cfg.parallel.dp_size, cfg.train.seed)
 
 
 def _check_resume_compatible(cfg, run_dir: Path) -> None:
@@ -101,9 +114,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tti_dist.train.launcher import launch_local
     from tti_dist.train.worker import quiet_dependency_warnings
 
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     quiet_dependency_warnings()
     logger.info("run directory: %s (%d processes)", run_dir, nproc)
-    results = launch_local(cfg, str(run_dir), nproc, resume=args.resume)
+    try:
+        results = launch_local(cfg, str(run_dir), nproc, resume=args.resume)
+    except ChildFailedError as exc:
+        # Each failed rank already printed its traceback; end with one line naming them.
+        ranks = ", ".join(str(f.rank) for f in exc.failures.values())
+        print(f"tti: training failed on rank(s) {ranks}; see the tracebacks above. "
+              f"The last complete checkpoint (if any) is in {run_dir / 'checkpoints'}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     result = results[min(results)]
     if result.losses:
         first, last = min(result.losses), max(result.losses)

@@ -54,6 +54,10 @@ CASES: dict[str, Case] = {
         ["train", SMOKE, "--set", "data.source=/nonexistent/tti-corpus", "--run-dir", "{run}"],
         "data.source: '/nonexistent/tti-corpus' does not exist",
     ),
+    "val_split_too_small": Case(
+        ["train", SMOKE, "--set", "data.max_bytes=20000", "--run-dir", "{run}"],
+        "train.micro_batch_size: 8 x data-parallel size 1 = 8 windows per micro-step, but the val split has only 3 windows",
+    ),
     "negative_lr": Case(
         ["train", SMOKE, "--set", "optim.lr=-1e-3", "--run-dir", "{run}"],
         "optim.lr: -0.001 must be > 0",
