@@ -108,3 +108,18 @@ def test_resume_with_other_model_refused(smoke_run):
     assert proc.stderr.strip().splitlines() == [
         "tti: error: model.hidden_size: 64 differs from the checkpointed run's 128; resume needs the same value"
     ]
+
+
+def test_single_process_run(tmp_path):
+    """--nproc 1 (TP=1, DP=1) runs in-process without the elastic agent."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tti_dist.cli", "train", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run_dir),
+         "--set", "parallel.tp_size=1", "--set", "train.steps=4", "--set", "optim.warmup_steps=1",
+         "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "logging.progress_bar=false"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "trained to step 4" in proc.stdout
+    assert pq.read_table(run_dir / "metrics.parquet").column("step").to_pylist() == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt").is_file()

@@ -9,8 +9,10 @@ fails, reporting which one.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 
+from torch.distributed.elastic.utils.distributed import get_free_port
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from tti_dist.config.schema import RunConfig
@@ -22,11 +24,7 @@ logger = logging.getLogger(__name__)
 def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
     """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
     if nproc == 1:
-        # One rank needs no agent; still a real (size-1) process group.
-        import os
-
-        from torch.distributed.elastic.utils.distributed import get_free_port
-
+        # One rank needs no agent (and no extra process); still a real size-1 process group.
         env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port())}
         saved = {k: os.environ.get(k) for k in env}
