@@ -2,6 +2,9 @@
 
     tti train CONFIG [--set k=v ...] [--run-dir RUN] [--nproc N] [--resume]
     tti export RUN --out model.safetensors [--checkpoint STEP|TAG]
+    tti data build SOURCE --out DIR [--tokenizer byte|bpe] [--vocab-size N] [...]
+    tti data synth factored --out DIR [--config FILE] [--set key=value ...]
+    tti data info DIR
 
 User errors (bad config, bad paths, layout mismatches) print one line, `tti: error: ...`,
 with no traceback, and exit with code 2 before any process group starts.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,12 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.add_argument("--checkpoint", help="step or tag (default: latest)")
+
+    data = sub.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="tokenize a text source into an Arrow dataset")
+    build.add_argument("source", help="'stdlib', a text file, a directory, a .jsonl, .parquet or .arrow file")
+    build.add_argument("--out", required=True, help="dataset directory to create")
+    build.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    build.add_argument("--vocab-size", type=int, help="BPE vocabulary size (required with --tokenizer bpe)")
+    build.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    build.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    build.add_argument("--max-bytes", type=int, help="read at most this many bytes of the source")
+    build.add_argument("--shard-tokens", type=int, default=16_777_216, help="tokens per shard file")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+
+    synth = data.add_parser("synth", help="generate a synthetic corpus with ground-truth factors")
+    synth.add_argument("kind", choices=["factored"], help="generative process (see docs/data.md)")
+    synth.add_argument("--out", required=True, help="dataset directory to create")
+    synth.add_argument("--config", help="YAML file with generator settings (see docs/data.md)")
+    synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a generator setting, e.g. --set num_documents=2000 (repeatable)")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+
+    info = data.add_parser("info", help="summarize a dataset (and verify its shards)")
+    info.add_argument("path", help="dataset directory")
+    info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the shards")
     return parser
 
 
 def prepare_train(args: argparse.Namespace):
     """Load, override and validate the config and check the run directory (no processes yet)."""
-    from tti_dist.config import load_config, validate_config
+    from tti_dist.config import ignored_settings, load_config, validate_config
     from tti_dist.train import checkpoint as ckpt
 
     cfg = load_config(args.config, args.overrides)
@@ -52,7 +80,8 @@ def prepare_train(args: argparse.Namespace):
     if nproc < 1:
         raise ConfigError(f"--nproc: {nproc} must be >= 1")
     validate_config(cfg, world_size=nproc)
-    _check_data(cfg)
+    for note in ignored_settings(cfg):  # on the user's config, before data.path is resolved
+        logger.warning(note)
 
     if args.run_dir:
         run_dir = Path(args.run_dir)
@@ -70,18 +99,28 @@ def prepare_train(args: argparse.Namespace):
         raise ConfigError(
             f"--run-dir: '{run_dir}' already holds checkpoints; pass --resume to continue it or choose another directory"
         )
+    created = not run_dir.exists()
+    try:
+        cfg = _prepare_data(cfg, run_dir)
+    except ConfigError:
+        if created:  # bad input leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return cfg, run_dir, nproc
 
 
-def _check_data(cfg) -> None:
-    """Read the data source once (about a second) so that an empty source or splits too
-    small for the batch are one-line errors here, not a traceback from every rank."""
-    from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
+def _prepare_data(cfg, run_dir: Path):
+    """Build or open and verify the dataset (the resolved config names it), and check that
+    both splits hold a whole global micro-batch, so such problems are one-line errors here,
+    not a traceback from every rank."""
+    from tti_dist.data.loader import DistributedBatchLoader
+    from tti_dist.data.prepare import resolve_dataset, run_windows
 
-    tokens = encode_documents(read_text_source(cfg.data.source, cfg.data.max_bytes))
-    windows = TokenWindows(tokens, cfg.data.seq_len, cfg.data.val_fraction)
+    cfg, dataset = resolve_dataset(cfg, run_dir)
+    windows = run_windows(cfg, dataset)
     for split in ("train", "val"):
         DistributedBatchLoader(windows, split, cfg.train.micro_batch_size, 0, cfg.parallel.dp_size, cfg.train.seed)
+    return cfg
 
 
 def _check_resume_compatible(cfg, run_dir: Path) -> None:
@@ -146,7 +185,62 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export}
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "build":
+        from tti_dist.data.build import build_dataset
+
+        manifest = build_dataset(
+            args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, text_field=args.text_field, max_bytes=args.max_bytes,
+            shard_tokens=args.shard_tokens, overwrite=args.overwrite,
+        )
+    elif args.data_command == "synth":
+        from tti_dist.data.synthetic import write_synthetic_dataset
+
+        manifest = write_synthetic_dataset(_load_synth_config(args.config, args.overrides), args.out,
+                                           overwrite=args.overwrite)
+    else:
+        from tti_dist.data.arrow_dataset import open_dataset
+
+        manifest = open_dataset(args.path, verify=not args.no_verify).manifest
+    print(_describe_manifest(manifest, getattr(args, "out", None) or args.path))
+    return 0
+
+
+def _load_synth_config(path: str | None, overrides: list[str]):
+    """FactoredConfig from an optional YAML file plus --set overrides, strictly typed."""
+    import yaml
+
+    from tti_dist.config.load import apply_override, section_from_dict
+    from tti_dist.data.synthetic import FactoredConfig
+
+    raw: dict = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config: '{path}' does not exist or is not a file")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config: '{path}' must hold a mapping of generator settings")
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = section_from_dict(FactoredConfig, raw, "synth.")
+    cfg.validate()
+    return cfg
+
+
+def _describe_manifest(manifest: dict, path: str) -> str:
+    tok = manifest["tokenizer"]
+    lines = [f"dataset {path}: tokenizer {tok['name']} (vocab {tok['vocab_size']}, eos {tok['eos_id']})"]
+    for split, info in manifest["splits"].items():
+        lines.append(f"  {split}: {info['num_tokens']:,} tokens, {info['num_documents']:,} documents, "
+                     f"{len(info['shards'])} shard(s)")
+    extra = [c for c in manifest.get("columns", {}) if c != "tokens"]
+    if extra:
+        lines.append(f"  per-token columns: {', '.join(extra)}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,11 @@ at 10 and 20) are made once per module and shared by the tests:
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +21,7 @@ import torch
 
 from spawn import run_ranks
 from tti_dist.config import load_config, validate_config
+from tti_dist.data.build import build_dataset
 from tti_dist.train.launcher import launch_local
 
 pytestmark = pytest.mark.slow
@@ -28,7 +31,7 @@ BASE = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.max_seq_len=32",
     "optim.lr=3e-3", "optim.warmup_steps=3", "optim.grad_clip=1.0",
     f"train.steps={STEPS}", "train.micro_batch_size=4", "train.eval_every=10", "train.eval_batches=2",
-    "data.max_bytes=300000", "data.seq_len=32",
+    "data.seq_len=32",
     "logging.progress_bar=false", "checkpoint.every=10", "checkpoint.keep_last=0",
 ]
 LAYOUTS = {
@@ -40,10 +43,28 @@ LAYOUTS = {
 }
 
 
+# Spawned ranks re-import this module; the environment (inherited) carries the parent's path.
+DATASET_DIR = Path(os.environ.setdefault(
+    "TTI_TEST_DATASET_DIR", str(Path(tempfile.gettempdir()) / f"tti-test-stdlib-byte-{os.getpid()}")))
+
+
+def dataset_path() -> str:
+    """One byte-level stdlib dataset for every run of this module (built by the fixture below)."""
+    return str(DATASET_DIR)
+
+
 def make_config(tp: int, dp: int, zero: int, extra: tuple[str, ...] = ()):
-    cfg = load_config(None, BASE + [f"parallel.tp_size={tp}", f"parallel.dp_size={dp}", f"zero.stage={zero}", *extra])
+    cfg = load_config(None, BASE + [f"parallel.tp_size={tp}", f"parallel.dp_size={dp}", f"zero.stage={zero}",
+                                    f"data.path={dataset_path()}", *extra])
     validate_config(cfg, world_size=tp * dp)
     return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dataset():
+    build_dataset("stdlib", DATASET_DIR, tokenizer="byte", val_fraction=0.05, max_bytes=600_000, overwrite=True)
+    yield
+    shutil.rmtree(DATASET_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +199,14 @@ def _eval_exported(path: str, val_batches: list) -> float:
 @pytest.mark.parametrize("name", ["tp2_dp2_z1", "tp2_dp2_z3"])
 def test_tp2_export_loads_into_tp1_model(runs, tmp_path, name):
     """Merged TP shards at TP=1 reproduce the eval/loss the TP=2 job logged at step 20."""
-    from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
+    from tti_dist.data.loader import DistributedBatchLoader
+    from tti_dist.data.prepare import run_windows
     from tti_dist.train.export import export_safetensors
 
     run_dir, result = runs(name)
     path = export_safetensors(run_dir, tmp_path / "model.safetensors")
     cfg = make_config(**LAYOUTS[name])
-    windows = TokenWindows(encode_documents(read_text_source(cfg.data.source, cfg.data.max_bytes)),
-                           cfg.data.seq_len, cfg.data.val_fraction)
+    windows = run_windows(cfg)
     per_rank = []
     for dp_rank in range(2):  # the job averaged eval/loss over its 2 DP ranks
         loader = DistributedBatchLoader(windows, "val", cfg.train.micro_batch_size, dp_rank, 2, cfg.train.seed, shuffle=False)

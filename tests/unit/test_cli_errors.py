@@ -12,6 +12,7 @@ launching anything).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -54,9 +55,9 @@ CASES: dict[str, Case] = {
         ["train", SMOKE, "--set", "data.source=/nonexistent/tti-corpus", "--run-dir", "{run}"],
         "data.source: '/nonexistent/tti-corpus' does not exist",
     ),
-    "val_split_too_small": Case(
-        ["train", SMOKE, "--set", "data.max_bytes=20000", "--run-dir", "{run}"],
-        "train.micro_batch_size: 8 x data-parallel size 1 = 8 windows per micro-step, but the val split has only 3 windows",
+    "split_too_small_for_batch": Case(
+        ["train", SMOKE, "--set", "train.micro_batch_size=100000", "--run-dir", "{run}"],
+        "train.micro_batch_size: 100000 x data-parallel size 1 = 100000 windows per micro-step, but the train split has only",
     ),
     "negative_lr": Case(
         ["train", SMOKE, "--set", "optim.lr=-1e-3", "--run-dir", "{run}"],
@@ -124,7 +125,10 @@ def results(tmp_path_factory) -> dict[str, Result]:
 def test_user_error_is_one_line_exit_2(results, name):
     case, res = CASES[name], results[name]
     assert res.returncode == 2, (res.stdout, res.stderr)
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    # Progress logs (rank-prefixed, e.g. "building dataset ...") may precede the error;
+    # the error itself is exactly one line.
+    lines = [line for line in res.stderr.splitlines()
+             if line.strip() and not re.match(r"^\d\d:\d\d:\d\d \[rank \d+/\d+\] (INFO|DEBUG) ", line)]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("tti: error: "), lines[0]
     assert case.field.replace("{run}", str(res.run_dir)) in lines[0]

@@ -27,7 +27,8 @@ class ModelConfig:
     ffn_hidden_size: int | None = None
     """MLP hidden width; None means 4 * hidden_size."""
     vocab_size: int = 257
-    """Tokenizer vocabulary (257 = byte-level: 256 bytes + end-of-document)."""
+    """Token ids the model accepts (257 = byte-level: 256 bytes + end-of-document). Must be
+    at least the dataset's vocabulary; with data.tokenizer: bpe it is the size BPE trains."""
     vocab_pad_multiple: int = 128
     """The embedding table is padded to a multiple of this (Megatron's
     make-vocab-size-divisible-by). Independent of tp_size, so the same seed gives the same
@@ -141,16 +142,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training text (minimal loader: byte-level tokens over a text source)."""
+    """Training data: a dataset built in the Arrow format (tti_dist.data), or a text source
+    that `tti train` builds into RUN/dataset before it starts."""
 
+    path: str | None = None
+    """A dataset directory written by `tti data build` or `tti data synth`. When null, the
+    dataset is built from `source` (with `tokenizer`, `max_bytes`, `val_fraction`,
+    `text_field`) into RUN/dataset, and the resolved config records that path."""
     source: str = "stdlib"
-    """'stdlib' (the running interpreter's standard-library sources) or a text file/directory."""
+    """'stdlib' (the running interpreter's standard-library sources), 'synthetic:factored'
+    (the synthetic language with ground-truth factors, docs/data.md), a text file, a
+    directory, a .jsonl file, or a Parquet/Arrow file with a text column."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """byte: 256 byte values + end-of-document (257 ids). bpe: byte-level BPE trained on the
+    train split with model.vocab_size tokens (HuggingFace tokenizers)."""
+    text_field: str = "text"
+    """Field (JSONL) or column (Parquet/Arrow) holding the text."""
     max_bytes: int = 8_000_000
     """Read at most this many bytes of the source."""
-    seq_len: int = 128
-    """Tokens per training sequence (<= model.max_seq_len)."""
     val_fraction: float = 0.02
-    """Share of sequences held out for the validation split (the end of the corpus)."""
+    """Share of documents held out for the validation split (chosen by a stable hash)."""
+    seq_len: int = 128
+    """Tokens per training sequence (<= model.max_seq_len); documents are packed, separated
+    by end-of-document tokens."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest when the dataset is opened."""
 
 
 @dataclass(frozen=True)

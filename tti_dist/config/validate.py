@@ -134,11 +134,21 @@ def _validate_data(cfg: RunConfig) -> None:
         )
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {d.val_fraction!r} must be in (0, 1)")
+    if d.path is not None:
+        if not (Path(d.path) / "manifest.json").is_file():
+            raise ConfigError(
+                f"data.path: '{d.path}' is not a dataset directory (no manifest.json); "
+                "build one with `tti data build` or `tti data synth`, or leave data.path null"
+            )
+        return
+    if d.source == "synthetic:factored":
+        return
     if d.source != "stdlib" and not Path(d.source).exists():
         raise ConfigError(
-            f"data.source: '{d.source}' does not exist; use 'stdlib' or a path to a text file or directory"
+            f"data.source: '{d.source}' does not exist; use 'stdlib', 'synthetic:factored', or a path "
+            "to a text file, directory, .jsonl, .parquet or .arrow file"
         )
-    if cfg.model.vocab_size < 257:
+    if d.tokenizer == "byte" and cfg.model.vocab_size < 257:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte-level tokenizer's 257 tokens"
         )
@@ -177,6 +187,13 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
                      f"zero.stage {cfg.zero.stage} (used by stages 1 and 2)")
     if cfg.train.eval_every == 0 and cfg.train.eval_batches != TrainConfig.eval_batches:
         notes.append(f"train.eval_batches: {cfg.train.eval_batches} is ignored with train.eval_every 0")
+    if cfg.data.path is not None:
+        from tti_dist.config.schema import DataConfig
+
+        for name in ("source", "tokenizer", "text_field", "max_bytes", "val_fraction"):
+            if getattr(cfg.data, name) != getattr(DataConfig, name):
+                notes.append(f"data.{name}: {getattr(cfg.data, name)!r} is ignored when data.path is set "
+                             "(the dataset was built already)")
     if cfg.checkpoint.every == 0 and not cfg.checkpoint.save_final:
         notes.append("checkpoint: every 0 and save_final false: this run saves no checkpoint")
     return notes

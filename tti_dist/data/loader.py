@@ -1,8 +1,13 @@
-"""Fixed-length training windows over a token array, and an exact, resumable per-rank loader.
+"""Fixed-length windows over token data, and an exact, resumable per-rank loader.
 
-`TokenWindows` cuts the token array into non-overlapping windows of `seq_len + 1` tokens
-(inputs are the first `seq_len`, targets the last `seq_len`) and holds out the end of the
-corpus as the validation split, so validation text is never trained on.
+Sequence packing: documents are stored back to back, separated by EOS, and cut into
+non-overlapping windows of `seq_len + 1` tokens (inputs are the first `seq_len`, targets
+the last `seq_len`), so no token is padding. Two window sources:
+- `DatasetWindows` over a built Arrow dataset (tti_dist.data.arrow_dataset): train and val
+  splits come from the dataset; windows never cross shard boundaries (each shard's tail of
+  fewer than seq_len + 1 tokens is dropped), and extra per-token columns (ground-truth
+  factors) are cut into the same windows as the tokens.
+- `TokenWindows` over one in-memory token array, holding out its end as validation.
 
 `DistributedBatchLoader` gives one data-parallel rank its micro-batches. All ranks walk the
 same epoch order (a permutation seeded by `[seed, epoch]`, so no communication is needed);
@@ -91,6 +96,17 @@ class TokenWindows:
             return self._windows[: self._num_train]
         return self._windows[self._num_train :]
 
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Extra per-token columns (none for a bare token array)."""
+        return ()
+
+    def gather(self, split: Split, rows: np.ndarray, columns: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Windows `rows` of `split` as {"tokens": [len(rows), seq_len + 1]}."""
+        if columns:
+            raise ValueError(f"a bare token array has no columns {columns}")
+        return {"tokens": self.split_windows(split)[rows]}
+
     def train_window(self, i: int) -> np.ndarray:
         """The i-th train window (`seq_len + 1` tokens, read-only view)."""
         return self._windows[_check_index(i, self._num_train, "train")]
@@ -98,6 +114,65 @@ class TokenWindows:
     def val_window(self, i: int) -> np.ndarray:
         """The i-th validation window (`seq_len + 1` tokens, read-only view)."""
         return self._windows[self._num_train + _check_index(i, self._num_val, "val")]
+
+
+class DatasetWindows:
+    """`seq_len + 1`-token windows over the shards of a built dataset, per split.
+
+    `shards` maps a split name to its shards, each a dict of equally long 1-D column arrays
+    (`tokens` plus extra columns), as `TokenDataset.split_shards` returns them: memory-mapped
+    views, so a window is read from disk only when a batch gathers it. Window w of a split
+    is window (w - start_s) of the shard s whose range contains w.
+    """
+
+    def __init__(self, shards: dict[str, list[dict[str, np.ndarray]]], seq_len: int) -> None:
+        if seq_len < 1:
+            raise ConfigError(f"data.seq_len: {seq_len!r} is not allowed; use a positive number of tokens")
+        self.seq_len = seq_len
+        self._views: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._starts: dict[str, np.ndarray] = {}
+        names: set[tuple[str, ...]] = set()
+        for split in _SPLITS:
+            views, counts = [], []
+            for shard in shards.get(split, []):
+                n = len(shard["tokens"]) // (seq_len + 1)
+                if n == 0:
+                    continue
+                views.append({k: v[: n * (seq_len + 1)].reshape(n, seq_len + 1) for k, v in shard.items()})
+                counts.append(n)
+                names.add(tuple(sorted(k for k in shard if k != "tokens")))
+            self._views[split] = views
+            self._starts[split] = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        if len(names) > 1:
+            raise ValueError(f"shards disagree on their columns: {sorted(names)}")
+        self._columns = next(iter(names), ())
+        if self.num_windows("train") == 0:
+            raise ConfigError(
+                f"data.seq_len: {seq_len} leaves no training window (every train shard has fewer "
+                f"than {seq_len + 1} tokens); lower data.seq_len or use more data"
+            )
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Extra per-token columns available to `gather`."""
+        return self._columns
+
+    def num_windows(self, split: Split) -> int:
+        """Windows in `split`."""
+        return int(self._starts[_check_split(split)][-1])
+
+    def gather(self, split: Split, rows: np.ndarray, columns: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Windows `rows` (split-global indices) as {"tokens": [len(rows), seq_len + 1], column: ...}."""
+        unknown = [c for c in columns if c not in self._columns]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; the dataset has {list(self._columns)}")
+        starts, views = self._starts[split], self._views[split]
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        out = {}
+        for name in ("tokens", *columns):
+            out[name] = np.stack([views[s][name][r - starts[s]] for s, r in zip(shard_of, rows)]) if len(rows) else \
+                np.empty((0, self.seq_len + 1), dtype=views[0][name].dtype)
+        return out
 
 
 class DistributedBatchLoader:
@@ -113,7 +188,7 @@ class DistributedBatchLoader:
 
     def __init__(
         self,
-        windows: TokenWindows,
+        windows: TokenWindows | DatasetWindows,
         split: Split,
         micro_batch_size: int,
         dp_rank: int,
@@ -139,15 +214,14 @@ class DistributedBatchLoader:
         self.dp_size = dp_size
         self.seed = seed
         self.shuffle = shuffle
-        self._data = windows.split_windows(split)
-        self._num_windows = len(self._data)
+        self._num_windows = windows.num_windows(split)
         self._global_batch = micro_batch_size * dp_size
         if self._num_windows < self._global_batch:
             raise ConfigError(
                 f"train.micro_batch_size: {micro_batch_size} x data-parallel size {dp_size} = "
                 f"{self._global_batch} windows per micro-step, but the {split} split has only "
                 f"{self._num_windows} windows of data.seq_len+1={windows.seq_len + 1} tokens; "
-                f"lower train.micro_batch_size or data.seq_len, or raise data.max_bytes"
+                f"lower train.micro_batch_size or data.seq_len, or use more data (data.max_bytes)"
                 + (" or data.val_fraction" if split == "val" else "")
             )
         self._batches_per_epoch = self._num_windows // self._global_batch
@@ -182,25 +256,33 @@ class DistributedBatchLoader:
         assert self._order is not None
         return self._order
 
-    def _batch_at(self, order: np.ndarray, index: int) -> torch.Tensor:
-        """This rank's slice of global micro-step `index` of a window order, as int64."""
+    def _batch_at(self, order: np.ndarray, index: int, columns: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """This rank's slice of global micro-step `index` of a window order, as int64 tensors."""
         start = index * self._global_batch + self.dp_rank * self.micro_batch_size
         rows = order[start : start + self.micro_batch_size]
-        # Fancy indexing gathers only the batch's rows; int64 is what embeddings and
-        # cross-entropy take.
-        return torch.from_numpy(self._data[rows].astype(np.int64))
+        # Only the batch's rows are gathered (copied); int64 is what embeddings and
+        # cross-entropy take, and it holds the factor columns' -1 too.
+        return {k: torch.from_numpy(v.astype(np.int64)) for k, v in self.windows.gather(self.split, rows, columns).items()}
 
-    def next_batch(self) -> torch.Tensor:
-        """Next micro-batch: int64 `[micro_batch_size, seq_len + 1]`.
-
-        Inputs are `batch[:, :-1]`, targets `batch[:, 1:]`.
-        """
+    def _advance(self) -> tuple[np.ndarray, int]:
         if self._index >= self._batches_per_epoch:
             self._epoch += 1
             self._index = 0
-        batch = self._batch_at(self._epoch_order(self._epoch), self._index)
+        index = self._index
         self._index += 1
-        return batch
+        return self._epoch_order(self._epoch), index
+
+    def next_batch(self) -> torch.Tensor:
+        """Next micro-batch of tokens: int64 `[micro_batch_size, seq_len + 1]`.
+
+        Inputs are `batch[:, :-1]`, targets `batch[:, 1:]`.
+        """
+        return self._batch_at(*self._advance())["tokens"]
+
+    def next_batch_columns(self, columns: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Next micro-batch with extra per-token columns: {"tokens": ..., column: ...}, each
+        int64 `[micro_batch_size, seq_len + 1]`, aligned position by position."""
+        return self._batch_at(*self._advance(), columns)
 
     def state_dict(self) -> dict[str, int]:
         """Position of the loader: `{"epoch": int, "index": int}` (index = batches taken this epoch)."""
@@ -231,7 +313,7 @@ class DistributedBatchLoader:
         if num_batches < 0:
             raise ValueError(f"num_batches must be >= 0, got {num_batches}")
         order = np.arange(self._num_windows)
-        return [self._batch_at(order, k % self._batches_per_epoch) for k in range(num_batches)]
+        return [self._batch_at(order, k % self._batches_per_epoch)["tokens"] for k in range(num_batches)]
 
 
 def _check_split(split: str) -> str:

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from tti_dist.config.load import dump_config
 from tti_dist.config.schema import RunConfig
-from tti_dist.config.validate import ignored_settings
-from tti_dist.data import DistributedBatchLoader, TokenWindows, encode_documents, read_text_source
+from tti_dist.data.loader import DistributedBatchLoader
+from tti_dist.data.prepare import run_windows
 from tti_dist.distributed.runtime import ParallelGroups
 from tti_dist.metrics import open_metrics_writer
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
@@ -50,8 +50,7 @@ class TrainResult:
 
 def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatchLoader, list[torch.Tensor]]:
     """Train loader for this DP rank and the fixed validation micro-batches."""
-    tokens = encode_documents(read_text_source(cfg.data.source, cfg.data.max_bytes))
-    windows = TokenWindows(tokens, cfg.data.seq_len, cfg.data.val_fraction)
+    windows = run_windows(cfg)
     train = DistributedBatchLoader(
         windows, "train", cfg.train.micro_batch_size, groups.dp_rank, groups.dp_size, cfg.train.seed
     )
@@ -83,8 +82,6 @@ class Trainer:
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
         if groups.is_writer:
             self._write_run_files()
-            for note in ignored_settings(cfg):
-                logger.warning(note)
         self.train_loader, self.val_batches = build_data(cfg, groups)
         self.step = 0
         self.tokens_per_step = (

@@ -1,0 +1,399 @@
+"""The on-disk token dataset: Arrow IPC shards, memory-mapped, with a checkable manifest.
+
+Layout::
+
+    DIR/
+      manifest.json          format_version, source, build, tokenizer, dtype, columns,
+                             shard_tokens, splits: {split: {num_tokens, num_documents,
+                             shards: [{file, num_tokens, sha256}]}}
+      tokenizer.json | vocab.json   (the tokenizer's file, if it has one)
+      train-00000.arrow ...  one Arrow IPC *file* per shard, one record batch, one row per
+                             token: column `tokens` (uint16 when vocab_size <= 65536, else
+                             uint32), then optional extra integer columns sorted by name
+                             (e.g. per-token ground-truth factors, -1 = inactive)
+      val-00000.arrow ...
+
+Documents are packed: each document's tokens, then EOS, concatenated. Shards are cut every
+`shard_tokens` tokens at the last document boundary before the cut when there is one; a
+document longer than a shard spans shards. The manifest is a pure function of the input
+(sorted keys, no timestamps, no paths of the temporary directory), so two builds of the same
+input give byte-identical manifests; shards and tokenizer files are byte-identical too.
+
+`write_dataset` writes into `<out>.tmp-<pid>` and renames it into place, so a reader never
+sees a half-written dataset. `open_dataset` checks every shard's sha256 (streamed, 8 MiB
+blocks), then memory-maps the shards: the numpy arrays it hands out are zero-copy views of
+the mapped files, so opening a dataset costs no RAM beyond the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tti_dist.data.sources import sha256_file
+from tti_dist.data.tokenizer import Tokenizer, load_tokenizer
+from tti_dist.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENS_COLUMN = "tokens"
+DEFAULT_SHARD_TOKENS = 16_777_216
+UINT16_MAX_VOCAB = 65536
+
+_SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_TOKENS_DESCRIPTION = "token ids; documents packed, each followed by eos_id"
+
+
+def tokens_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= UINT16_MAX_VOCAB else np.uint32)
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """Canonical serialisation: sorted keys, 2-space indent, ASCII, trailing newline."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Raise ConfigError (naming --out) unless `out_dir` may be written; return it as a Path.
+
+    An existing non-empty directory is replaced only with `overwrite`, and only if it is a
+    dataset (holds a manifest.json), so a mistyped --out never deletes unrelated files.
+    """
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError(f"--out: {str(out)!r} exists and is not a directory; choose a new directory")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise ConfigError(
+                    f"--out: {str(out)!r} exists and is not empty; pass --overwrite "
+                    "(overwrite=True) to replace it, or choose a new directory"
+                )
+            if not (out / MANIFEST_FILE).is_file():
+                raise ConfigError(
+                    f"--out: {str(out)!r} is not empty and holds no {MANIFEST_FILE}, so it is not a "
+                    "dataset; refusing to replace it even with --overwrite"
+                )
+    return out
+
+
+def _shard_bounds(tokens: np.ndarray, eos_id: int, shard_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) of each shard: at most shard_tokens long, ending after an EOS when possible."""
+    n = len(tokens)
+    doc_ends = np.flatnonzero(tokens == eos_id) + 1  # first index after each document
+    bounds = []
+    start = 0
+    while start < n:
+        limit = start + shard_tokens
+        if limit >= n:
+            end = n
+        else:
+            i = int(np.searchsorted(doc_ends, limit, side="right")) - 1
+            end = int(doc_ends[i]) if i >= 0 and doc_ends[i] > start else limit
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _write_shard(path: Path, columns: dict[str, np.ndarray]) -> None:
+    # One record batch per file, so each column is one contiguous chunk that numpy can view.
+    batch = pa.record_batch([pa.array(np.ascontiguousarray(a)) for a in columns.values()],
+                            names=list(columns))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def _check_splits(splits: dict, num_documents: dict, tokenizer: Tokenizer,
+                  column_descriptions: dict[str, str] | None) -> tuple[list[str], dict[str, np.dtype]]:
+    """Validate the caller's arrays; return (extra column names, their dtypes). ValueError if bad."""
+    if "train" not in splits:
+        raise ValueError(f"splits must contain 'train'; got {sorted(splits)}")
+    if set(num_documents) != set(splits):
+        raise ValueError(f"num_documents keys {sorted(num_documents)} differ from splits {sorted(splits)}")
+    extra_names: list[str] | None = None
+    extra_dtypes: dict[str, np.dtype] = {}
+    for split, cols in splits.items():
+        if not _SPLIT_NAME.match(split):
+            raise ValueError(f"split name {split!r} must match {_SPLIT_NAME.pattern}")
+        if TOKENS_COLUMN not in cols:
+            raise ValueError(f"split {split!r} has no {TOKENS_COLUMN!r} column")
+        names = sorted(c for c in cols if c != TOKENS_COLUMN)
+        if extra_names is None:
+            extra_names = names
+        elif names != extra_names:
+            raise ValueError(f"split {split!r} has columns {names}, another split has {extra_names}")
+        tokens = np.asarray(cols[TOKENS_COLUMN])
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{split}.tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= tokenizer.vocab_size):
+            raise ValueError(
+                f"{split}.tokens has ids outside [0, {tokenizer.vocab_size}): "
+                f"min {int(tokens.min())}, max {int(tokens.max())}"
+            )
+        for name in names:
+            arr = np.asarray(cols[name])
+            if arr.shape != tokens.shape or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(
+                    f"{split}.{name} must be an integer array of shape {tokens.shape}, "
+                    f"got {arr.dtype} {arr.shape}"
+                )
+            if extra_dtypes.setdefault(name, arr.dtype) != arr.dtype:
+                raise ValueError(f"column {name!r} has dtype {arr.dtype} in {split!r}, {extra_dtypes[name]} elsewhere")
+        n = num_documents[split]
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"num_documents[{split!r}] must be a non-negative int, got {n!r}")
+    unknown = set(column_descriptions or {}) - set(extra_names or [])
+    if unknown:
+        raise ValueError(f"column_descriptions names columns that are not in the splits: {sorted(unknown)}")
+    return extra_names or [], extra_dtypes
+
+
+def write_dataset(
+    out_dir: str | Path,
+    *,
+    splits: dict[str, dict[str, np.ndarray]],
+    tokenizer: Tokenizer,
+    source: dict,
+    num_documents: dict[str, int],
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    column_descriptions: dict[str, str] | None = None,
+    build: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write a dataset directory atomically and return its manifest.
+
+    Args:
+        out_dir: the dataset directory to create.
+        splits: {"train": {"tokens": 1-D int array, "<col>": same-length int array, ...},
+            "val": {...}}; "train" is required, every split has the same columns. Tokens are
+            already packed (each document followed by `tokenizer.eos_id`); extra columns keep
+            their integer dtype.
+        tokenizer: saved into the directory; its vocab_size bounds the ids and picks the
+            token dtype (uint16 up to 65,536, else uint32).
+        source: the manifest's `source` entry (`describe_source` output, or a generator's
+            description); must be JSON-serialisable.
+        num_documents: documents per split, recorded in the manifest.
+        shard_tokens: the most tokens per shard file.
+        column_descriptions: {column: description} for extra columns (default "").
+        build: parameters that produced the data, recorded as the manifest's `build` entry.
+        overwrite: replace an existing dataset at `out_dir`.
+
+    Raises:
+        ConfigError: `out_dir` exists and is not empty (without `overwrite`), or is not a
+            dataset; `shard_tokens` is not positive.
+        ValueError: inconsistent arrays (a caller bug).
+    """
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens: {shard_tokens!r} is not allowed; use a positive number of tokens")
+    extra_names, extra_dtypes = _check_splits(splits, num_documents, tokenizer, column_descriptions)
+    out = check_out_dir(out_dir, overwrite)
+    dtype = tokens_dtype(tokenizer.vocab_size)
+    descriptions = column_descriptions or {}
+    manifest: dict = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "build": build or {},
+        "dtype": dtype.name,
+        "shard_tokens": shard_tokens,
+        "columns": {
+            TOKENS_COLUMN: {"dtype": dtype.name, "description": _TOKENS_DESCRIPTION},
+            **{name: {"dtype": extra_dtypes[name].name, "description": descriptions.get(name, "")}
+               for name in extra_names},
+        },
+        "splits": {},
+    }
+    manifest_bytes(manifest)  # fail on a non-serialisable `source`/`build` before writing anything
+
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crashed earlier build in a process with the same pid
+    tmp.mkdir(parents=True)
+    try:
+        manifest["tokenizer"] = tokenizer.save(tmp)
+        for split in sorted(splits):
+            cols = splits[split]
+            tokens = np.asarray(cols[TOKENS_COLUMN])
+            shards = []
+            for k, (start, end) in enumerate(_shard_bounds(tokens, tokenizer.eos_id, shard_tokens)):
+                file = f"{split}-{k:05d}.arrow"
+                columns = {TOKENS_COLUMN: tokens[start:end].astype(dtype, copy=False)}
+                columns.update((name, np.asarray(cols[name])[start:end]) for name in extra_names)
+                _write_shard(tmp / file, columns)
+                shards.append({"file": file, "num_tokens": end - start, "sha256": sha256_file(tmp / file)})
+            manifest["splits"][split] = {
+                "num_tokens": len(tokens),
+                "num_documents": int(num_documents[split]),
+                "shards": shards,
+            }
+        (tmp / MANIFEST_FILE).write_bytes(manifest_bytes(manifest))
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "wrote dataset %s: %s", out,
+        ", ".join(f"{s} {v['num_tokens']} tokens in {len(v['shards'])} shards"
+                  for s, v in manifest["splits"].items()),
+    )
+    return manifest
+
+
+class TokenDataset:
+    """An opened dataset: manifest, tokenizer, and zero-copy views of the memory-mapped shards."""
+
+    def __init__(self, path: Path, manifest: dict, tokenizer: Tokenizer,
+                 shards: dict[str, list[dict[str, np.ndarray]]]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self._shards = shards
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names, sorted."""
+        return sorted(self.manifest["splits"])
+
+    @property
+    def column_names(self) -> list[str]:
+        """The extra per-token columns (everything but `tokens`), sorted (their file order)."""
+        return _column_order(self.manifest["columns"])[1:]
+
+    def _check_split(self, split: str) -> None:
+        if split not in self._shards:
+            raise ConfigError(
+                f"data.split: {split!r} is not a split of {str(self.path)!r}; available: {', '.join(self.splits)}"
+            )
+
+    def split_shards(self, split: str) -> list[dict[str, np.ndarray]]:
+        """Per shard, in order: {column: read-only numpy view of the mapped file}."""
+        self._check_split(split)
+        return [dict(s) for s in self._shards[split]]
+
+    def num_tokens(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.manifest["splits"][split]["num_tokens"])
+
+    def num_documents(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.manifest["splits"][split]["num_documents"])
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={self.num_tokens(s)}" for s in self.splits)
+        return f"TokenDataset({str(self.path)!r}, {self.tokenizer.name}, vocab {self.vocab_size}, tokens {sizes})"
+
+
+def _column_order(columns: dict) -> list[str]:
+    """Column order inside a shard file: `tokens`, then the extra columns sorted by name."""
+    return [TOKENS_COLUMN] + sorted(c for c in columns if c != TOKENS_COLUMN)
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST_FILE
+    if not path.exists():
+        raise ConfigError(f"data.path: {str(path)!r} does not exist")
+    if not file.is_file():
+        raise ConfigError(f"data.path: {str(path)!r} is not a dataset: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(file.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"data.path: {str(file)!r} is not valid JSON ({exc}); the dataset is corrupt") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"data.path: {str(file)!r} is not a JSON object; the dataset is corrupt")
+    missing = [k for k in ("format_version", "tokenizer", "columns", "splits") if k not in manifest]
+    if missing:
+        raise ConfigError(f"data.path: {str(file)!r} lacks {', '.join(missing)}; the dataset is corrupt")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ConfigError(
+            f"data.path: {str(file)!r} has format_version {manifest['format_version']!r}; "
+            f"this version of tti_dist reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _map_shard(path: Path, shard: dict, columns: dict) -> dict[str, np.ndarray]:
+    file = shard["file"]
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path / file)))
+        if reader.num_record_batches != 1:
+            raise ValueError(f"{reader.num_record_batches} record batches, expected 1")
+        batch = reader.get_batch(0)
+        if batch.schema.names != _column_order(columns):
+            raise ValueError(f"columns {batch.schema.names}, manifest lists {_column_order(columns)}")
+        arrays = {name: batch.column(name).to_numpy(zero_copy_only=True) for name in columns}
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"data.path: shard {file!r} cannot be read ({exc}); the dataset is corrupt or was modified"
+        ) from None
+    for name, arr in arrays.items():
+        if arr.dtype.name != columns[name]["dtype"] or len(arr) != shard["num_tokens"]:
+            raise ConfigError(
+                f"data.path: shard {file!r} column {name!r} has {len(arr)} {arr.dtype} rows, manifest "
+                f"says {shard['num_tokens']} {columns[name]['dtype']}; the dataset is corrupt or was modified"
+            )
+    return arrays
+
+
+def open_dataset(path: str | Path, *, verify: bool = True) -> TokenDataset:
+    """Open a dataset directory written by `write_dataset`.
+
+    With `verify`, every shard's sha256 is checked first (reads each file once, streamed).
+    Shards are memory-mapped, never read into RAM; row counts and dtypes are always checked
+    against the manifest.
+
+    Raises:
+        ConfigError (naming `data.path` and the offending file): missing directory or
+            manifest, garbled manifest, missing shard, sha256 mismatch, unreadable shard.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    tokenizer = load_tokenizer(path, manifest["tokenizer"])
+    columns = manifest["columns"]
+    shards: dict[str, list[dict[str, np.ndarray]]] = {}
+    for split in sorted(manifest["splits"]):
+        entries = manifest["splits"][split]["shards"]
+        for shard in entries:
+            file = shard["file"]
+            if not (path / file).is_file():
+                raise ConfigError(
+                    f"data.path: shard {file!r} is missing from {str(path)!r}; "
+                    "the dataset is incomplete or was modified"
+                )
+            if verify:
+                got = sha256_file(path / file)
+                if got != shard["sha256"]:
+                    raise ConfigError(
+                        f"data.path: shard {file!r} fails its sha256 check (expected {shard['sha256']}, "
+                        f"got {got}); the dataset is corrupt or was modified"
+                    )
+        shards[split] = [_map_shard(path, shard, columns) for shard in entries]
+        total = sum(s["num_tokens"] for s in entries)
+        if total != manifest["splits"][split]["num_tokens"]:
+            raise ConfigError(
+                f"data.path: split {split!r} of {str(path / MANIFEST_FILE)!r} lists {total} shard tokens "
+                f"but num_tokens {manifest['splits'][split]['num_tokens']}; the dataset is corrupt"
+            )
+    return TokenDataset(path, manifest, tokenizer, shards)

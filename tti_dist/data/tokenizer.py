@@ -1,0 +1,304 @@
+"""Tokenizers behind one small interface: byte-level, locally trained byte-level BPE, synthetic.
+
+Every tokenizer has a `name` ("byte" | "bpe" | "synthetic"), a `vocab_size`, an `eos_id`
+(the end-of-document token the dataset writer appends after each document), `encode(bytes)`
+returning uint32 ids (without EOS), `decode(ids)` returning text, and `save(dir)` writing
+what is needed to rebuild it into a dataset directory and returning the manifest's
+`tokenizer` entry. `load_tokenizer(dataset_dir, info)` rebuilds it from that entry, checking
+the saved file's sha256, so every rank decodes with exactly the tokenizer the data was built
+with.
+
+- `ByteTokenizer`: ids 0..255 are bytes, 256 is EOS (vocabulary 257), as in `byte_corpus`.
+  No file.
+- `BPETokenizer`: byte-level BPE trained locally with HuggingFace `tokenizers` (`train_bpe`);
+  saved as `tokenizer.json`. The special token `<|endoftext|>` is EOS. Text that happens to
+  contain the string "<|endoftext|>" is encoded as ordinary bytes, never as EOS.
+- `SyntheticTokenizer`: a given list of token strings (for generated corpora); saved as
+  `vocab.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from tti_dist.data.byte_corpus import BYTE_VOCAB_SIZE, EOS_TOKEN, decode_tokens
+from tti_dist.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BPE_EOS_TEXT = "<|endoftext|>"
+"""The BPE tokenizer's end-of-document special token."""
+
+BPE_FILE = "tokenizer.json"
+SYNTHETIC_FILE = "vocab.json"
+
+MIN_BPE_VOCAB_SIZE = 256 + 1 + 1
+"""256 byte symbols + `<|endoftext|>` + at least one merge."""
+
+MAX_BPE_VOCAB_SIZE = 1 << 20
+"""A sanity bound (1,048,576); above 65,536 token columns are stored as uint32."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the dataset layer needs from a tokenizer."""
+
+    name: str
+    """"byte", "bpe" or "synthetic"."""
+    vocab_size: int
+    """Number of token ids (all ids are in [0, vocab_size))."""
+    eos_id: int
+    """End-of-document id, appended after every document by the dataset writer."""
+
+    def encode(self, text: bytes) -> np.ndarray:
+        """uint32 ids of a document's UTF-8 bytes (no EOS appended)."""
+        ...
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids (numpy array, torch tensor or list of ints)."""
+        ...
+
+    def save(self, directory: str | Path) -> dict:
+        """Write the tokenizer's file (if any) into `directory`; return the manifest entry."""
+        ...
+
+
+def _as_int_array(ids) -> np.ndarray:
+    if hasattr(ids, "detach"):
+        # A torch tensor may live on an accelerator; numpy only reads host memory.
+        ids = ids.detach().cpu().numpy()
+    return np.asarray(ids).astype(np.int64, copy=False).reshape(-1)
+
+
+def _write_bytes(directory: str | Path, name: str, data: bytes) -> str:
+    (Path(directory) / name).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _info(tok: Tokenizer, file: str | None, sha256: str | None) -> dict:
+    return {"name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": file,
+            "sha256": sha256}
+
+
+class ByteTokenizer:
+    """Ids 0..255 are the bytes themselves, 256 is EOS; exact and reversible, needs no file."""
+
+    name = "byte"
+    vocab_size = BYTE_VOCAB_SIZE
+    eos_id = EOS_TOKEN
+
+    def encode(self, text: bytes) -> np.ndarray:
+        return np.frombuffer(text, dtype=np.uint8).astype(np.uint32)
+
+    def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """UTF-8 (errors="replace"); EOS renders as "\\n<|eos|>\\n", other ids >= 257 as U+FFFD."""
+        return decode_tokens(ids)
+
+    def save(self, directory: str | Path) -> dict:
+        return _info(self, None, None)
+
+
+class BPETokenizer:
+    """Byte-level BPE (HuggingFace `tokenizers`); EOS is the `<|endoftext|>` special token."""
+
+    name = "bpe"
+
+    def __init__(self, hf_tokenizer) -> None:
+        """Wrap a `tokenizers.Tokenizer` built by `train_bpe` or loaded from `tokenizer.json`."""
+        eos_id = hf_tokenizer.token_to_id(BPE_EOS_TEXT)
+        if eos_id is None:
+            raise ValueError(f"the BPE tokenizer has no {BPE_EOS_TEXT!r} special token")
+        # Document text containing "<|endoftext|>" must stay ordinary bytes; the writer adds EOS.
+        hf_tokenizer.encode_special_tokens = True
+        self._hf = hf_tokenizer
+        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_id: int = eos_id
+
+    @property
+    def hf_tokenizer(self):
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._hf
+
+    @staticmethod
+    def _text(text: bytes) -> str:
+        # Byte-level BPE works on str; invalid UTF-8 becomes U+FFFD (build.py warns about it).
+        return text.decode("utf-8", errors="replace")
+
+    def encode(self, text: bytes) -> np.ndarray:
+        return np.asarray(self._hf.encode(self._text(text), add_special_tokens=False).ids, dtype=np.uint32)
+
+    def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
+        """Like `encode` per text, using the library's parallel batch encoder."""
+        encodings = self._hf.encode_batch_fast([self._text(t) for t in texts], add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+
+    def decode(self, ids) -> str:
+        """Text of ids; EOS renders as "<|endoftext|>", ids outside the vocabulary as U+FFFD."""
+        ids = _as_int_array(ids)
+        parts: list[str] = []
+        start = 0
+        # A model whose embedding is padded past vocab_size can sample ids the tokenizer lacks.
+        for pos in np.flatnonzero((ids < 0) | (ids >= self.vocab_size)).tolist():
+            if pos > start:
+                parts.append(self._hf.decode(ids[start:pos].tolist(), skip_special_tokens=False))
+            parts.append("\ufffd")
+            start = pos + 1
+        if start < len(ids):
+            parts.append(self._hf.decode(ids[start:].tolist(), skip_special_tokens=False))
+        return "".join(parts)
+
+    def to_bytes(self) -> bytes:
+        """The `tokenizer.json` contents."""
+        return self._hf.to_str(pretty=True).encode("utf-8")
+
+    def save(self, directory: str | Path) -> dict:
+        return _info(self, BPE_FILE, _write_bytes(directory, BPE_FILE, self.to_bytes()))
+
+
+def check_bpe_vocab_size(vocab_size) -> int:
+    """`vocab_size` if it is an allowed BPE vocabulary size, else ConfigError naming --vocab-size."""
+    if (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+            or not MIN_BPE_VOCAB_SIZE <= vocab_size <= MAX_BPE_VOCAB_SIZE):
+        raise ConfigError(
+            f"--vocab-size: {vocab_size!r} is not allowed for the BPE tokenizer; use an integer in "
+            f"[{MIN_BPE_VOCAB_SIZE}, {MAX_BPE_VOCAB_SIZE}] (256 byte symbols + {BPE_EOS_TEXT} + merges)"
+        )
+    return vocab_size
+
+
+def train_bpe(docs: Iterable[bytes], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE tokenizer on `docs` (raw UTF-8 bytes).
+
+    Deterministic: the same documents give a byte-identical `tokenizer.json`. Checked for
+    tokenizers 0.23.3, across processes, hash seeds and RAYON_NUM_THREADS=1 vs all cores, so no
+    thread pinning is needed: the trainer's only hash-order dependence (lazily created
+    continuing-subword tokens, huggingface/tokenizers#1794) arises only with a
+    `continuing_subword_prefix`, which byte-level BPE does not use; merge ties are broken by
+    pair ids, which derive from the sorted initial alphabet. tests/unit/test_data_build.py
+    checks it.
+
+    A small corpus can run out of pairs to merge; the vocabulary is then smaller than asked
+    for (a warning says so) and `vocab_size` of the result is the real size.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    check_bpe_vocab_size(vocab_size)
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BPE_EOS_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator((BPETokenizer._text(d) for d in docs), trainer=trainer)
+    tok = BPETokenizer(hf)
+    if tok.vocab_size < vocab_size:
+        logger.warning(
+            "--vocab-size %d: the training text only supports %d tokens (no pairs left to merge); "
+            "the tokenizer has %d", vocab_size, tok.vocab_size, tok.vocab_size,
+        )
+    return tok
+
+
+class SyntheticTokenizer:
+    """Tokens are the given strings; for generated corpora. Decoding joins them with spaces."""
+
+    name = "synthetic"
+
+    def __init__(self, vocab: list[str], eos_id: int) -> None:
+        """`vocab[i]` is the text of id i; `eos_id` indexes `vocab`. Strings must be unique."""
+        vocab = list(vocab)
+        if not vocab or not all(isinstance(v, str) for v in vocab):
+            raise ValueError("vocab must be a non-empty list of strings")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("vocab strings must be unique")
+        if isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < len(vocab):
+            raise ValueError(f"eos_id {eos_id!r} is not an index into the {len(vocab)}-entry vocab")
+        self.vocab = vocab
+        self.vocab_size: int = len(vocab)
+        self.eos_id: int = eos_id
+        self._ids = {v: i for i, v in enumerate(vocab)}
+
+    def encode(self, text: bytes) -> np.ndarray:
+        """Ids of the whitespace-separated words of `text`; an unknown word is a ValueError."""
+        try:
+            return np.asarray([self._ids[w] for w in text.decode("utf-8").split()], dtype=np.uint32)
+        except KeyError as exc:
+            raise ValueError(f"{exc.args[0]!r} is not in the synthetic vocabulary") from None
+
+    def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """Token strings joined by spaces; ids outside the vocabulary render as U+FFFD."""
+        n = self.vocab_size
+        return " ".join(self.vocab[i] if 0 <= i < n else "\ufffd" for i in _as_int_array(ids).tolist())
+
+    def to_bytes(self) -> bytes:
+        """The `vocab.json` contents."""
+        text = json.dumps({"eos_id": self.eos_id, "vocab": self.vocab}, indent=2, sort_keys=True,
+                          ensure_ascii=True)
+        return (text + "\n").encode("utf-8")
+
+    def save(self, directory: str | Path) -> dict:
+        return _info(self, SYNTHETIC_FILE, _write_bytes(directory, SYNTHETIC_FILE, self.to_bytes()))
+
+
+def load_tokenizer(dataset_dir: str | Path, info: dict) -> Tokenizer:
+    """Rebuild the tokenizer a manifest's `tokenizer` entry describes, from `dataset_dir`.
+
+    Raises:
+        ConfigError (naming `data.path`): unknown tokenizer name, missing file, sha256
+            mismatch, or an entry that disagrees with the file (vocab_size, eos_id).
+    """
+    dataset_dir = Path(dataset_dir)
+    name = info.get("name")
+    if name == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    elif name in ("bpe", "synthetic"):
+        file = info.get("file")
+        path = dataset_dir / str(file)
+        if not file or not path.is_file():
+            raise ConfigError(
+                f"data.path: tokenizer file {file!r} is missing from {str(dataset_dir)!r}; "
+                "the dataset is incomplete or was modified"
+            )
+        data = path.read_bytes()
+        got = hashlib.sha256(data).hexdigest()
+        if got != info.get("sha256"):
+            raise ConfigError(
+                f"data.path: tokenizer file {file!r} fails its sha256 check (expected "
+                f"{info.get('sha256')}, got {got}); the dataset is corrupt or was modified"
+            )
+        if name == "bpe":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            tok = BPETokenizer(HFTokenizer.from_str(data.decode("utf-8")))
+        else:
+            saved = json.loads(data)
+            tok = SyntheticTokenizer(saved["vocab"], saved["eos_id"])
+    else:
+        raise ConfigError(
+            f"data.path: tokenizer {name!r} in {str(dataset_dir / 'manifest.json')!r} is unknown; "
+            "known: byte, bpe, synthetic"
+        )
+    for key in ("vocab_size", "eos_id"):
+        if getattr(tok, key) != info.get(key):
+            raise ConfigError(
+                f"data.path: manifest tokenizer.{key}={info.get(key)!r} disagrees with the "
+                f"{name} tokenizer's {getattr(tok, key)!r} in {str(dataset_dir)!r}"
+            )
+    return tok
