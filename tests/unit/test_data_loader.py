@@ -1,4 +1,4 @@
-"""Tests of the byte-level corpus and the distributed batch loader, on real files and arrays.
+"""Tests of the window sources and the distributed batch loader.
 
 Most loader tests use a synthetic token array in which window w is filled with the value w
 (`seq_len + 1` copies), so a batch row names the window it came from and sets of window
@@ -7,7 +7,6 @@ indices can be compared exactly.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,10 @@ import torch
 from tti_dist.data import (
     BYTE_VOCAB_SIZE,
     EOS_TOKEN,
+    DatasetWindows,
     DistributedBatchLoader,
     TokenWindows,
     decode_tokens,
-    encode_documents,
-    read_text_source,
 )
 from tti_dist.errors import ConfigError
 
@@ -53,86 +51,18 @@ def assert_same_batches(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert torch.equal(x, y)
 
 
-# ---------------------------------------------------------------- byte corpus
-
+# ---------------------------------------------------------------- byte-level ids
 
 def test_vocab_constants() -> None:
     assert EOS_TOKEN == 256
     assert BYTE_VOCAB_SIZE == 257
 
 
-def test_encode_decode_round_trip() -> None:
-    docs = [b"hello", "h\u00e9llo \u2603\n".encode(), b""]
-    tokens = encode_documents(docs)
-    assert tokens.dtype == np.uint16
-    assert tokens.tolist() == [104, 101, 108, 108, 111, 256,
-                               104, 0xC3, 0xA9, 108, 108, 111, 32, 0xE2, 0x98, 0x83, 10, 256,
-                               256]
-    assert decode_tokens(tokens) == "hello\n<|eos|>\nh\u00e9llo \u2603\n\n<|eos|>\n\n<|eos|>\n"
-    # Torch tensors and lists decode the same; invalid UTF-8 and ids past the vocab are replaced.
+def test_decode_tokens() -> None:
+    tokens = np.array(list(b"hello") + [EOS_TOKEN] + list("h\u00e9llo \u2603\n".encode()) + [EOS_TOKEN], dtype=np.uint16)
+    assert decode_tokens(tokens) == "hello\n<|eos|>\nh\u00e9llo \u2603\n\n<|eos|>\n"
     assert decode_tokens(torch.from_numpy(tokens.astype(np.int64))) == decode_tokens(tokens.tolist())
     assert decode_tokens([0xFF, 104, 300, 105]) == "\ufffdh\ufffdi"
-    assert encode_documents([]).tolist() == []
-
-
-def test_directory_source_order_hidden_and_max_bytes(tmp_path: Path) -> None:
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "z.txt").write_bytes(b"BZ")
-    (tmp_path / "a.txt").write_bytes(b"AAA")
-    (tmp_path / "c.md").write_bytes(b"CCCC")
-    (tmp_path / "empty.txt").write_bytes(b"")
-    (tmp_path / ".hidden.txt").write_bytes(b"no")
-    (tmp_path / ".git").mkdir()
-    (tmp_path / ".git" / "x").write_bytes(b"no")
-
-    assert read_text_source(str(tmp_path), None) == [b"AAA", b"BZ", b"CCCC"]
-    assert read_text_source(str(tmp_path), 4) == [b"AAA", b"B"]
-    assert read_text_source(str(tmp_path), 5) == [b"AAA", b"BZ"]
-    assert read_text_source(str(tmp_path), 100) == [b"AAA", b"BZ", b"CCCC"]
-    assert read_text_source(str(tmp_path / "c.md"), 2) == [b"CC"]
-    assert read_text_source(str(tmp_path / "c.md"), None) == [b"CCCC"]
-
-
-def test_stdlib_source_nonempty_deterministic_and_exact_max_bytes() -> None:
-    start = time.perf_counter()
-    docs = read_text_source("stdlib", 8_000_000)
-    elapsed = time.perf_counter() - start
-    assert sum(len(d) for d in docs) == 8_000_000
-    assert len(docs) > 10
-    assert all(docs)
-    assert elapsed < 2.0, f"reading 8 MB of stdlib took {elapsed:.2f} s"
-
-    small = read_text_source("stdlib", 100_000)
-    assert sum(len(d) for d in small) == 100_000
-    assert read_text_source("stdlib", 100_000) == small
-    # A smaller budget reads a prefix of the same document sequence.
-    assert b"".join(small) == b"".join(docs)[:100_000]
-    # The first stdlib module in sorted order is real Python source.
-    assert b"import" in b"".join(small)
-
-
-def test_missing_path_is_config_error(tmp_path: Path) -> None:
-    missing = tmp_path / "nope"
-    with pytest.raises(ConfigError) as info:
-        read_text_source(str(missing), None)
-    msg = str(info.value)
-    assert msg.startswith("data.source: ")
-    assert str(missing) in msg and "does not exist" in msg and '"stdlib"' in msg
-
-
-def test_empty_directory_is_config_error(tmp_path: Path) -> None:
-    (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(ConfigError) as info:
-        read_text_source(str(tmp_path), None)
-    assert str(info.value) == f"data.source: {str(tmp_path)!r} contains no text"
-
-
-def test_nonpositive_max_bytes_is_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^data\.max_bytes: "):
-        read_text_source("stdlib", 0)
-
-
-# ---------------------------------------------------------------- windows
 
 
 def test_token_windows_split() -> None:
@@ -300,12 +230,77 @@ def test_split_smaller_than_global_batch_is_config_error() -> None:
 
 
 def test_real_text_end_to_end(tmp_path: Path) -> None:
-    text = "".join(f"line {i}: the quick brown fox\n" for i in range(200))
-    (tmp_path / "doc.txt").write_text(text)
-    tokens = encode_documents(read_text_source(str(tmp_path), None))
-    windows = TokenWindows(tokens, seq_len=16, val_fraction=0.05)
+    """Text files -> tti data build -> DatasetWindows -> loader -> the original text back."""
+    from tti_dist.data import build_dataset, open_dataset
+
+    texts = {f"doc{d}.txt": "".join(f"doc {d} line {i}: the quick brown fox\n" for i in range(60)) for d in range(6)}
+    for name, text in texts.items():
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_text(text)
+    build_dataset(str(tmp_path / "src"), tmp_path / "ds", val_fraction=0.2)
+    dataset = open_dataset(tmp_path / "ds")
+    windows = DatasetWindows({s: dataset.split_shards(s) for s in ("train", "val")}, 16)
     loader = DistributedBatchLoader(windows, "train", 4, 0, 1, seed=0, shuffle=False)
     batch = loader.next_batch()
     assert batch.shape == (4, 17)
-    assert decode_tokens(batch.reshape(-1)) == text[: 4 * 17]
+    stream = "\n<|eos|>\n".join(texts.values())
+    assert decode_tokens(batch.reshape(-1)) in stream  # 68 consecutive bytes of the packed documents
     assert int(batch.max()) < BYTE_VOCAB_SIZE
+
+
+# ---------------------------------------------------------------- dataset windows (shards + columns)
+
+def sharded_windows(shard_windows: list[int], seq_len: int = SEQ_LEN, tail: int = 2) -> DatasetWindows:
+    """Shards whose k-th window is filled with a running window id; a `factor` column holds
+    10 * id, and each shard has a `tail` of tokens too short for a window."""
+    shards, next_id = [], 0
+    for n in shard_windows:
+        ids = np.repeat(np.arange(next_id, next_id + n, dtype=np.int64), seq_len + 1)
+        ids = np.concatenate([ids, np.full(tail, 999)])
+        shards.append({"tokens": ids.astype(np.uint16), "factor": (ids * 10).astype(np.int16)})
+        next_id += n
+    val = [{"tokens": np.full(8 * (seq_len + 1), 500, np.uint16), "factor": np.full(8 * (seq_len + 1), -1, np.int16)}]
+    return DatasetWindows({"train": shards, "val": val}, seq_len)
+
+
+def test_dataset_windows_span_shards_without_crossing_them() -> None:
+    windows = sharded_windows([5, 3, 7])
+    assert windows.num_windows("train") == 15 and windows.num_windows("val") == 8
+    assert windows.column_names == ("factor",)
+    got = windows.gather("train", np.arange(15), ("factor",))
+    assert [int(r[0]) for r in got["tokens"]] == list(range(15))  # shard tails (999) never appear
+    assert torch.equal(torch.from_numpy(got["factor"].astype(np.int64)), torch.from_numpy(got["tokens"].astype(np.int64)) * 10)
+
+
+def test_dataset_loader_dp_ranks_disjoint_cover_and_tp_identical() -> None:
+    windows = sharded_windows([5, 3, 7, 9])  # 24 windows; mbs 3 x dp 2 -> 4 micro-steps per epoch
+    seen = []
+    for dp_rank in range(2):
+        loader = DistributedBatchLoader(windows, "train", 3, dp_rank, 2, seed=5)
+        twin = DistributedBatchLoader(windows, "train", 3, dp_rank, 2, seed=5)  # a TP peer
+        batches = [loader.next_batch_columns(("factor",)) for _ in range(4)]
+        for b in batches:
+            assert torch.equal(b["factor"], b["tokens"] * 10)  # columns aligned with tokens
+            assert torch.equal(twin.next_batch(), b["tokens"])
+        seen.append({int(b["tokens"][i, 0]) for b in batches for i in range(3)})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(24))
+
+
+def test_dataset_loader_resume_exact_across_epochs() -> None:
+    windows = sharded_windows([4, 6])  # 10 windows, mbs 2 -> 5 batches per epoch
+    straight = take(DistributedBatchLoader(windows, "train", 2, 0, 1, seed=3), 13)
+    first = DistributedBatchLoader(windows, "train", 2, 0, 1, seed=3)
+    take(first, 7)
+    resumed = DistributedBatchLoader(windows, "train", 2, 0, 1, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert_same_batches(take(resumed, 6), straight[7:])
+
+
+def test_dataset_windows_unknown_column_and_empty_train() -> None:
+    windows = sharded_windows([2])
+    with pytest.raises(ValueError, match="unknown columns"):
+        windows.gather("train", np.arange(2), ("nope",))
+    with pytest.raises(ConfigError, match=r"^data\.seq_len: 50 leaves no training window"):
+        DatasetWindows(
+            {"train": [{"tokens": np.zeros(10, np.uint16)}], "val": []}, 50)

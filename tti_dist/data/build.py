@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from tti_dist.data.arrow_dataset import DEFAULT_SHARD_TOKENS, check_out_dir, write_dataset
-from tti_dist.data.byte_corpus import BYTE_VOCAB_SIZE
 from tti_dist.data.sources import Document, read_source
 from tti_dist.data.tokenizer import (
+    BYTE_VOCAB_SIZE,
     ByteTokenizer,
     Tokenizer,
     check_bpe_vocab_size,

@@ -29,8 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import sys
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +40,57 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tti_dist.data.byte_corpus import STDLIB_SOURCE, _directory_files, _stdlib_files
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+STDLIB_SOURCE = "stdlib"
+"""`data.source` value naming the running interpreter's standard-library `*.py` files."""
+
+_EXCLUDED_STDLIB_DIRS = ("site-packages", "dist-packages")
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """(relative POSIX path, absolute path) of every stdlib `*.py` file, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[tuple[str, Path]] = []
+    # os.walk with pruning is several times faster than Path.rglob, and pruning keeps
+    # third-party packages (which differ between environments) out of the corpus.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d for d in dirnames if not any(ex in d for ex in _EXCLUDED_STDLIB_DIRS)
+        ]
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if not name.endswith(".py"):
+                continue
+            rel = (rel_dir / name).as_posix()
+            if any(ex in rel for ex in _EXCLUDED_STDLIB_DIRS):
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():
+                files.append((rel, path))
+    files.sort(key=lambda item: item[0])
+    return files
+
+
+def directory_files(root: Path) -> list[tuple[str, Path]]:
+    """(relative POSIX path, absolute path) of every non-hidden regular file under root, sorted."""
+    files: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Hidden entries (.git, .venv, editor swap files) are tooling state, not corpus text.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():
+                files.append(((rel_dir / name).as_posix(), path))
+    files.sort(key=lambda item: item[0])
+    return files
+
+
 
 JSONL_SUFFIX = ".jsonl"
 PARQUET_SUFFIX = ".parquet"
@@ -94,7 +143,7 @@ def _file_kind(name: str) -> str:
 def _plan(source: str) -> tuple[str, list[_SourceFile]]:
     """(source kind, files to read in order); raises ConfigError for a missing path."""
     if source == STDLIB_SOURCE:
-        return "stdlib", [_SourceFile(rel, path, "text") for rel, path in _stdlib_files()]
+        return "stdlib", [_SourceFile(rel, path, "text") for rel, path in stdlib_files()]
     root = Path(source)
     if not root.exists():
         raise ConfigError(
@@ -102,7 +151,7 @@ def _plan(source: str) -> tuple[str, list[_SourceFile]]:
             f"file, a directory, or a {', '.join('*' + s for s in STRUCTURED_SUFFIXES)} file"
         )
     if root.is_dir():
-        files = [_SourceFile(rel, path, _file_kind(rel)) for rel, path in _directory_files(root)]
+        files = [_SourceFile(rel, path, _file_kind(rel)) for rel, path in directory_files(root)]
         num_structured = sum(f.kind != "text" for f in files)
         if 0 < num_structured < len(files):
             # E.g. a HuggingFace `save_to_disk` folder: its dataset_info.json/state.json would

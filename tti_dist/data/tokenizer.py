@@ -8,7 +8,7 @@ what is needed to rebuild it into a dataset directory and returning the manifest
 the saved file's sha256, so every rank decodes with exactly the tokenizer the data was built
 with.
 
-- `ByteTokenizer`: ids 0..255 are bytes, 256 is EOS (vocabulary 257), as in `byte_corpus`.
+- `ByteTokenizer`: ids 0..255 are bytes, 256 is EOS (vocabulary 257).
   No file.
 - `BPETokenizer`: byte-level BPE trained locally with HuggingFace `tokenizers` (`train_bpe`);
   saved as `tokenizer.json`. The special token `<|endoftext|>` is EOS. Text that happens to
@@ -28,7 +28,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from tti_dist.data.byte_corpus import BYTE_VOCAB_SIZE, EOS_TOKEN, decode_tokens
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +44,35 @@ MIN_BPE_VOCAB_SIZE = 256 + 1 + 1
 MAX_BPE_VOCAB_SIZE = 1 << 20
 """A sanity bound (1,048,576); above 65,536 token columns are stored as uint32."""
 
+
+EOS_TOKEN = 256
+"""End-of-document id of the byte-level tokenizer."""
+BYTE_VOCAB_SIZE = 257
+"""256 byte values + end-of-document."""
+_EOS_TEXT = "\n<|eos|>\n"
+
+
+def decode_tokens(tokens) -> str:
+    """Text of a token sequence (numpy array, torch tensor or list of ints).
+
+    Byte runs are decoded as UTF-8 with errors="replace"; `EOS_TOKEN` is rendered as
+    "\\n<|eos|>\\n". Ids outside the byte vocabulary (a model whose embedding is padded past
+    `BYTE_VOCAB_SIZE` can sample them) render as U+FFFD so sampled text always decodes.
+    """
+    if hasattr(tokens, "detach"):
+        # A torch tensor may live on an accelerator; numpy can only read host memory.
+        tokens = tokens.detach().cpu().numpy()
+    ids = np.asarray(tokens).astype(np.int64, copy=False).reshape(-1)
+    parts: list[str] = []
+    start = 0
+    for pos in np.flatnonzero((ids < 0) | (ids > 255)).tolist():
+        if pos > start:
+            parts.append(ids[start:pos].astype(np.uint8).tobytes().decode("utf-8", errors="replace"))
+        parts.append(_EOS_TEXT if ids[pos] == EOS_TOKEN else "\ufffd")
+        start = pos + 1
+    if start < len(ids):
+        parts.append(ids[start:].astype(np.uint8).tobytes().decode("utf-8", errors="replace"))
+    return "".join(parts)
 
 @runtime_checkable
 class Tokenizer(Protocol):
