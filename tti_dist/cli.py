@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from tti_dist.config.schema import DataConfig
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger("tti_dist.cli")
@@ -50,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="dataset directory to create")
     build.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
     build.add_argument("--vocab-size", type=int, help="BPE vocabulary size (required with --tokenizer bpe)")
-    build.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    build.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
+                       help=f"share of documents held out (default {DataConfig.val_fraction}, as data.val_fraction)")
     build.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     build.add_argument("--max-bytes", type=int, help="read at most this many bytes of the source")
     build.add_argument("--shard-tokens", type=int, default=16_777_216, help="tokens per shard file")
