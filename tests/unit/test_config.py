@@ -273,7 +273,7 @@ def test_type_error_in_file(tmp_path):
         (["train.micro_batch_size=0"], None, ["train.micro_batch_size:", "0", "> 0"]),
         (["data.val_fraction=0"], None, ["data.val_fraction:", "0", "(0, 1)"]),
         (["model.vocab_size=100"], None, ["model.vocab_size:", "100", "257"]),
-        (["regularizers=[{type: l1}]"], None, ["regularizers[0].type:", "'l1'"]),
+        (["regularizers=[{type: l2}]"], None, ["regularizers[0].type:", "'l2'", "not a known regularizer"]),
     ],
     ids=[
         "tp_not_dividing_heads", "world_size_mismatch", "zero_stage_4", "negative_lr", "warmup_gt_steps", "warmup_eq_steps",

@@ -3,7 +3,9 @@
 Data flow per optimizer step (grad_accum_steps micro-steps):
     batch (this DP rank's slice; identical on the TP ranks of a DP group)
     -> engine(tokens) -> local logit shard -> vocab-parallel cross entropy (TP group)
-    -> total loss = task loss (+ regularizer losses, later) -> engine.backward -> engine.step
+    -> total loss = task loss + sum of weighted regularizer losses (each computed on this
+       rank's captured activation shards, reduced over its documented group)
+    -> engine.backward -> engine.step
 Metrics are reduced over explicit groups (task loss: mean over the DP group) and only at
 log steps, where the host syncs once. Rank 0 writes TensorBoard and Parquet.
 """
@@ -25,7 +27,9 @@ from tti_dist.config.schema import RunConfig
 from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
 from tti_dist.distributed.runtime import ParallelGroups
+from tti_dist.capture.hookpoints import ActivationCapture
 from tti_dist.metrics import open_metrics_writer
+from tti_dist.regularizers.base import build_regularizers, parse_specs
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
@@ -62,9 +66,16 @@ def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatch
 
 def dp_mean(value: torch.Tensor, groups: ParallelGroups) -> float:
     """Mean of a scalar over the data-parallel group (a host sync)."""
-    value = value.detach().float().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=groups.dp_group)
-    return value.item() / groups.dp_size
+    return dp_means({"v": value}, groups)["v"]
+
+
+def dp_means(values: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[str, float]:
+    """Means of several scalars over the data-parallel group: one all-reduce, one host sync."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().float().reshape(()).to(groups.device) for v in values.values()])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=groups.dp_group)
+    return dict(zip(values, (stacked / groups.dp_size).tolist()))
 
 
 class Trainer:
@@ -80,6 +91,10 @@ class Trainer:
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
+        self.regularizers = build_regularizers(parse_specs(cfg.regularizers, cfg.model), self.engine.module, groups)
+        hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.hookpoints}
+        # One capture for the union of all regularizers' hookpoints, kept registered for the run.
+        self.capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
         if groups.is_writer:
             self._write_run_files()
         self.train_loader, self.val_batches = build_data(cfg, groups)
@@ -110,26 +125,41 @@ class Trainer:
         (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
     # -- one optimizer step --------------------------------------------------------------
-    def _micro_step(self) -> torch.Tensor:
+    def _micro_step(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = self.train_loader.next_batch().to(self.groups.device, non_blocking=True)
         logits = self.engine(batch[:, :-1])
         task_loss = lm_loss(logits, batch[:, 1:]).mean()
         total_loss = task_loss
+        reg_metrics: dict[str, torch.Tensor] = {}
+        acts = self.capture.captured if self.capture is not None else {}
+        for reg in self.regularizers:
+            weighted, metrics = reg(acts, self.step)
+            total_loss = total_loss + weighted
+            reg_metrics.update(metrics)
         self.engine.backward(total_loss)
-        return task_loss.detach()
+        if self.capture is not None:
+            self.capture.clear()  # free the activations' graphs
+        return task_loss.detach(), total_loss.detach(), reg_metrics
 
-    def _optimizer_step(self, need_norm: bool) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+    def _optimizer_step(self, need_norm: bool):
+        """One optimizer step: (mean task loss, mean total loss, mean reg metrics, grad norm)."""
         gas = self.cfg.train.grad_accum_steps
-        loss_sum = torch.zeros((), device=self.groups.device)
+        task_sum = torch.zeros((), device=self.groups.device)
+        total_sum = torch.zeros((), device=self.groups.device)
+        reg_sums: dict[str, torch.Tensor] = {}
         norm = None
         for micro in range(gas):
-            loss_sum += self._micro_step()
+            task, total, reg_metrics = self._micro_step()
+            task_sum += task
+            total_sum += total
+            for k, v in reg_metrics.items():
+                reg_sums[k] = reg_sums.get(k, 0.0) + v.float().to(self.groups.device)
             if micro == gas - 1 and need_norm and self.cfg.zero.stage == 0 and not self.engine.bfloat16_enabled():
                 norm = grad_norm_now(self.engine)
             self.engine.step()
         if norm is None and need_norm:
             norm = global_grad_norm(self.engine)
-        return loss_sum / gas, norm
+        return task_sum / gas, total_sum / gas, {k: v / gas for k, v in reg_sums.items()}, norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -139,6 +169,8 @@ class Trainer:
         for batch in self.val_batches:
             batch = batch.to(self.groups.device)
             total += lm_loss(self.engine(batch[:, :-1]), batch[:, 1:]).mean()
+            if self.capture is not None:
+                self.capture.clear()
         self.engine.train()
         return dp_mean(total / len(self.val_batches), self.groups)
 
@@ -165,16 +197,18 @@ class Trainer:
         try:
             while self.step < total:
                 log_now = (self.step + 1) % cfg.logging.log_every == 0 or self.step + 1 == total
-                loss, norm = self._optimizer_step(need_norm=log_now)
+                loss, total_loss, reg_metrics, norm = self._optimizer_step(need_norm=log_now)
                 self.step += 1
                 interval_steps += 1
                 scalars: dict[str, float] = {}
                 if log_now:
-                    loss_value = dp_mean(loss, self.groups)  # host sync: once per log step
+                    # One all-reduce and one host sync per log step.
+                    reduced = dp_means({"train/task_loss": loss, "train/total_loss": total_loss, **reg_metrics},
+                                       self.groups)
+                    loss_value = reduced["train/task_loss"]
                     elapsed = time.perf_counter() - interval_start
                     scalars = {
-                        "train/task_loss": loss_value,
-                        "train/total_loss": loss_value,
+                        **reduced,
                         "train/lr": self.engine.get_lr()[0],
                         "train/grad_norm": float(norm) if norm is not None else math.nan,
                         "perf/step_time_s": elapsed / interval_steps,
@@ -199,6 +233,9 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
+            if self.capture is not None:
+                self.capture.__exit__(None, None, None)
+                self.capture = None
             self.metrics.close()
         result.final_step = self.step
         return result

@@ -1,0 +1,88 @@
+"""Regularizer interface: schedules (closed forms), config validation, static hookpoint names."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tti_dist.capture.names import gpt_hookpoint_names
+from tti_dist.config.schema import ModelConfig
+from tti_dist.errors import ConfigError
+from tti_dist.regularizers import ScheduleConfig, parse_specs
+
+CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
+
+
+def test_schedules_closed_forms():
+    assert [ScheduleConfig().factor(s) for s in (0, 7, 10_000)] == [1.0, 1.0, 1.0]
+    w = ScheduleConfig(kind="linear_warmup", start_step=10, warmup_steps=4)
+    assert [w.factor(s) for s in (9, 10, 11, 12, 13, 14)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    lin = ScheduleConfig(kind="linear_anneal", anneal_steps=10, final_ratio=0.2)
+    assert lin.factor(0) == 1.0 and lin.factor(5) == pytest.approx(0.6) and lin.factor(10) == pytest.approx(0.2)
+    assert lin.factor(50) == pytest.approx(0.2)
+    cos = ScheduleConfig(kind="cosine_anneal", anneal_steps=10, final_ratio=0.0)
+    assert cos.factor(0) == 1.0 and cos.factor(5) == pytest.approx(0.5) and cos.factor(10) == pytest.approx(0.0)
+    assert cos.factor(3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    window = ScheduleConfig(start_step=5, stop_step=8)
+    assert [window.factor(s) for s in range(4, 10)] == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_static_hookpoint_names_match_the_built_model():
+    """The names validation uses before launch are exactly those of a built GPT."""
+    import os
+
+    import torch
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    from tti_dist.capture import list_hookpoints
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.models import GPT
+
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(get_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    try:
+        groups = init_parallel(1, torch.device("cpu"), 60)
+        try:
+            assert [hp.name for hp in list_hookpoints(GPT(CFG, groups.tp_group))] == gpt_hookpoint_names(CFG)
+        finally:
+            shutdown_parallel()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _error(entries) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_specs(entries, CFG)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_parse_specs_accepts_and_defaults():
+    (spec,) = parse_specs([{"type": "l1", "coefficient": "1e-3", "hookpoints": "blocks.*.mlp.act"}], CFG)
+    assert spec.name == "l1" and spec.coefficient == 0.001 and spec.hookpoints == ("blocks.*.mlp.act",)
+    assert spec.schedule == ScheduleConfig()
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"type": "l7"}], "regularizers[0].type: 'l7' is not a known regularizer; choose one of"),
+    ([{"type": "l1", "coefficient": -1, "hookpoints": ["embed"]}], "regularizers[0].coefficient: -1 must be a finite number >= 0"),
+    ([{"type": "l1", "coefficient": float("nan"), "hookpoints": ["embed"]}], "regularizers[0].coefficient: nan"),
+    ([{"type": "l1", "hookpoints": ["blocks.*.mlpp"]}], "regularizers[0].hookpoints[0]: 'blocks.*.mlpp' matches no hookpoint; available: embed, blocks.{0..1}.resid_pre"),
+    ([{"type": "l1"}], "regularizers[0].hookpoints: 'l1' needs at least one hookpoint glob"),
+    ([{"type": "l1", "hookpoints": ["embed"], "schedule": {"start_step": 10, "stop_step": 5}}],
+     "regularizers[0].schedule.stop_step: 5 must be after start_step = 10"),
+    ([{"type": "l1", "hookpoints": ["embed"], "schedule": {"kind": "linear_warmup"}}],
+     "regularizers[0].schedule.warmup_steps: 0 must be >= 1"),
+    ([{"type": "l1", "hookpoints": ["embed"], "schedule": {"kind": "cosine"}}], "regularizers[0].schedule.kind: 'cosine' is not allowed"),
+    ([{"type": "l1", "hookpoints": ["embed"], "coefficent": 1}], "regularizers[0].coefficent: unknown key for type 'l1'; did you mean 'coefficient'?"),
+    ([{"type": "l1", "hookpoints": ["embed"]}, {"type": "l1", "hookpoints": ["final_norm"]}],
+     "regularizers[1].name: 'l1' is already used"),
+])
+def test_parse_specs_errors(entries, message):
+    assert _error(entries).startswith(message)

@@ -1,0 +1,17 @@
+"""Interpretability regularizers: one module per type, registered by type name.
+
+Importing this package registers every built-in type (see base.REGISTRY).
+"""
+
+from tti_dist.regularizers import l1  # noqa: F401  (registers "l1")
+from tti_dist.regularizers.base import (
+    REGISTRY,
+    Regularizer,
+    RegularizerSpec,
+    build_regularizers,
+    parse_specs,
+    register,
+)
+from tti_dist.regularizers.schedule import ScheduleConfig
+
+__all__ = ["REGISTRY", "Regularizer", "RegularizerSpec", "ScheduleConfig", "build_regularizers", "parse_specs", "register"]
