@@ -1,0 +1,301 @@
+"""Soft orthogonality of neuron directions in (possibly tensor-parallel-sharded) weights."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tti_dist.config.schema import ModelConfig
+from tti_dist.errors import ConfigError
+from tti_dist.regularizers.base import Regularizer, register
+
+Direction = Literal["rows", "columns"]
+
+
+def gpt_linear_layers(cfg: ModelConfig) -> dict[str, tuple[Direction, int]]:
+    """Targetable linear layers of the GPT, derived from its config without building it.
+
+    Maps the module name (`blocks.{i}.attn.qkv`, `.attn.proj`, `.mlp.fc1`, `.mlp.fc2`) to
+    (direction, global number of directions). Column-parallel layers (qkv, fc1) hold one
+    direction per output row (the input direction of a unit), row-parallel layers (proj,
+    fc2) one per input column (the output direction of a unit); either way the directions
+    are split across TP ranks and each lives whole on one rank.
+    """
+    layers: dict[str, tuple[Direction, int]] = {}
+    for i in range(cfg.num_layers):
+        layers[f"blocks.{i}.attn.qkv"] = ("rows", 3 * cfg.hidden_size)
+        layers[f"blocks.{i}.attn.proj"] = ("columns", cfg.hidden_size)
+        layers[f"blocks.{i}.mlp.fc1"] = ("rows", cfg.ffn_size)
+        layers[f"blocks.{i}.mlp.fc2"] = ("columns", cfg.ffn_size)
+    return layers
+
+
+LINEAR_SITES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+"""Per-block linear layers that can be targeted, in model order."""
+
+
+def _summarize_layers(names: list[str]) -> str:
+    num_layers = len({n.split(".")[1] for n in names})
+    return ", ".join(f"blocks.{{0..{num_layers - 1}}}.{site}" for site in LINEAR_SITES)
+
+
+def _match_targets(patterns: tuple[str, ...], cfg: ModelConfig, where: str) -> list[str]:
+    """Layer names matched by the globs, in model order; ConfigError for a glob matching nothing."""
+    layers = list(gpt_linear_layers(cfg))
+    if not patterns:
+        raise ConfigError(f"{where}.weights: needs at least one glob; available: {_summarize_layers(layers)}")
+    for j, pattern in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+            raise ConfigError(f"{where}.weights[{j}]: {pattern!r} matches no linear layer; "
+                              f"available: {_summarize_layers(layers)}")
+    return [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+# torch 2.13 renamed these (the old names warn); older torch (2.11 on the GPU machines) lacks the new ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 over `group`; backward: reduce-scatter (sum) along dim 0.
+
+    The sum in backward is right when every rank computes a *different* part of a loss that
+    is then summed over ranks (each rank's part depends on all ranks' gathered rows).
+    megatron's gather_from_sequence_parallel_region does the same but allocates on CUDA.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size = dist.get_world_size(ctx.group)
+        out = torch.empty((grad.shape[0] // size,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        _reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style mixing), stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class OrthogonalityParams:
+    """Settings of `type: orthogonality`."""
+
+    weights: tuple[str, ...] = ("blocks.*.mlp.fc1",)
+    """Globs over linear layer names: blocks.{i}.attn.qkv, blocks.{i}.attn.proj,
+    blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2. The direction is inferred from the layer type:
+    column-parallel (qkv, fc1) -> rows of the weight (input directions of units),
+    row-parallel (proj, fc2) -> columns (output directions of units)."""
+    mode: Literal["full", "sampled_local", "sampled_global"] = "full"
+    """full: exact penalty over all direction pairs (all-gathers the normalized directions
+    over TP). sampled_local: k sampled directions per TP rank, within-shard pairs only
+    (one scalar all-reduce). sampled_global: k sampled directions per TP rank, all-gathered,
+    all pairs, reweighted to an unbiased estimate of the full penalty."""
+    k: int | None = None
+    """Directions sampled per TP rank per matrix (sampled modes only; required there, not
+    allowed with mode full). 2 <= k <= the local width (global width / tp_size)."""
+    seed: int = 0
+    """Base seed of the sampling generator (a private torch.Generator keyed on this seed,
+    the layer, the TP rank and a per-layer forward counter; the global RNG is untouched)."""
+
+
+@register
+class Orthogonality(Regularizer):
+    """Soft orthogonality: mean squared off-diagonal cosine similarity of neuron directions.
+
+    For a matrix with n directions w_1..w_n (rows of a column-parallel weight, columns of a
+    row-parallel one), cos_ij = <w_i, w_j> / (|w_i| |w_j|) and
+
+        L = (1 / (n (n - 1))) * sum_{i != j} cos_ij^2,
+
+    the loss being the mean of L over the targeted matrices. This is the soft orthogonality
+    penalty ||W_hat W_hat^T - I||_F^2 of Bansal, Chen & Wang 2018 ("Can We Gain More from
+    Orthogonality Regularizations in Training Deep CNNs?", SO), on row-normalized directions
+    (so it penalises only angles, not norms) and divided by the number of off-diagonal pairs.
+
+    Modes (n_l = n / tp local directions per rank, d their length, k sampled per rank):
+    - full: exact L. Each rank normalizes its n_l directions, all-gathers them over TP
+      (backward: reduce-scatter), computes the n_l x n block of the Gram against all of them,
+      sums its squared off-diagonal entries; the partial sums are all-reduced.
+    - sampled_local: each rank samples k of its directions uniformly without replacement and
+      takes the mean squared off-diagonal cosine of their k x k Gram; the loss is the mean
+      over TP ranks. Unbiased for (1/tp) sum_r W_r, W_r the mean over ordered pairs of
+      distinct directions *within shard r*. It ignores cross-shard pairs, so it differs from L
+      when cross-shard pairs correlate differently from within-shard pairs (and
+      cross-shard correlations are never penalised). With tp = 1 it is unbiased for L, and
+      with tp = 1 and k = n it equals L.
+    - sampled_global: each rank samples k directions (independently of the other ranks) and
+      the k x d samples are all-gathered over TP. Pairs within a shard get weight
+      n_l (n_l - 1) / (k (k - 1)), pairs across shards n_l^2 / k^2 (inverse inclusion
+      probabilities), so the estimate is unbiased for L itself, for any k >= 2. With
+      k = n_l it equals L; with tp = 1 it equals sampled_local.
+    Sampling uses a private torch.Generator (seeded from `seed`, layer, TP rank and a
+    per-layer counter of training forwards), never the global RNG. The counter is not
+    checkpointed by the trainer: after a resume the samples differ from those of an
+    uninterrupted run (state_dict/load_state_dict carry it if a caller wants exactness).
+
+    When: the penalty is computed in a forward hook of each targeted linear layer (prepended,
+    so it runs while DeepSpeed ZeRO-3 still holds the gathered weight) and `loss` returns the
+    stashed value. It is computed only when grad is enabled (not in eval), once per forward.
+
+    Reduce group: TP. DP ranks hold identical weights and draw identical samples, so the
+    value is the same on every rank; DeepSpeed's DP gradient averaging leaves it unchanged.
+    Communication per forward+backward, per matrix (fp32, 4 bytes per float):
+    full: all-gather + reduce-scatter of n x d floats (2 * 4 * n * d bytes through the
+    group); sampled_global: the same with tp * k in place of n; sampled_local: none; and one
+    all-reduce of 2 floats per matrix for all matrices together (in `loss`). No
+    communication when tp = 1.
+    Cost per rank per matrix: full n_l * n * d multiply-adds (Gram block) plus O(n_l * d);
+    sampled_local k^2 d; sampled_global tp k^2 d. Memory: the n x n_l (or k x tp k) Gram.
+
+    Metrics: `mean_abs_cos` = the same estimator with |cos| in place of cos^2 (full: exact
+    mean |cos| over all pairs), detached.
+    """
+
+    type_name = "orthogonality"
+    Params = OrthogonalityParams
+    uses_hookpoints = False
+
+    @classmethod
+    def check_params(cls, params: OrthogonalityParams, model_cfg: ModelConfig, hookpoints: list[str], where: str) -> None:
+        names = _match_targets(params.weights, model_cfg, where)
+        if params.mode == "full":
+            if params.k is not None:
+                raise ConfigError(f"{where}.k: {params.k!r} is only used by sampled modes; "
+                                  f"remove it or choose mode sampled_local or sampled_global")
+            return
+        if params.k is None:
+            raise ConfigError(f"{where}.k: required for mode {params.mode}; an integer >= 2")
+        layers = gpt_linear_layers(model_cfg)
+        if params.k < 2:
+            raise ConfigError(f"{where}.k: {params.k!r} must be >= 2 (pairs of distinct directions)")
+        for name in names:
+            width = layers[name][1]
+            if params.k > width:
+                raise ConfigError(f"{where}.k: {params.k!r} exceeds the width {width} of {name} "
+                                  f"(k directions are sampled per TP rank, so k <= width / tp_size)")
+
+    def __init__(self, spec, model: nn.Module, groups) -> None:
+        super().__init__(spec, model, groups)
+        p: OrthogonalityParams = self.params
+        self.tp_group = groups.tp_group
+        self.tp_size = groups.tp_size
+        self.tp_rank = groups.tp_rank
+        layers = gpt_linear_layers(model.cfg)
+        names = _match_targets(p.weights, model.cfg, spec.where)
+        self.targets: list[tuple[str, Direction, int]] = []  # (name, direction, local width)
+        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._forwards: dict[str, int] = {}
+        self._handles = []
+        for index, name in enumerate(names):
+            direction, width = layers[name]
+            module = model.get_submodule(name)
+            assert module.weight is not None, name
+            if width % self.tp_size:
+                raise ConfigError(f"{spec.where}.weights: {name} has {width} directions, not divisible by tp_size {self.tp_size}")
+            local = width // self.tp_size
+            if p.k is not None and p.k > local:
+                raise ConfigError(f"{spec.where}.k: {p.k!r} exceeds the local width {local} of {name} "
+                                  f"(global width {width} / tp_size {self.tp_size})")
+            self.targets.append((name, direction, local))
+            self._forwards[name] = 0
+            self._handles.append(module.register_forward_hook(self._make_hook(index, name, direction, local), prepend=True))
+
+    # -- sampling state (a per-layer counter of training forwards) -----------------------------
+    def state_dict(self) -> dict:
+        """The sampling counters (resume them to repeat an uninterrupted run's samples)."""
+        return {"forwards": dict(self._forwards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore counters saved by `state_dict`."""
+        self._forwards.update(state["forwards"])
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- the penalty ------------------------------------------------------------------------------
+    def _make_hook(self, index: int, name: str, direction: Direction, local: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if not torch.is_grad_enabled():
+                return
+            count = self._forwards[name]
+            self._forwards[name] = count + 1
+            self._stash[name] = self._partial(module.weight, index, direction, local, count)
+
+        return hook
+
+    def _partial(self, weight: torch.Tensor, index: int, direction: Direction, local: int, count: int):
+        """This rank's share of (penalty, mean |cos|) for one matrix; summed over TP in `loss`."""
+        p: OrthogonalityParams = self.params
+        dirs = weight.t() if direction == "columns" else weight  # [n_local, d], a view
+        if p.mode == "full":
+            k = local
+            # A copy: the graph must not save the parameter itself (ZeRO-3 frees its data after
+            # the forward; autograd would then unpack an empty tensor in backward).
+            picked = dirs.clone()
+        else:
+            k = p.k
+            gen = torch.Generator().manual_seed(_mix_seed(p.seed, index, self.tp_rank, count))
+            idx = torch.randperm(local, generator=gen)[:k].to(weight.device)
+            picked = dirs.index_select(0, idx)  # a copy; backward saves only idx
+        unit = F.normalize(picked.float(), dim=1)  # [k, d]
+        if p.mode == "sampled_local" or self.tp_size == 1:
+            gram = unit @ unit.t()  # [k, k]
+            off = ~torch.eye(k, dtype=torch.bool, device=gram.device)
+            sq = gram.square()[off].sum() / (k * (k - 1))
+            ab = gram.detach().abs()[off].sum() / (k * (k - 1))
+            return sq / self.tp_size, ab / self.tp_size
+        # full / sampled_global: rows of this rank against all ranks' gathered rows.
+        everyone = _GatherRows.apply(unit, self.tp_group)  # [tp * k, d]
+        gram = unit @ everyone.t()  # [k, tp * k]
+        cols = torch.arange(self.tp_size * k, device=gram.device)
+        rows = torch.arange(k, device=gram.device)
+        same_shard = (cols // k == self.tp_rank).unsqueeze(0).expand(k, -1)
+        diagonal = cols.unsqueeze(0) == (self.tp_rank * k + rows).unsqueeze(1)
+        within = same_shard & ~diagonal
+        cross = ~same_shard
+        n = local * self.tp_size
+        # Inverse inclusion probabilities of a pair (both 1 in full mode, where k = n_local).
+        w_within = local * (local - 1) / (k * (k - 1)) / (n * (n - 1))
+        w_cross = (local / k) ** 2 / (n * (n - 1))
+        sq_all = gram.square()
+        sq = w_within * sq_all[within].sum() + w_cross * sq_all[cross].sum()
+        ab_all = gram.detach().abs()
+        ab = w_within * ab_all[within].sum() + w_cross * ab_all[cross].sum()
+        return sq, ab
+
+    def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        missing = [name for name, _, _ in self.targets if name not in self._stash]
+        if missing:
+            raise RuntimeError(f"orthogonality regularizer {self.spec.name!r}: no forward with grad enabled "
+                               f"ran {missing[0]} since the last loss() call")
+        parts = [self._stash.pop(name) for name, _, _ in self.targets]
+        stacked = torch.stack([torch.stack([sq, ab]) for sq, ab in parts])  # [num_matrices, 2]
+        if self.tp_size > 1:
+            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+            # All-reduce forward, identity backward: each rank's graph holds only its own share.
+            stacked = reduce_from_tensor_model_parallel_region(stacked, group=self.tp_group)
+        means = stacked.mean(dim=0)
+        return means[0], {"mean_abs_cos": means[1].detach()}
