@@ -3,7 +3,7 @@
 Importing this package registers every built-in type (see base.REGISTRY).
 """
 
-from tti_dist.regularizers import l1, orthogonality  # noqa: F401  (registers their types)
+from tti_dist.regularizers import decorrelation, l1, orthogonality  # noqa: F401  (registers their types)
 from tti_dist.regularizers.base import (
     REGISTRY,
     Regularizer,

@@ -1,0 +1,225 @@
+"""Activation decorrelation (DeCov) over the global batch, on TP-sharded or replicated activations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tti_dist.config.schema import ModelConfig
+from tti_dist.errors import ConfigError
+from tti_dist.regularizers.base import Regularizer, register
+
+
+@dataclass(frozen=True)
+class DecorrelationParams:
+    """Settings of the `decorrelation` regularizer."""
+
+    normalize: bool = False
+    """False: penalize the covariance matrix C of the units. True: penalize the correlation
+    matrix R_ij = C_ij / sqrt((C_ii + eps)(C_jj + eps)) instead, which is scale-free (a unit
+    cannot lower its penalty by shrinking)."""
+    max_tokens: int | None = None
+    """Tokens used per DP rank per micro-step (a uniform sample without replacement, the
+    same tokens on every TP rank of a DP group); None uses all local tokens. Bounds the
+    Gram cost, which is linear in tokens. Must be >= 2."""
+    seed: int = 0
+    """Seed of the token sample when max_tokens is set. The sample of a call depends on
+    (seed, dp_rank, number of previous calls of this instance in this process); a private
+    torch.Generator is used, the global RNG is never touched."""
+    eps: float = 1e-5
+    """Added to each unit's variance before normalizing (normalize: true only), so that
+    dead / constant units get correlation ~0 instead of NaN. Must be > 0."""
+
+
+class _GatherUnitsTP(torch.autograd.Function):
+    """[n, D/tp] local units -> [n, D] all units over the TP group.
+
+    Forward: all_gather_into_tensor (TP group). Backward: reduce-scatter (SUM) of the
+    [n, D] gradient, each rank keeping its own unit slice: every TP rank computes a
+    different part of the loss from its own copy of the gathered tensor, so the gradient
+    of a unit is the sum of all ranks' contributions. (megatron's gather_from_tensor_model_
+    parallel_region allocates on CUDA and its backward only splits, so it is not used.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, size):
+        ctx.group, ctx.size = group, size
+        x = x.contiguous()
+        out = x.new_empty((size * x.shape[0], x.shape[1]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return torch.cat(out.chunk(size, dim=0), dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        stacked = torch.cat(grad.chunk(ctx.size, dim=-1), dim=0).contiguous()
+        out = grad.new_empty((grad.shape[0], grad.shape[1] // ctx.size))
+        dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None, None
+
+
+class _SumOverDP(torch.autograd.Function):
+    """All-reduce (SUM) over the DP group; backward multiplies the gradient by dp_size.
+
+    The loss built on the sum is the same replicated scalar on every DP rank, and so is the
+    upstream gradient arriving here. The exact gradient of the objective sum_ranks L = dp * L
+    would all-reduce that gradient; since it is identical on every rank, that sum is
+    dp_size x the local gradient (no communication). DeepSpeed then divides the parameter
+    gradients by dp_size, which leaves exactly the gradient of the global-batch loss L.
+    Only valid because the upstream gradient is replicated across the DP group (it is for
+    this module's use).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, size):
+        ctx.size = size
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.size, None, None
+
+
+def _hookpoint_width(name: str, model_cfg: ModelConfig) -> int:
+    return model_cfg.ffn_size if ".mlp.pre" in name or ".mlp.act" in name else model_cfg.hidden_size
+
+
+@register
+class Decorrelation(Regularizer):
+    """DeCov activation decorrelation: mean squared off-diagonal covariance of the units.
+
+    Source: Cogswell, Ahmed, Girshick, Zitnick, Batra (2016), "Reducing Overfitting in Deep
+    Networks by Decorrelating Representations" (ICLR), the activation-space counterpart of
+    weight orthogonality.
+
+    For each hookpoint with activations a (N tokens x D units, D the global width, N the
+    tokens of the GLOBAL batch: all DP ranks' local tokens, or their samples of max_tokens):
+        mu = (1/N) sum_t a_t,     C = (1/N) sum_t (a_t - mu)(a_t - mu)^T    (population covariance)
+        R_ij = C_ij / sqrt((C_ii + eps)(C_jj + eps))                         (if normalize: true)
+        loss = (1 / (D (D - 1))) * sum_{i != j} C_ij^2                      (R instead of C if normalize)
+    i.e. the mean squared off-diagonal entry. DeCov's own normalization is
+    1/2 (||C||_F^2 - ||diag C||_2^2) = 1/2 sum_{i != j} C_ij^2, so this loss is
+    DeCov x 2 / (D (D - 1)): width-independent, so one coefficient transfers across sites.
+    The regularizer's loss is the mean over its hookpoints. Statistics are computed in fp32
+    with autocast disabled. The mean is detached: its gradient path is exactly zero (the
+    centred activations sum to zero over the global batch), so it needs no backward.
+
+    Reduce groups and communication, per hookpoint per micro-step (n local tokens after
+    sampling, D global width, tp/dp the group sizes, fp32 = 4 bytes):
+    - DP, forward: all-reduce of [sum_t a_t, n] (D + 1 floats) -> the global mean.
+    - TP (TP-sharded hookpoints only), forward: all-gather of the local [n, D/tp] shard ->
+      [n, D] on every TP rank (each receives n D (tp-1)/tp floats); backward: reduce-scatter
+      of the [n, D] gradient (same volume). TP rank r then computes only its row block of
+      the Gram matrix, rows = its own D/tp units, columns = all D units.
+    - DP, forward: all-reduce of that [D/tp, D] centred Gram block plus the D centred sums
+      of squares (D^2/tp + D floats); backward: none (gradient x dp_size, see _SumOverDP),
+      which makes the update after DeepSpeed's DP averaging that of the global-batch loss.
+    - TP (once per call, if any hookpoint is sharded): all-reduce of 2 floats (the row-block
+      sums of the loss and of the metric; megatron's reduce_from_tensor_model_parallel_region,
+      identity backward).
+    Replicated hookpoints (e.g. resid_post) have every TP rank compute the whole D x D block
+    (no TP communication; their gradient must be complete on each TP rank anyway).
+    Example: D = 3072 (mlp.act of d=768), tp = 2, dp = 8, n = 16k local tokens: TP gather
+    100 MB and reduce-scatter 100 MB per rank, DP all-reduce 19 MB per rank per hookpoint.
+    Cost: ~2 n D^2 / tp FLOPs forward (the Gram block) and ~4 n D^2 / tp backward, memory
+    [n, D] + [D/tp, D] fp32 per hookpoint; use max_tokens to bound n.
+
+    Metrics: `mean_abs_offdiag` = (1 / (D (D - 1))) sum_{i != j} |C_ij| (|R_ij| when
+    normalize), averaged over the hookpoints, detached.
+    """
+
+    type_name = "decorrelation"
+    Params = DecorrelationParams
+
+    def __init__(self, spec, model, groups) -> None:
+        super().__init__(spec, model, groups)
+        self._calls = 0
+        for hp in self.hookpoints:
+            if hp.global_dim < 2:
+                raise ConfigError(f"{spec.where}.hookpoints: {hp.name} has width {hp.global_dim}; "
+                                  "decorrelation needs at least 2 units")
+
+    @classmethod
+    def check_params(cls, params: DecorrelationParams, model_cfg: ModelConfig, hookpoints: list[str], where: str) -> None:
+        if params.max_tokens is not None and params.max_tokens < 2:
+            raise ConfigError(f"{where}.max_tokens: {params.max_tokens!r} must be an integer >= 2 or null (all tokens)")
+        if not (math.isfinite(params.eps) and params.eps > 0):
+            raise ConfigError(f"{where}.eps: {params.eps!r} must be a finite number > 0")
+        if params.seed < 0:
+            raise ConfigError(f"{where}.seed: {params.seed!r} must be an integer >= 0")
+        for name in hookpoints:
+            if _hookpoint_width(name, model_cfg) < 2:
+                raise ConfigError(f"{where}.hookpoints: {name} has width < 2; decorrelation needs at least 2 units")
+
+    def token_index(self, num_tokens: int, call: int, device: torch.device) -> torch.Tensor | None:
+        """Indices of the tokens used by call number `call` (None: all of them)."""
+        m = self.params.max_tokens
+        if m is None or num_tokens <= m:
+            return None
+        seed = (self.params.seed * 1_000_003 + self.groups.dp_rank * 7_919 + call) % (2**63 - 1)
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(num_tokens, generator=gen)[:m].to(device)
+
+    def _block(self, hp, a: torch.Tensor, idx: torch.Tensor | None):
+        """(sum of squared, sum of |.|) off-diagonal entries of this rank's row block."""
+        g = self.groups
+        x = a.reshape(-1, a.shape[-1])
+        if idx is not None:
+            x = x.index_select(0, idx)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            sharded = hp.tp_sharded and g.tp_size > 1
+            if sharded:
+                x = _GatherUnitsTP.apply(x, g.tp_group, g.tp_size)
+            dim = x.shape[1]
+            assert dim == hp.global_dim, (hp.name, dim, hp.global_dim)
+            stats = torch.cat([x.detach().sum(0), x.new_tensor([x.shape[0]])])
+            if g.dp_size > 1:
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=g.dp_group)
+            num = stats[-1]
+            xc = x - stats[:-1] / num
+            rows = dim // g.tp_size if sharded else dim
+            lo = g.tp_rank * rows if sharded else 0
+            gram = xc[:, lo:lo + rows].t() @ xc  # [rows, D]
+            packed = torch.cat([gram.reshape(-1), (xc * xc).sum(0)])
+            if g.dp_size > 1:
+                packed = _SumOverDP.apply(packed, g.dp_group, g.dp_size)
+            c = packed[: rows * dim].view(rows, dim) / num
+            if self.params.normalize:
+                std = (packed[rows * dim:] / num + self.params.eps).sqrt()
+                c = c / (std[lo:lo + rows, None] * std[None, :])
+            mask = torch.ones_like(c)
+            ar = torch.arange(rows, device=c.device)
+            mask[ar, lo + ar] = 0
+            off = c * mask
+            return (off * off).sum(), off.detach().abs().sum(), sharded
+
+    def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        call, self._calls = self._calls, self._calls + 1
+        first = acts[self.hookpoints[0].name]
+        num_tokens = first.numel() // first.shape[-1]
+        idx = self.token_index(num_tokens, call, first.device)
+        sharded_part = None
+        total = first.new_zeros((), dtype=torch.float32)
+        abs_total = first.new_zeros((), dtype=torch.float32)
+        for hp in self.hookpoints:
+            sq, ab, sharded = self._block(hp, acts[hp.name], idx)
+            denom = hp.global_dim * (hp.global_dim - 1)
+            pair = torch.stack([sq, ab]) / denom
+            if sharded:
+                sharded_part = pair if sharded_part is None else sharded_part + pair
+            else:
+                total = total + pair[0]
+                abs_total = abs_total + pair[1]
+        if sharded_part is not None:
+            sharded_part = reduce_from_tensor_model_parallel_region(sharded_part, group=self.groups.tp_group)
+            total = total + sharded_part[0]
+            abs_total = abs_total + sharded_part[1].detach()
+        n = len(self.hookpoints)
+        return total / n, {"mean_abs_offdiag": abs_total.detach() / n}
