@@ -281,7 +281,7 @@ CFG = ModelConfig(**MODEL)
 
 
 @pytest.mark.parametrize("entry, field", [
-    ({"mode": "sampled_local", "k": 257}, "regularizers[0].k: 257 exceeds the width 256"),
+    ({"mode": "sampled_local", "k": 257}, "regularizers[0].k: 257 exceeds the local width 256"),
     ({"mode": "sampled_global", "k": 1}, "regularizers[0].k: 1 must be >= 2"),
     ({"mode": "sampled_local"}, "regularizers[0].k: required"),
     ({"mode": "full", "k": 8}, "regularizers[0].k: 8 is only used by sampled modes"),
@@ -298,6 +298,17 @@ def test_bad_config(entry, field):
         parse_specs([{"type": "orthogonality", "coefficient": 1.0, **entry}], CFG)
     assert str(info.value).startswith(field), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_k_checked_against_local_width_before_launch():
+    """With the run's tp_size, a k that fits the global but not the local width is a
+    config error before any process starts (not a failure inside the ranks)."""
+    entry = {"type": "orthogonality", "coefficient": 1.0, "mode": "sampled_local", "k": 200}
+    parse_specs([entry], CFG, tp_size=1)
+    with pytest.raises(ConfigError) as info:
+        parse_specs([entry], CFG, tp_size=2)
+    assert str(info.value).startswith("regularizers[0].k: 200 exceeds the local width 128 of blocks.0.mlp.fc1 "
+                                      "(global width 256 / tp_size 2")
 
 
 def test_good_config_parses():

@@ -59,6 +59,11 @@ CASES: dict[str, Case] = {
         ["train", SMOKE, "--set", "train.micro_batch_size=100000", "--run-dir", "{run}"],
         "train.micro_batch_size: 100000 x data-parallel size 1 = 100000 windows per micro-step, but the train split has only",
     ),
+    "regularizer_k_above_local_width": Case(
+        ["train", SMOKE, "--set", "regularizers=[{type: orthogonality, weights: [blocks.*.mlp.fc1], mode: sampled_local, k: 400}]",
+         "--run-dir", "{run}"],
+        "regularizers[0].k: 400 exceeds the local width 256 of blocks.0.mlp.fc1",
+    ),
     "negative_lr": Case(
         ["train", SMOKE, "--set", "optim.lr=-1e-3", "--run-dir", "{run}"],
         "optim.lr: -0.001 must be > 0",

@@ -164,7 +164,7 @@ def _validate_regularizers(cfg: RunConfig) -> None:
     # Each type validates its own entry (tti_dist.regularizers.base.parse_specs).
     from tti_dist.regularizers.base import parse_specs
 
-    parse_specs(cfg.regularizers, cfg.model)
+    parse_specs(cfg.regularizers, cfg.model, cfg.parallel.tp_size)
 
 
 def ignored_settings(cfg: RunConfig) -> list[str]:

@@ -93,8 +93,9 @@ class Regularizer(ABC):
         )
 
     @classmethod
-    def check_params(cls, params: Any, model_cfg: ModelConfig, hookpoints: list[str], where: str) -> None:
-        """Type-specific checks before any process starts (e.g. k <= width); ConfigError on failure."""
+    def check_params(cls, params: Any, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+                     tp_size: int) -> None:
+        """Type-specific checks before any process starts (e.g. k <= width / tp_size); ConfigError on failure."""
 
     @abstractmethod
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -126,8 +127,12 @@ def _registered() -> dict[str, type[Regularizer]]:
     return REGISTRY
 
 
-def parse_specs(entries: tuple[dict, ...] | list[dict], model_cfg: ModelConfig) -> list[RegularizerSpec]:
-    """Validate config entries into specs; ConfigError (one line, field path) on the first problem."""
+def parse_specs(entries: tuple[dict, ...] | list[dict], model_cfg: ModelConfig, tp_size: int = 1) -> list[RegularizerSpec]:
+    """Validate config entries into specs; ConfigError (one line, field path) on the first problem.
+
+    `tp_size` is the run's tensor-parallel degree: limits that depend on the local shard
+    (e.g. directions sampled per rank) are checked here, before launch, not in the ranks.
+    """
     from tti_dist.config.load import section_from_dict
 
     registry = _registered()
@@ -183,7 +188,7 @@ def parse_specs(entries: tuple[dict, ...] | list[dict], model_cfg: ModelConfig) 
                 raise ConfigError(f"{where}.{key}: unknown key for type {kind!r}; {hint}valid keys: {', '.join(allowed)}")
         params = section_from_dict(cls.Params, rest, f"{where}.")
         matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in hookpoints)]
-        cls.check_params(params, model_cfg, matched, where)
+        cls.check_params(params, model_cfg, matched, where, tp_size)
         specs.append(RegularizerSpec(i, kind, name, float(coefficient), tuple(hookpoints), schedule, params))
     return specs
 

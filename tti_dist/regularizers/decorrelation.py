@@ -144,7 +144,8 @@ class Decorrelation(Regularizer):
                                   "decorrelation needs at least 2 units")
 
     @classmethod
-    def check_params(cls, params: DecorrelationParams, model_cfg: ModelConfig, hookpoints: list[str], where: str) -> None:
+    def check_params(cls, params: DecorrelationParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+                     tp_size: int) -> None:
         if params.max_tokens is not None and params.max_tokens < 2:
             raise ConfigError(f"{where}.max_tokens: {params.max_tokens!r} must be an integer >= 2 or null (all tokens)")
         if not (math.isfinite(params.eps) and params.eps > 0):

@@ -175,7 +175,8 @@ class Orthogonality(Regularizer):
     uses_hookpoints = False
 
     @classmethod
-    def check_params(cls, params: OrthogonalityParams, model_cfg: ModelConfig, hookpoints: list[str], where: str) -> None:
+    def check_params(cls, params: OrthogonalityParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+                     tp_size: int) -> None:
         names = _match_targets(params.weights, model_cfg, where)
         if params.mode == "full":
             if params.k is not None:
@@ -189,9 +190,9 @@ class Orthogonality(Regularizer):
             raise ConfigError(f"{where}.k: {params.k!r} must be >= 2 (pairs of distinct directions)")
         for name in names:
             width = layers[name][1]
-            if params.k > width:
-                raise ConfigError(f"{where}.k: {params.k!r} exceeds the width {width} of {name} "
-                                  f"(k directions are sampled per TP rank, so k <= width / tp_size)")
+            if params.k > width // tp_size:
+                raise ConfigError(f"{where}.k: {params.k!r} exceeds the local width {width // tp_size} of {name} "
+                                  f"(global width {width} / tp_size {tp_size}; k directions are sampled per TP rank)")
 
     def __init__(self, spec, model: nn.Module, groups) -> None:
         super().__init__(spec, model, groups)

@@ -91,7 +91,9 @@ class Trainer:
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
-        self.regularizers = build_regularizers(parse_specs(cfg.regularizers, cfg.model), self.engine.module, groups)
+        self.regularizers = build_regularizers(
+            parse_specs(cfg.regularizers, cfg.model, groups.tp_size), self.engine.module, groups
+        )
         hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.hookpoints}
         # One capture for the union of all regularizers' hookpoints, kept registered for the run.
         self.capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
