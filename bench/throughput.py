@@ -221,12 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
 
-    from torch.distributed.elastic.utils.distributed import get_free_port
+    from tti_dist.distributed.runtime import single_process_env
 
-    os.environ.update({
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port()),
-    })
+    env = single_process_env()
+    env.__enter__()  # for the rest of this process: the benchmark is the whole job
     groups = init_parallel(1, device, cfg.train.dist_timeout_s)
     try:
         from tti_dist.models import GPT, lm_loss

@@ -9,7 +9,6 @@ in any rank fails the test with that rank's traceback.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import traceback
 from pathlib import Path

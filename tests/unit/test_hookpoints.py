@@ -6,7 +6,6 @@ A size-1 gloo process group and megatron's parallel_state are set up once for th
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -23,26 +22,17 @@ BLOCK_SITES_MODULE_ORDER = [  # modules are registered in data-flow order
 ]
 BLOCK_SITES = {"resid_pre", "attn.z", "attn.out", "resid_mid", "mlp.pre", "mlp.act", "mlp.out", "resid_post"}
 SHARDED_SITES = {"attn.z", "mlp.pre", "mlp.act"}
-ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @pytest.fixture(scope="module")
 def groups():
-    from torch.distributed.elastic.utils.distributed import get_free_port
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
 
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(get_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
-
-    try:
-        yield init_parallel(1, torch.device("cpu"), 60)
-    finally:
-        shutdown_parallel()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with single_process_env():
+        try:
+            yield init_parallel(1, torch.device("cpu"), 60)
+        finally:
+            shutdown_parallel()
 
 
 def build(cfg: ModelConfig, groups, seed: int = 0):

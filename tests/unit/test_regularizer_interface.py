@@ -30,30 +30,18 @@ def test_schedules_closed_forms():
 
 def test_static_hookpoint_names_match_the_built_model():
     """The names validation uses before launch are exactly those of a built GPT."""
-    import os
-
     import torch
-    from torch.distributed.elastic.utils.distributed import get_free_port
 
     from tti_dist.capture import list_hookpoints
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
     from tti_dist.models import GPT
 
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(get_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    try:
+    with single_process_env():
         groups = init_parallel(1, torch.device("cpu"), 60)
         try:
             assert [hp.name for hp in list_hookpoints(GPT(CFG, groups.tp_group))] == gpt_hookpoint_names(CFG)
         finally:
             shutdown_parallel()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _error(entries) -> str:

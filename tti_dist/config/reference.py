@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import typing
 
-from tti_dist.config import schema
 from tti_dist.config.schema import RunConfig
 
 

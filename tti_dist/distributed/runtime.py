@@ -9,9 +9,11 @@ adjacent (TP=2 x DP=2: TP groups {0,1}, {2,3}; DP groups {0,2}, {1,3}).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -92,3 +94,24 @@ def shutdown_parallel() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_env() -> Iterator[None]:
+    """The launcher environment of a one-rank job (RANK=0, WORLD_SIZE=1, a free loopback
+    port), restored on exit: for a real size-1 process group in-process (single-rank runs,
+    benchmarks, tests) without the elastic agent."""
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

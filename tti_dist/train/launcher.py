@@ -9,13 +9,12 @@ fails, reporting which one.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 
-from torch.distributed.elastic.utils.distributed import get_free_port
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from tti_dist.config.schema import RunConfig
+from tti_dist.distributed.runtime import single_process_env
 from tti_dist.train.worker import run_worker
 
 logger = logging.getLogger(__name__)
@@ -25,18 +24,8 @@ def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False)
     """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
     if nproc == 1:
         # One rank needs no agent (and no extra process); still a real size-1 process group.
-        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port())}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with single_process_env():
             return {0: run_worker(cfg, run_dir, resume)}
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
