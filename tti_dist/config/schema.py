@@ -50,6 +50,31 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections use
     init_std / sqrt(2 * num_layers) (GPT-2)."""
+    mlp_topk: int = 0
+    """Top-k (k-sparse) MLP: keep only the k largest units of each token's MLP hidden
+    activation (after GELU) and zero the rest; 0 keeps all units. k counts units of the
+    whole hidden width: with tensor parallelism the ranks select jointly (distributed
+    top-k), exactly the units a TP=1 model selects, ties broken towards the lower unit index.
+    Gradients flow through the kept units only. Makes `mlp.act` k-sparse (L0 <= k)."""
+    mlp_topk_by: Literal["value", "abs"] = "value"
+    """Rank units by their value (largest activations) or by absolute value (largest
+    magnitudes, sign kept); used only with mlp_topk > 0."""
+    mlp_mask_density: float = 1.0
+    """Fixed hard mask: the share of MLP hidden units of each layer that may ever be
+    active (the others are zeroed on every token); 1.0 disables the mask. The kept units are
+    a uniform random subset drawn once from mlp_mask_seed (round(density * ffn_size) units
+    per layer, independent of tp_size). Applied before top-k, so top-k chooses among them."""
+    mlp_mask_seed: int = 0
+    """Seed of the hard mask's unit subset; used only with mlp_mask_density < 1."""
+    bottleneck_layer: int | None = None
+    """Stochastic bottleneck after block i (i = bottleneck_layer): the residual stream
+    x (hidden_size) is replaced by dec(z), z ~ N(mu(x), diag exp(logvar(x))) with
+    bottleneck_dim latents (reparameterised while training, z = mu in eval mode).
+    Hookpoints blocks.{i}.bottleneck.{mu,logvar,z,out}; the latents are split across TP
+    ranks. None: no bottleneck."""
+    bottleneck_dim: int = 16
+    """Latent dimension of the bottleneck (tp_size must divide it); used only with
+    bottleneck_layer set."""
 
     @property
     def ffn_size(self) -> int:

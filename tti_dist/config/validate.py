@@ -63,6 +63,29 @@ def _validate_model(cfg: RunConfig) -> None:
     _positive(m.layernorm_eps, "model.layernorm_eps")
     _positive(m.init_std, "model.init_std")
     _positive(m.rope_base, "model.rope_base")
+    if not 0 <= m.mlp_topk <= m.ffn_size:
+        raise ConfigError(
+            f"model.mlp_topk: {m.mlp_topk!r} must be in 0..ffn_size ({m.ffn_size}); 0 keeps all units"
+        )
+    _finite(m.mlp_mask_density, "model.mlp_mask_density")
+    kept = round(m.mlp_mask_density * m.ffn_size)
+    if not 0.0 < m.mlp_mask_density <= 1.0 or kept < 1:
+        raise ConfigError(
+            f"model.mlp_mask_density: {m.mlp_mask_density!r} must be in (0, 1] and keep at least one of "
+            f"the {m.ffn_size} MLP units"
+        )
+    if m.mlp_topk and m.mlp_mask_density < 1.0 and m.mlp_topk > kept:
+        raise ConfigError(
+            f"model.mlp_topk: {m.mlp_topk} exceeds the {kept} units the hard mask keeps "
+            f"(mlp_mask_density {m.mlp_mask_density} x ffn_size {m.ffn_size}); lower it or raise the density"
+        )
+    if m.mlp_mask_seed < 0:
+        raise ConfigError(f"model.mlp_mask_seed: {m.mlp_mask_seed!r} must be >= 0")
+    if m.bottleneck_layer is not None and not 0 <= m.bottleneck_layer < m.num_layers:
+        raise ConfigError(
+            f"model.bottleneck_layer: {m.bottleneck_layer!r} must be a block index in 0..{m.num_layers - 1} or null"
+        )
+    _positive(m.bottleneck_dim, "model.bottleneck_dim")
 
 
 def _validate_parallel(cfg: RunConfig, world_size: int | None) -> None:
@@ -75,6 +98,7 @@ def _validate_parallel(cfg: RunConfig, world_size: int | None) -> None:
         ("model.hidden_size", m.hidden_size),
         ("model.ffn_hidden_size", m.ffn_size),
         ("model.vocab_size (padded to vocab_pad_multiple)", m.padded_vocab_size),
+        *((("model.bottleneck_dim", m.bottleneck_dim),) if m.bottleneck_layer is not None else ()),
     ):
         if size % tp:
             raise ConfigError(f"parallel.tp_size: {tp} must divide {field} = {size}")
@@ -178,6 +202,13 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
     if cfg.model.position_embedding != "rope" and cfg.model.rope_base != ModelConfig.rope_base:
         notes.append(f"model.rope_base: {cfg.model.rope_base!r} is ignored with position_embedding "
                      f"{cfg.model.position_embedding!r}")
+    m = cfg.model
+    if m.mlp_topk == 0 and m.mlp_topk_by != ModelConfig.mlp_topk_by:
+        notes.append(f"model.mlp_topk_by: {m.mlp_topk_by!r} is ignored with mlp_topk 0")
+    if m.mlp_mask_density == 1.0 and m.mlp_mask_seed != ModelConfig.mlp_mask_seed:
+        notes.append(f"model.mlp_mask_seed: {m.mlp_mask_seed} is ignored with mlp_mask_density 1.0")
+    if m.bottleneck_layer is None and m.bottleneck_dim != ModelConfig.bottleneck_dim:
+        notes.append(f"model.bottleneck_dim: {m.bottleneck_dim} is ignored with bottleneck_layer null")
     if cfg.zero.stage in (0, 3) and cfg.zero.allgather_bucket_size != ZeroConfig.allgather_bucket_size:
         notes.append(f"zero.allgather_bucket_size: {cfg.zero.allgather_bucket_size} is ignored with "
                      f"zero.stage {cfg.zero.stage} (used by stages 1 and 2)")

@@ -89,8 +89,9 @@ class ParallelMLP(nn.Module):
     Hookpoints: `mlp.pre` and `mlp.act` (before/after GELU, TP-sharded), `mlp.out` (replicated).
     """
 
-    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group):
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.fc1 = ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_size, config=mp_config, init_method=normal_init(cfg.init_std),
@@ -117,14 +118,15 @@ class Block(nn.Module):
     Hookpoints: `resid_pre`, `resid_mid`, `resid_post` (replicated across TP).
     """
 
-    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int):
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.attn = ParallelAttention(cfg, mp_config, tp_group, tp_size)
         self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
-        self.mlp = ParallelMLP(cfg, mp_config, tp_group)
+        self.mlp = ParallelMLP(cfg, mp_config, tp_group, layer_index)
         self.hook_resid_post = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.drop = nn.Dropout(cfg.dropout)
 

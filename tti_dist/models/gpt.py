@@ -66,7 +66,7 @@ class GPT(nn.Module):
             nn.init.normal_(self.position_embedding.weight, mean=0.0, std=cfg.init_std)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.hook_embed = HookPoint(cfg.hidden_size, tp_sharded=False)
-        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.hook_final_norm = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.output_layer = ColumnParallelLinear(

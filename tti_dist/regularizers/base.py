@@ -92,6 +92,24 @@ class Regularizer(ABC):
             resolve_hookpoints(model, spec.hookpoints, f"{spec.where}.hookpoints") if self.uses_hookpoints else []
         )
 
+    @property
+    def captures(self) -> list[HookPointInfo]:
+        """Hookpoints whose activations `loss` reads (the trainer captures their union).
+
+        The matched hookpoints by default; a type that also reads related sites (e.g. a
+        bottleneck's mu and logvar next to its z) adds them here.
+        """
+        return self.hookpoints
+
+    def state_dict(self) -> dict:
+        """Sampling state to checkpoint (e.g. call counters keying a sampler), so that a
+        resumed run draws exactly the samples the uninterrupted run would have. Must be the
+        same on every rank (it is saved once per TP rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
     @classmethod
     def check_params(cls, params: Any, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:

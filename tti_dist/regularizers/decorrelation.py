@@ -143,6 +143,14 @@ class Decorrelation(Regularizer):
                 raise ConfigError(f"{spec.where}.hookpoints: {hp.name} has width {hp.global_dim}; "
                                   "decorrelation needs at least 2 units")
 
+    def state_dict(self) -> dict:
+        """The call counter keying the token sample (resume it to repeat an uninterrupted run)."""
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the counter saved by `state_dict`."""
+        self._calls = int(state["calls"])
+
     @classmethod
     def check_params(cls, params: DecorrelationParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:

@@ -94,7 +94,7 @@ class Trainer:
         self.regularizers = build_regularizers(
             parse_specs(cfg.regularizers, cfg.model, groups.tp_size), self.engine.module, groups
         )
-        hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.hookpoints}
+        hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.captures}
         # One capture for the union of all regularizers' hookpoints, kept registered for the run.
         self.capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
         if groups.is_writer:
@@ -112,6 +112,10 @@ class Trainer:
                 state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag, groups)
                 self.step = int(state["step"])
                 self.train_loader.load_state_dict(state["loader"])
+                saved = state.get("regularizers", {})
+                for reg in self.regularizers:
+                    if reg.spec.name in saved:
+                        reg.load_state_dict(saved[reg.spec.name])
         self.metrics = open_metrics_writer(
             self.run_dir,
             is_writer_rank=groups.is_writer,
@@ -182,6 +186,9 @@ class Trainer:
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
             "loader": self.train_loader.state_dict(),
+            # Samplers keyed on call counters (orthogonality, decorrelation): restoring the
+            # counters makes a resumed run draw the samples the uninterrupted run draws.
+            "regularizers": {reg.spec.name: reg.state_dict() for reg in self.regularizers},
         }
         return ckpt.save_checkpoint(
             self.engine, self.ckpt_dir, self.step, client_state, self.groups, self.tp_layout,
