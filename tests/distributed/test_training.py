@@ -40,6 +40,12 @@ LAYOUTS = {
     "tp2_dp2_z1": dict(tp=2, dp=2, zero=1),
     "tp2_dp2_z2": dict(tp=2, dp=2, zero=2),
     "tp2_dp2_z3": dict(tp=2, dp=2, zero=3),
+    # Regularizers whose samplers are keyed on call counters (checkpointed in client_state).
+    "tp2_dp2_z1_reg": dict(tp=2, dp=2, zero=1, extra=(
+        "regularizers=[{type: l1, name: l1, coefficient: 0.01, hookpoints: ['blocks.*.mlp.act']},"
+        " {type: orthogonality, name: orth, coefficient: 0.1, weights: ['blocks.*.mlp.fc1'], mode: sampled_global, k: 8},"
+        " {type: decorrelation, name: decorr, coefficient: 0.1, hookpoints: ['blocks.1.resid_post'], max_tokens: 16}]",
+    )),
 }
 
 
@@ -141,9 +147,9 @@ def test_run_directory_contents(runs):
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step20"
 
 
-@pytest.mark.parametrize("name", ["tp2_dp2_z1", "tp2_dp2_z3"])
+@pytest.mark.parametrize("name", ["tp2_dp2_z1", "tp2_dp2_z3", "tp2_dp2_z1_reg"])
 def test_resume_reproduces_uninterrupted_run(runs, tmp_path, name):
-    """10 steps + resume + 10 steps == 20 straight steps, exactly."""
+    """10 steps + resume + 10 steps == 20 straight steps, exactly (regularizer samples included)."""
     straight_dir, straight = runs(name)
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)

@@ -148,9 +148,9 @@ class Orthogonality(Regularizer):
       probabilities), so the estimate is unbiased for L itself, for any k >= 2. With
       k = n_l it equals L; with tp = 1 it equals sampled_local.
     Sampling uses a private torch.Generator (seeded from `seed`, layer, TP rank and a
-    per-layer counter of training forwards), never the global RNG. The counter is not
-    checkpointed by the trainer: after a resume the samples differ from those of an
-    uninterrupted run (state_dict/load_state_dict carry it if a caller wants exactness).
+    per-layer counter of training forwards), never the global RNG. The trainer checkpoints
+    the counters (state_dict, in DeepSpeed's client_state), so a resumed run draws exactly
+    the samples of an uninterrupted one.
 
     When: the penalty is computed in a forward hook of each targeted linear layer (prepended,
     so it runs while DeepSpeed ZeRO-3 still holds the gathered weight) and `loss` returns the
