@@ -348,3 +348,107 @@ def test_lm_loss_leaves_fp32_logits_unchanged(model, tokens):
     before = logits.clone()
     lm_loss(logits, torch.roll(tokens, -1, dims=1))
     assert torch.equal(logits, before)
+
+
+# --------------------------------------------------------------------------- bottleneck
+
+BN = ModelConfig(num_layers=3, hidden_size=32, num_heads=4, max_seq_len=16, bottleneck_layer=1, bottleneck_dim=8)
+BOTTLENECK_SITES_ORDER = ["bottleneck.mu", "bottleneck.logvar", "bottleneck.z", "bottleneck.out"]
+
+
+@pytest.fixture(scope="module")
+def bn_model(groups):
+    return build(BN, groups, seed=4)
+
+
+def test_bottleneck_hookpoints_follow_resid_post_and_match_static_names(bn_model):
+    from tti_dist.capture.names import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
+
+    hps = list_hookpoints(bn_model)
+    names = [hp.name for hp in hps]
+    expected = ["embed"]
+    for i in range(3):
+        expected += [f"blocks.{i}.{s}" for s in BLOCK_SITES_MODULE_ORDER]
+        expected += [f"blocks.{i}.{s}" for s in BOTTLENECK_SITES_ORDER] if i == 1 else []
+    expected.append("final_norm")
+    assert names == expected == gpt_hookpoint_names(BN)
+    for hp in hps:
+        site = hp.name.split(".", 2)[-1] if hp.name.startswith("blocks.") else hp.name
+        assert hp.tp_sharded is (site in SHARDED_SITES | {"bottleneck.mu", "bottleneck.logvar", "bottleneck.z"})
+        assert hp.tp_sharded is is_tp_sharded(hp.name), hp.name
+        assert hp.global_dim == hookpoint_width(hp.name, BN), hp.name
+    dims = {hp.name: hp.global_dim for hp in hps}
+    assert dims["blocks.1.bottleneck.z"] == 8 and dims["blocks.1.bottleneck.out"] == 32
+
+
+def test_bottleneck_replaces_the_stream_with_dec_of_mu_in_eval(bn_model, tokens):
+    bn_model.eval()
+    with torch.no_grad(), ActivationCapture(list_hookpoints(bn_model)) as cap:
+        bn_model(tokens)
+        got = dict(cap.captured)
+    bn = bn_model.blocks[1].bottleneck
+    p = "blocks.1.bottleneck."
+    h = bn.ln(got["blocks.1.resid_post"])
+    torch.testing.assert_close(got[p + "mu"], F.linear(h, bn.enc_mu.weight, bn.enc_mu.bias))
+    torch.testing.assert_close(got[p + "logvar"], F.linear(h, bn.enc_logvar.weight, bn.enc_logvar.bias))
+    assert torch.equal(got[p + "z"], got[p + "mu"])  # eval: no noise
+    torch.testing.assert_close(got[p + "out"], F.linear(got[p + "z"], bn.dec.weight, bn.dec.bias))
+    # A true bottleneck: the next block sees dec(z) only, not resid_post + dec(z).
+    assert torch.equal(got["blocks.2.resid_pre"], got[p + "out"])
+    # Initialisation: logvar starts at -4 everywhere (zero weight), mu ~ N(0, 1), out at embedding scale.
+    torch.testing.assert_close(got[p + "logvar"], torch.full_like(got[p + "logvar"], -4.0))
+    assert 0.5 < got[p + "mu"].std().item() < 1.5
+    assert 0.3 * TINY.init_std < got[p + "out"].std().item() < 3 * TINY.init_std
+
+
+def test_bottleneck_samples_in_training_mode(bn_model, tokens):
+    bn_model.train()
+    try:
+        hits = resolve_hookpoints(bn_model, ["blocks.1.bottleneck.*"], "f")
+        with torch.no_grad(), ActivationCapture(hits) as cap:
+            torch.manual_seed(0)
+            bn_model(tokens)
+            first = dict(cap.captured)
+            torch.manual_seed(0)
+            bn_model(tokens)
+            again = dict(cap.captured)
+            bn_model(tokens)
+            other = dict(cap.captured)
+    finally:
+        bn_model.eval()
+    p = "blocks.1.bottleneck."
+    eps = (first[p + "z"] - first[p + "mu"]) / torch.exp(0.5 * first[p + "logvar"])
+    torch.manual_seed(0)
+    torch.testing.assert_close(eps, torch.randn(eps.shape), rtol=1e-4, atol=1e-4)  # eps from the global RNG
+    assert torch.equal(first[p + "z"], again[p + "z"])
+    assert not torch.equal(first[p + "z"], other[p + "z"])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_count_parameters_with_bottleneck(groups, bias):
+    from tti_dist.models.gpt import count_parameters
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16, bias=bias,
+                      bottleneck_layer=0, bottleneck_dim=8)
+    m = build(cfg, groups)
+    assert count_parameters(cfg) == sum(p.numel() for p in m.parameters())
+    plain = count_parameters(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16, bias=bias))
+    b = int(bias)
+    # LayerNorm, mu encoder, logvar encoder (always with its bias), decoder.
+    assert count_parameters(cfg) - plain == 32 * (1 + b) + (32 * 8 + 8 * b) + (32 * 8 + 8) + (8 * 32 + 32 * b)
+
+
+def test_tp_partition_dims_of_bottleneck(bn_model):
+    from tti_dist.models.gpt import tp_partition_dims
+
+    dims = {k: v for k, v in tp_partition_dims(bn_model).items() if ".bottleneck." in k}
+    assert dims == {
+        "blocks.1.bottleneck.ln.weight": None,
+        "blocks.1.bottleneck.ln.bias": None,
+        "blocks.1.bottleneck.enc_mu.weight": 0,
+        "blocks.1.bottleneck.enc_mu.bias": 0,
+        "blocks.1.bottleneck.enc_logvar.weight": 0,
+        "blocks.1.bottleneck.enc_logvar.bias": 0,
+        "blocks.1.bottleneck.dec.weight": 1,
+        "blocks.1.bottleneck.dec.bias": None,
+    }

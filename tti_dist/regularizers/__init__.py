@@ -3,7 +3,8 @@
 Importing this package registers every built-in type (see base.REGISTRY).
 """
 
-from tti_dist.regularizers import decorrelation, l1, orthogonality  # noqa: F401  (registers their types)
+# Importing the modules registers their types.
+from tti_dist.regularizers import decorrelation, kl, l1, orthogonality, total_correlation  # noqa: F401
 from tti_dist.regularizers.base import (
     REGISTRY,
     Regularizer,

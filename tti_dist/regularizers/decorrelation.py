@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tti_dist.capture.names import hookpoint_width
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.regularizers.base import Regularizer, register
@@ -84,10 +85,6 @@ class _SumOverDP(torch.autograd.Function):
         return grad * ctx.size, None, None
 
 
-def _hookpoint_width(name: str, model_cfg: ModelConfig) -> int:
-    return model_cfg.ffn_size if ".mlp.pre" in name or ".mlp.act" in name else model_cfg.hidden_size
-
-
 @register
 class Decorrelation(Regularizer):
     """DeCov activation decorrelation: mean squared off-diagonal covariance of the units.
@@ -161,7 +158,7 @@ class Decorrelation(Regularizer):
         if params.seed < 0:
             raise ConfigError(f"{where}.seed: {params.seed!r} must be an integer >= 0")
         for name in hookpoints:
-            if _hookpoint_width(name, model_cfg) < 2:
+            if hookpoint_width(name, model_cfg) < 2:
                 raise ConfigError(f"{where}.hookpoints: {name} has width < 2; decorrelation needs at least 2 units")
 
     def token_index(self, num_tokens: int, call: int, device: torch.device) -> torch.Tensor | None:
