@@ -50,6 +50,9 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections use
     init_std / sqrt(2 * num_layers) (GPT-2)."""
+    mlp_activation: Literal["gelu", "relu"] = "gelu"
+    """Nonlinearity of the MLP hidden units. relu gives exact zeros, so L1 on `mlp.act` can
+    lower its L0 (GELU is nonzero almost everywhere)."""
     mlp_topk: int = 0
     """Top-k (k-sparse) MLP: keep only the k largest units of each token's MLP hidden
     activation (after GELU) and zero the rest; 0 keeps all units. k counts units of the
@@ -68,8 +71,10 @@ class ModelConfig:
     """Seed of the hard mask's unit subset; used only with mlp_mask_density < 1."""
     bottleneck_layer: int | None = None
     """Stochastic bottleneck after block i (i = bottleneck_layer): the residual stream
-    x (hidden_size) is replaced by dec(z), z ~ N(mu(x), diag exp(logvar(x))) with
-    bottleneck_dim latents (reparameterised while training, z = mu in eval mode).
+    x (hidden_size) is replaced by dec(z), z ~ N(mu(h), diag exp(logvar(h))) with
+    h = LayerNorm(x) and bottleneck_dim latents (reparameterised while training, z = mu in
+    eval mode). The logvar layer always has a bias (initialised to -4: the posterior noise
+    starts small), whatever model.bias says.
     Hookpoints blocks.{i}.bottleneck.{mu,logvar,z,out}; the latents are split across TP
     ranks. None: no bottleneck."""
     bottleneck_dim: int = 16

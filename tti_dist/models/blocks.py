@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -28,7 +29,9 @@ from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
+from tti_dist.models.bottleneck import ParallelBottleneck
 from tti_dist.models.rope import apply_rope
+from tti_dist.models.sparsity import hard_mask_units, topk_mask
 
 
 def normal_init(std: float):
@@ -84,14 +87,43 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """GELU MLP with hidden units split across the TP group.
+    """GELU (or ReLU: cfg.mlp_activation) MLP with hidden units split across the TP group,
+    optionally sparse.
 
-    Hookpoints: `mlp.pre` and `mlp.act` (before/after GELU, TP-sharded), `mlp.out` (replicated).
+        act = topk_k( GELU(fc1(x)) * hard_mask ),   out = fc2(act)
+
+    Two architectural sparsity options (tti_dist.models.sparsity), both off by default:
+    - `cfg.mlp_mask_density < 1`: a fixed hard mask zeroes the same units of this layer on
+      every token (`hard_mask_units`, seeded from (mlp_mask_seed, layer_index), the same at
+      every TP degree; this rank keeps its slice as the non-persistent buffer `unit_mask`).
+    - `cfg.mlp_topk = k > 0`: per token, only the k units (of the whole ffn width, selected
+      jointly across TP ranks with one all-gather, exactly as at TP=1) with the largest
+      value (`mlp_topk_by: value`) or magnitude (`abs`) are kept. Applied after the hard
+      mask, so it chooses among kept units; masked-out units are exactly 0 and may still
+      be "selected" when fewer than k kept units outrank 0 (then L0 < k). Gradients flow
+      through the kept units only.
+    With both off the forward is the plain GELU MLP (no extra work).
+
+    Hookpoints: `mlp.pre` and `mlp.act` (before GELU / after GELU and the masks, TP-sharded;
+    with top-k, L0 of `mlp.act` <= k), `mlp.out` (replicated).
     """
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
+        self.activation = F.relu if cfg.mlp_activation == "relu" else F.gelu
+        self.topk = cfg.mlp_topk
+        self.topk_by = cfg.mlp_topk_by
+        self.tp_group = tp_group
+        self.has_unit_mask = cfg.mlp_mask_density < 1.0
+        self.tp_size, self.tp_rank = 1, 0
+        if self.topk or self.has_unit_mask:
+            self.tp_size, self.tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        if self.has_unit_mask:
+            full = hard_mask_units(cfg.ffn_size, cfg.mlp_mask_density, cfg.mlp_mask_seed, layer_index)
+            local = cfg.ffn_size // self.tp_size
+            self.register_buffer("unit_mask", full[self.tp_rank * local:(self.tp_rank + 1) * local].clone(),
+                                 persistent=False)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.fc1 = ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_size, config=mp_config, init_method=normal_init(cfg.init_std),
@@ -107,7 +139,13 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         pre, _ = self.fc1(x_BTD)
-        act = self.hook_act(F.gelu(self.hook_pre(pre)))
+        act = self.activation(self.hook_pre(pre))
+        if self.has_unit_mask:
+            act = act * self.unit_mask
+        if self.topk:
+            act = act * topk_mask(act, self.topk, by=self.topk_by, tp_group=self.tp_group,
+                                  tp_size=self.tp_size, tp_rank=self.tp_rank)
+        act = self.hook_act(act)
         out, _ = self.fc2(act)
         return self.hook_out(out)
 
@@ -115,7 +153,9 @@ class ParallelMLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)).
 
-    Hookpoints: `resid_pre`, `resid_mid`, `resid_post` (replicated across TP).
+    Hookpoints: `resid_pre`, `resid_mid`, `resid_post` (replicated across TP). In the block
+    with index cfg.bottleneck_layer a stochastic bottleneck (models/bottleneck.py) follows
+    resid_post and replaces the stream with dec(z): `bottleneck.{mu,logvar,z,out}`.
     """
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int, layer_index: int):
@@ -129,8 +169,15 @@ class Block(nn.Module):
         self.mlp = ParallelMLP(cfg, mp_config, tp_group, layer_index)
         self.hook_resid_post = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.drop = nn.Dropout(cfg.dropout)
+        # Registered after hook_resid_post (and applied after it): hookpoints stay in data-flow order.
+        self.bottleneck = (
+            ParallelBottleneck(cfg, mp_config, tp_group) if cfg.bottleneck_layer == layer_index else None
+        )
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(x_BTD)
         x = self.hook_resid_mid(x + self.drop(self.attn(self.ln1(x))))
-        return self.hook_resid_post(x + self.drop(self.mlp(self.ln2(x))))
+        x = self.hook_resid_post(x + self.drop(self.mlp(self.ln2(x))))
+        if self.bottleneck is not None:
+            x = self.bottleneck(x)
+        return x

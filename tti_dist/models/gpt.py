@@ -28,6 +28,7 @@ from torch import nn
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
 from tti_dist.models.blocks import Block, normal_init
+from tti_dist.models.bottleneck import count_bottleneck_parameters
 
 
 def megatron_config(tp_size: int) -> ModelParallelConfig:
@@ -47,7 +48,8 @@ class GPT(nn.Module):
 
     Hookpoints (see `tti_dist.capture.list_hookpoints`): `embed` (embeddings), and per block i:
     `blocks.{i}.resid_pre`, `.attn.z`, `.attn.out`, `.resid_mid`, `.mlp.pre`, `.mlp.act`,
-    `.mlp.out`, `.resid_post`; finally `final_norm` (input to the unembedding). `attn.z`, `mlp.pre` and `mlp.act`
+    `.mlp.out`, `.resid_post` (and `.bottleneck.{mu,logvar,z,out}` in the block with index
+    cfg.bottleneck_layer); finally `final_norm` (input to the unembedding). `attn.z`, `mlp.pre` and `mlp.act`
     are TP-sharded (this rank's heads / hidden units); the rest are replicated.
     """
 
@@ -115,7 +117,7 @@ def tp_partition_dims(model: nn.Module) -> dict[str, int | None]:
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Parameters of the whole (unsharded) model, padded vocabulary included."""
+    """Parameters of the whole (unsharded) model, padded vocabulary and bottleneck included."""
     d, f, v, n = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab_size, cfg.num_layers
     b = 1 if cfg.bias else 0
     ln = d * (1 + b)
@@ -125,4 +127,6 @@ def count_parameters(cfg: ModelConfig) -> int:
         total += cfg.max_seq_len * d
     if not cfg.tie_embeddings:
         total += v * d
+    if cfg.bottleneck_layer is not None:
+        total += count_bottleneck_parameters(cfg)
     return total
