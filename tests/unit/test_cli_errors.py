@@ -64,6 +64,10 @@ CASES: dict[str, Case] = {
          "--run-dir", "{run}"],
         "regularizers[0].k: 400 exceeds the local width 256 of blocks.0.mlp.fc1",
     ),
+    "mlp_topk_above_width": Case(
+        ["train", SMOKE, "--set", "model.mlp_topk=600", "--run-dir", "{run}"],
+        "model.mlp_topk: 600 must be in 0..ffn_size (512)",
+    ),
     "negative_lr": Case(
         ["train", SMOKE, "--set", "optim.lr=-1e-3", "--run-dir", "{run}"],
         "optim.lr: -0.001 must be > 0",
