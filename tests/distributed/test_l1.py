@@ -50,10 +50,11 @@ def results():
 
 def test_reference_value_and_schedule(results):
     ref, _ = results
-    expected = torch.stack([a.abs().mean() for a in ref["acts"].values()]).mean()
-    torch.testing.assert_close(ref["metrics"]["reg/l1_test/loss"], expected, rtol=1e-6, atol=0)
+    # float64 reference; the product sums in fp32 in its own order (1e-5 relative, as for TP)
+    expected = torch.stack([a.double().abs().mean() for a in ref["acts"].values()]).mean().float()
+    torch.testing.assert_close(ref["metrics"]["reg/l1_test/loss"], expected, rtol=1e-5, atol=0)
     assert ref["metrics"]["reg/l1_test/coefficient"].item() == pytest.approx(0.5 * 2 / 4)
-    torch.testing.assert_close(ref["weighted"], 0.25 * expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ref["weighted"], 0.25 * expected, rtol=1e-5, atol=0)
     # GELU is never exactly zero: l0 is the mean width of the hookpoints (256 and 64 units).
     assert ref["metrics"]["reg/l1_test/l0"].item() == pytest.approx((256 + 256 + 64) / 3)
 

@@ -41,8 +41,10 @@ class L1Activation(Regularizer):
         for hp in self.hookpoints:
             a = acts[hp.name]
             num_tokens = a.numel() // a.shape[-1]
-            local = a.abs().sum(dtype=torch.float32)
-            nonzero = (a != 0).sum(dtype=torch.float32).detach()
+            # vector_norm(ord=1) and count_nonzero are single fused reductions: no |a| or
+            # boolean tensor of the activation's size is materialised.
+            local = torch.linalg.vector_norm(a, ord=1, dtype=torch.float32)
+            nonzero = torch.count_nonzero(a.detach()).to(torch.float32)
             if hp.tp_sharded and self.groups.tp_size > 1:
                 local = reduce_from_tensor_model_parallel_region(local, group=self.groups.tp_group)
                 nonzero = reduce_from_tensor_model_parallel_region(nonzero, group=self.groups.tp_group)
