@@ -103,6 +103,10 @@ def topk_mask(
         key = key.abs()
     k_local = min(k, local)
     vals = torch.topk(key, k_local, dim=-1, largest=True, sorted=True).values.contiguous()  # [rows, k_l]
+    if tp_size == 1:
+        # Steps 2-3 reduce to v* = the k-th largest key and n = k on every row.
+        n = torch.full((vals.shape[0], 1), k, dtype=torch.long, device=vals.device)
+        return _first_n(key, vals[:, -1:], n).view(x.shape)
     if tp_size > 1:
         gathered = torch.empty((tp_size * vals.shape[0], k_local), dtype=vals.dtype, device=vals.device)
         _all_gather_single(gathered, vals, group=tp_group)
