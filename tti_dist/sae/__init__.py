@@ -1,0 +1,34 @@
+"""Tensor-parallel sparse autoencoder: sharded latents, distributed TopK, SAE metrics (docs/sae.md)."""
+
+from tti_dist.sae.metrics import (
+    ExplainedVarianceAccumulator,
+    ce_loss_recovered,
+    dead_fraction,
+    decoder_redundancy,
+    delta_lm_loss,
+    dense_fraction,
+    explained_variance,
+    kl_score,
+    l0,
+    latent_density,
+    shrinkage,
+)
+from tti_dist.sae.model import FiringTracker, ParallelSAE, SAEConfig, SAEOutput
+
+__all__ = [
+    "ExplainedVarianceAccumulator",
+    "FiringTracker",
+    "ParallelSAE",
+    "SAEConfig",
+    "SAEOutput",
+    "ce_loss_recovered",
+    "dead_fraction",
+    "decoder_redundancy",
+    "delta_lm_loss",
+    "dense_fraction",
+    "explained_variance",
+    "kl_score",
+    "l0",
+    "latent_density",
+    "shrinkage",
+]
