@@ -80,7 +80,7 @@ def run_variant(name: str, tp_group, tp_size: int, tp_rank: int) -> dict:
     dead = DEAD.chunk(tp_size)[tp_rank]
     out = sae(x)
     mse = sae.reconstruction_loss(out.x_in, out.x_hat)
-    mse_norm = sae.reconstruction_loss(out.x_in, out.x_hat, normalized=True)
+    mse_norm = sae.reconstruction_loss(out.x_in, out.x_hat, normalize="token")
     l1 = sae.l1_penalty(out)
     aux = sae.aux_k_loss(out.x_in, out, dead)
     total, _ = sae.training_loss(out.x_in, out, dead)

@@ -157,7 +157,7 @@ def test_reconstruction_losses_and_normalize_input():
     x_hat = 0.9 * x
     assert ParallelSAE.reconstruction_loss(x, x_hat).item() == pytest.approx(
         ((x - x_hat) ** 2).sum(1).mean().item(), rel=1e-6)
-    assert ParallelSAE.reconstruction_loss(x, x_hat, normalized=True).item() == pytest.approx(0.01, rel=1e-5)
+    assert ParallelSAE.reconstruction_loss(x, x_hat, normalize="token").item() == pytest.approx(0.01, rel=1e-5)
     sae = ParallelSAE(8, SAEConfig(num_latents=16, k=2, normalize_input=True))
     out = sae(3.0 * x + 5.0)
     torch.testing.assert_close(out.x_in.mean(-1), torch.zeros(12), atol=1e-6, rtol=0)

@@ -110,6 +110,12 @@ class Regularizer(ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
 
+    def after_optimizer_step(self) -> None:
+        """Optional hook, called by the trainer once per optimizer step, right after the
+        engine's step at the gradient-accumulation boundary (after the last micro-step), on
+        every rank. For regularizers with parameters of their own that DeepSpeed does not
+        train (e.g. `sae`'s own optimizer step). Default: nothing."""
+
     @classmethod
     def check_params(cls, params: Any, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:

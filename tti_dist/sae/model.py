@@ -37,8 +37,8 @@ Initialisation does not depend on tp_size: the decoder directions of latents [c 
 only the chunks that overlap its slice. b_enc = 0, b_pre = 0 until `init_b_pre`. The global
 RNG is never touched.
 
-Not built here (see docs/sae.md, "Not yet built"): the co-training regularizer that feeds
-a site's activations into this module during LM training, trainer metrics, `tti sae fit`.
+Co-training with the LM (the `sae` regularizer, its own optimizer and live metrics) is in
+tti_dist/regularizers/sae.py; docs/sae.md lists what is not built yet.
 """
 
 from __future__ import annotations
@@ -321,18 +321,30 @@ class ParallelSAE(nn.Module):
     # ------------------------------------------------------------------ losses (replicated scalars)
 
     @staticmethod
-    def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Mean over tokens of ||x - x_hat||^2 (x: the SAE's input space, out.x_in).
+    def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+        """Reconstruction error in the SAE's input space (x: out.x_in); a replicated scalar.
 
-        normalized=True: mean over tokens of ||x - x_hat||^2 / ||x||^2 (denominator floored
-        at 1e-12), the per-token normalized MSE: scale-free, so in joint co-training the model
-        cannot lower it by shrinking its activations. Both are replicated across TP (x and
-        x_hat are); no communication.
+        normalize="none":  mean_t ||x_t - x_hat_t||^2
+        normalize="token": mean_t ||x_t - x_hat_t||^2 / ||x_t||^2 (denominator floored at
+            1e-12): the per-token normalized MSE, invariant to the activations' scale.
+        normalize="fvu":   sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_t' x_t'||^2, the
+            fraction of variance unexplained of these tokens (= 1 - EV of DESIGN.md section 4
+            on the micro-batch). Invariant to scale AND to a shared offset, so in joint
+            co-training the model can lower it neither by shrinking its activations nor by
+            collapsing the tokens towards their mean (which "token" allows: its denominator
+            is dominated by the shared mean).
+        x and x_hat are replicated across TP: no communication.
         """
         x = x.to(x_hat.dtype)
         err = (x - x_hat).pow(2).sum(dim=-1)
-        if normalized:
-            err = err / x.pow(2).sum(dim=-1).clamp_min(_NORM_EPS)
+        if normalize == "token":
+            return (err / x.pow(2).sum(dim=-1).clamp_min(_NORM_EPS)).mean()
+        if normalize == "fvu":
+            flat = x.reshape(-1, x.shape[-1])
+            variance = (flat - flat.mean(dim=0, keepdim=True)).pow(2).sum()
+            return err.sum() / variance.clamp_min(_NORM_EPS)
+        if normalize != "none":
+            raise ValueError(f"reconstruction_loss: normalize={normalize!r}; allowed: none, token, fvu")
         return err.mean()
 
     def l1_penalty(self, out: SAEOutput) -> torch.Tensor:
@@ -390,15 +402,15 @@ class ParallelSAE(nn.Module):
         return torch.where(ok, loss, torch.zeros_like(loss))
 
     def training_loss(
-        self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None = None, normalized: bool = False
+        self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None = None, normalize: str = "none"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The SAE objective and its parts (replicated scalars; parts detached).
 
         topk: reconstruction + aux_coefficient * aux_k_loss (AuxK only when dead_mask is given
         and aux_coefficient > 0). relu: reconstruction + l1_coefficient * l1_penalty.
-        Parts: "mse" (reconstruction_loss, normalized or not), "aux_k", "l1".
+        Parts: "mse" (reconstruction_loss with `normalize`), "aux_k", "l1".
         """
-        recon = self.reconstruction_loss(x, out.x_hat, normalized)
+        recon = self.reconstruction_loss(x, out.x_hat, normalize)
         parts = {"mse": recon.detach()}
         total = recon
         if self.cfg.activation == "relu":

@@ -163,6 +163,9 @@ class Trainer:
             if micro == gas - 1 and need_norm and self.cfg.zero.stage == 0 and not self.engine.bfloat16_enabled():
                 norm = grad_norm_now(self.engine)
             self.engine.step()
+            if micro == gas - 1:  # DeepSpeed stepped at this gradient-accumulation boundary
+                for reg in self.regularizers:
+                    reg.after_optimizer_step()
         if norm is None and need_norm:
             norm = global_grad_norm(self.engine)
         return task_sum / gas, total_sum / gas, {k: v / gas for k, v in reg_sums.items()}, norm

@@ -1,0 +1,281 @@
+"""`type: sae` co-training regularizer: TP=2 equals TP=1 through the GPT (loss, model and SAE
+gradients, SAE shards after its own optimizer step), the joint-mode gradient trick equals a
+plain backward, detached mode leaves the model alone, a short single-rank run through the launcher (in-process, for speed)
+(metrics, unit-norm decoder, exact resume), and config errors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from spawn import run_ranks
+
+HOOK = "blocks.1.resid_post"
+JOINT = {"type": "sae", "name": "sae_j", "coefficient": 0.5, "hookpoints": [HOOK], "mode": "joint",
+         "num_latents": 64, "k": 6, "aux_k": 8, "aux_coefficient": 0.25, "dead_window_tokens": 1,
+         "b_pre_init": "geometric_median", "lr": 1e-2, "seed": 3, "redundancy_every": 1}
+DETACHED = {"type": "sae", "name": "sae_d", "coefficient": 1.0, "hookpoints": [HOOK], "mode": "detached",
+            "num_latents": 32, "activation": "relu", "l1_coefficient": 0.1, "normalize_input": True,
+            "b_pre_init": "mean", "lr": 1e-2, "seed": 4}
+SAE_LAYOUT = {"W_enc": 0, "b_enc": 0, "W_dec": 1, "b_pre": None}
+
+
+def _tokens(i: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(100 + i))
+
+
+def _rank() -> dict:
+    from tti_dist.capture import ActivationCapture
+    from tti_dist.config.schema import ModelConfig
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.models import GPT, tp_partition_dims
+    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.sae import ParallelSAE
+    from tti_dist.train.seeding import seed_weights
+
+    world = int(os.environ["WORLD_SIZE"])
+    groups = init_parallel(world, torch.device("cpu"), 120)
+    try:
+        cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
+        out = {"tp_rank": groups.tp_rank}
+        for key, entry in (("joint", JOINT), ("detached", DETACHED)):
+            seed_weights(5)
+            model = GPT(cfg, groups.tp_group)
+            (reg,) = build_regularizers(parse_specs([entry], cfg, groups.tp_size), model, groups)
+            res = {"layout": tp_partition_dims(model), "weighted": [], "metrics": [], "acts": []}
+            # Two micro-steps (the second has dead latents, so AuxK is active), then the SAE's step.
+            with ActivationCapture(reg.captures) as cap:
+                for i in range(2):
+                    model(_tokens(i))
+                    weighted, metrics = reg(cap.captured, step=0)
+                    res["acts"].append(cap.captured[HOOK].detach().clone())
+                    res["requires_grad"] = weighted.requires_grad
+                    if weighted.requires_grad:
+                        weighted.backward()
+                    res["weighted"].append(weighted.detach())
+                    res["metrics"].append(metrics)
+                    cap.clear()
+            res["model_grads"] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            res["sae_grads"] = {k: p.grad.clone() / 2 for k, p in reg.sae.named_parameters()}
+            res["sae_before"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
+            reg.after_optimizer_step()
+            res["sae_after"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
+            res["state"] = reg.state_dict()
+            out[key] = res
+        if groups.tp_size == 1:
+            # Reference for the joint-mode gradient trick: a plain backward of
+            # coefficient x training loss through an identical SAE, on the same activations.
+            seed_weights(5)
+            model = GPT(cfg, groups.tp_group)
+            (reg,) = build_regularizers(parse_specs([JOINT], cfg), model, groups)
+            sae = ParallelSAE(32, reg.sae_cfg, seed=JOINT["seed"])
+            tracker_dead = torch.zeros(64, dtype=torch.bool)
+            with ActivationCapture(reg.captures) as cap:
+                for i in range(2):
+                    model(_tokens(i))
+                    a = cap.captured[HOOK]
+                    if i == 0:
+                        sae.init_b_pre(a.detach())
+                    o = sae(a)
+                    loss, _ = sae.training_loss(o.x_in, o, tracker_dead, normalize="fvu")
+                    (JOINT["coefficient"] * loss).backward()
+                    tracker_dead = (o.latents.reshape(-1, 64) != 0).sum(0) == 0  # window of 1 token
+                    cap.clear()
+            out["ref_model_grads"] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            out["ref_sae_grads"] = {k: p.grad.clone() / JOINT["coefficient"] / 2 for k, p in sae.named_parameters()}
+        return out
+    finally:
+        shutdown_parallel()
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    return run_ranks(1, _rank)[0], run_ranks(2, _rank)
+
+
+def _shard(full, dim, rank, size=2):
+    return full if dim is None else full.chunk(size, dim=dim)[rank]
+
+
+def _close(got, want, what, rtol=1e-5):
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5 * scale + 1e-12, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("key", ["joint", "detached"])
+def test_tp2_equals_tp1(tp_results, key):
+    ref, ranks = tp_results[0][key], [{**r[key], "tp_rank": r["tp_rank"]} for r in tp_results[1]]
+    for r in ranks:
+        rank = r["tp_rank"]
+        for i in range(2):
+            torch.testing.assert_close(r["weighted"][i], ref["weighted"][i], rtol=1e-5, atol=0)
+            assert r["metrics"][i].keys() == ref["metrics"][i].keys()
+            for tag, v in r["metrics"][i].items():
+                torch.testing.assert_close(v, ref["metrics"][i][tag], rtol=1e-4, atol=1e-6, msg=lambda m: f"{tag}: {m}")
+        assert r["model_grads"].keys() == ref["model_grads"].keys()
+        for name, g in r["model_grads"].items():
+            _close(g, _shard(ref["model_grads"][name], r["layout"][name], rank), name)
+        for which in ("sae_grads", "sae_before", "sae_after"):
+            for name, t in r[which].items():
+                _close(t, _shard(ref[which][name], SAE_LAYOUT[name], rank), f"{which}.{name}")
+        # The SAE moved, its decoder is unit-norm, and b_pre is the same on both TP ranks.
+        assert not torch.equal(r["sae_after"]["W_enc"], r["sae_before"]["W_enc"])
+        torch.testing.assert_close(r["sae_after"]["W_dec"].norm(dim=0), torch.ones(r["sae_after"]["W_dec"].shape[1]))
+    assert torch.equal(ranks[0]["sae_after"]["b_pre"], ranks[1]["sae_after"]["b_pre"])
+
+
+def test_joint_metrics_and_aux(tp_results):
+    ref = tp_results[0]["joint"]
+    m0, m1 = ref["metrics"]
+    assert m0["reg/sae_j/aux_k"].item() == 0.0  # nothing dead before the first micro-batch
+    assert m1["reg/sae_j/aux_k"].item() > 0.0  # dead_window_tokens 1: unfired latents are dead
+    assert 0 < m1["reg/sae_j/dead_fraction"].item() < 1
+    assert m0["reg/sae_j/l0"].item() <= JOINT["k"]
+    for tag in ("explained_variance", "shrinkage", "recon_loss", "dense_fraction_1pct", "dense_fraction_10pct",
+                "decoder_redundancy", "loss", "coefficient"):
+        assert f"reg/sae_j/{tag}" in m0, tag
+    assert m0["reg/sae_j/coefficient"].item() == JOINT["coefficient"]
+
+
+def test_joint_gradients_equal_plain_backward(tp_results):
+    """The surrogate loss (value L, gradient dL/da, none to the SAE) gives the model
+    coefficient x dL/da, and the SAE its unweighted micro-step-mean gradient."""
+    ref = tp_results[0]
+    got = ref["joint"]
+    assert got["requires_grad"]
+    for name, g in got["model_grads"].items():
+        _close(g, ref["ref_model_grads"][name], name)
+    for name, g in got["sae_grads"].items():
+        _close(g, ref["ref_sae_grads"][name], name)
+
+
+def test_detached_gives_model_no_gradient(tp_results):
+    for r in [tp_results[0], *tp_results[1]]:
+        res = r["detached"]
+        assert not res["requires_grad"] and res["model_grads"] == {}
+        assert all(g.abs().sum() > 0 for g in res["sae_grads"].values())
+        assert "reg/sae_d/l1" in res["metrics"][0] and "reg/sae_d/aux_k" not in res["metrics"][0]
+
+
+def test_state_dict_contents(tp_results):
+    state = tp_results[0]["joint"]["state"]
+    assert state["steps"] == 1 and state["calls"] == 2 and state["b_pre_ready"]
+    assert set(state["sae"]) == {"W_enc", "b_enc", "W_dec", "b_pre"}
+    assert len(state["optimizer"]["state"]) == 4
+    assert state["tracker"]["tokens_since_fired"].shape == (64,)
+
+
+# ---------------------------------------------------------------- config errors
+
+def _parse(entry: dict, tp_size: int = 1):
+    from tti_dist.config.schema import ModelConfig
+    from tti_dist.regularizers import parse_specs
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
+    return parse_specs([entry], cfg, tp_size)
+
+
+@pytest.mark.parametrize("change, tp_size, match", [
+    ({"k": 65}, 1, r"regularizers\[0\]\.k: 65 is larger than the whole SAE"),
+    ({"num_latents": 66}, 4, r"regularizers\[0\]\.num_latents: 66 must be divisible by tp_size 4"),
+    ({"hookpoints": ["blocks.0.mlp.act"]}, 2, r"regularizers\[0\]\.hookpoints: blocks\.0\.mlp\.act is split"),
+    ({"hookpoints": ["blocks.*.resid_post"]}, 1, r"regularizers\[0\]\.hookpoints: matches 2 sites"),
+    ({"hookpoints": [HOOK, "blocks.0.resid_pre"]}, 1, r"regularizers\[0\]\.hookpoints: matches 2 sites"),
+    ({"mode": "both"}, 1, r"regularizers\[0\]\.mode: 'both' is not allowed"),
+    ({"lr": 0}, 1, r"regularizers\[0\]\.lr: 0\.0 must be a finite number > 0"),
+    ({"betas": [0.9]}, 1, r"regularizers\[0\]\.betas"),
+])
+def test_config_errors(change, tp_size, match):
+    from tti_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as info:
+        _parse({**JOINT, **change}, tp_size)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_config_parses():
+    (spec,) = _parse(JOINT, 2)
+    assert spec.params.mode == "joint" and spec.params.sae_config().k == 6
+
+
+# ---------------------------------------------------------------- through the product
+
+STEPS = 8
+RUN_REG = ("regularizers=[{type: sae, name: sae, coefficient: 0.5, hookpoints: ['blocks.1.resid_post'], mode: joint,"
+           " num_latents: 64, k: 4, aux_k: 8, dead_window_tokens: 256, lr: 3e-3, redundancy_every: 2}]")
+RUN_BASE = [
+    "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.max_seq_len=16",
+    "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=1.0",
+    f"train.steps={STEPS}", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_every=0",
+    "data.seq_len=16", "logging.progress_bar=false", "checkpoint.every=4", "checkpoint.keep_last=0",
+    "parallel.tp_size=1", "parallel.dp_size=1", "zero.stage=1", RUN_REG,
+]
+DATASET_DIR = Path(os.environ.setdefault(
+    "TTI_TEST_SAE_DATASET_DIR", str(Path(tempfile.gettempdir()) / f"tti-test-sae-byte-{os.getpid()}")))
+
+
+@pytest.fixture(scope="module")
+def run_cfg():
+    from tti_dist.config import load_config, validate_config
+    from tti_dist.data.build import build_dataset
+
+    build_dataset("stdlib", DATASET_DIR, tokenizer="byte", val_fraction=0.05, max_bytes=200_000, overwrite=True)
+    cfg = load_config(None, RUN_BASE + [f"data.path={DATASET_DIR}"])
+    validate_config(cfg, world_size=1)
+    yield cfg
+    shutil.rmtree(DATASET_DIR, ignore_errors=True)
+
+
+def test_training_run_metrics_and_resume(run_cfg, tmp_path):
+    from tti_dist.train.launcher import launch_local
+
+    straight_dir = tmp_path / "straight"
+    results = launch_local(run_cfg, str(straight_dir), nproc=1)
+    straight = results[0]
+    assert all(r.losses == straight.losses for r in results.values())
+    assert sorted(straight.losses) == list(range(1, STEPS + 1))
+    table = pq.read_table(straight_dir / "metrics.parquet")
+    for tag in ("loss", "recon_loss", "aux_k", "l0", "explained_variance", "shrinkage", "dead_fraction",
+                "dense_fraction_1pct", "dense_fraction_10pct", "decoder_redundancy", "coefficient"):
+        col = table.column(f"reg/sae/{tag}").to_pylist()
+        assert len(col) == STEPS and all(v == v for v in col), tag
+    ev = table.column("reg/sae/explained_variance").to_pylist()
+    recon = table.column("reg/sae/recon_loss").to_pylist()
+    print("recon_loss", [round(v, 3) for v in recon], "EV", [round(v, 3) for v in ev])
+    assert recon[-1] < 0.75 * recon[0]  # the SAE learns (0.69 -> 0.42 when recorded)
+    # recon_normalize fvu: the normalized loss is 1 - EV of the micro-batch, so the model
+    # cannot lower it while EV falls (it could with per-token ||x||^2 normalization).
+    assert ev[-1] > 0.5 and ev[-1] > ev[0]
+    assert all(v <= 4 for v in table.column("reg/sae/l0").to_pylist())
+
+    # The SAE's state lives in the checkpoint's client_state (once per TP rank).
+    (states,) = list((straight_dir / "checkpoints" / f"global_step{STEPS}").glob("mp_rank_00_model_states.pt"))
+    client = torch.load(states, map_location="cpu", weights_only=False)
+    sae_state = client["regularizers"]["sae"]
+    assert sae_state["steps"] == STEPS and sae_state["calls"] == 2 * STEPS
+    w_dec = sae_state["sae"]["W_dec"]
+    torch.testing.assert_close(w_dec.norm(dim=0), torch.ones(w_dec.shape[1]))
+    first = torch.load(straight_dir / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["regularizers"]["sae"]["sae"]["W_enc"]
+    assert not torch.equal(first, sae_state["sae"]["W_enc"])
+
+    # 4 steps + resume + 4 steps == 8 straight steps, exactly (joint mode: the SAE shapes the loss).
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight_dir / "checkpoints" / "global_step4", resumed_dir / "checkpoints" / "global_step4")
+    (resumed_dir / "checkpoints" / "latest").write_text("global_step4")
+    resumed = launch_local(run_cfg, str(resumed_dir), nproc=1, resume=True)[0]
+    assert sorted(resumed.losses) == list(range(5, STEPS + 1))
+    for step in range(5, STEPS + 1):
+        assert resumed.losses[step] == straight.losses[step], step
+    resumed_state = torch.load(resumed_dir / "checkpoints" / f"global_step{STEPS}" / "mp_rank_00_model_states.pt",
+                               map_location="cpu", weights_only=False)["regularizers"]["sae"]
+    for name, t in sae_state["sae"].items():
+        assert torch.equal(resumed_state["sae"][name], t), name
