@@ -190,7 +190,6 @@ class SAECoTraining(Regularizer):
         return decoder_redundancy(self.sae.W_dec, g.tp_group if g.tp_size > 1 else None).float()
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        g = self.groups
         a = acts[self.site.name]
         joint = self.params.mode == "joint" and a.requires_grad
         self._calls += 1
