@@ -19,6 +19,9 @@ Variants (`--variants`, default all):
     topk           model.mlp_topk = --topk (architectural: distributed top-k mask of mlp.act)
     bottleneck     model.bottleneck_layer = L // 2, bottleneck_dim = --latents (architecture only)
     bottleneck_tc  bottleneck + kl + total_correlation (mss, max_tokens = --tc-tokens)
+    sae_detached   a TopK SAE (--sae-expansion x d latents, k = --sae-k) on blocks.{L-1}.resid_post,
+                   trained on the detached activation with its own Adam (type: sae)
+    sae_joint      the same SAE, joint co-training (the model gets the SAE's gradient)
 
 Every variant is built once (same seed, same weights where shapes agree), then the timed
 steps go round-robin over the variants (step 1 of each, step 2 of each, ...), so slow
@@ -50,10 +53,13 @@ import torch  # noqa: E402
 
 from throughput import PRESETS, config_overrides, device_description, resolve_shape  # noqa: E402
 
-VARIANTS = ("plain", "l1", "orth_sampled", "orth_full", "decorrelation", "topk", "bottleneck", "bottleneck_tc")
+VARIANTS = ("plain", "l1", "orth_sampled", "orth_full", "decorrelation", "topk", "bottleneck", "bottleneck_tc",
+            "sae_detached", "sae_joint")
+DEFAULT_VARIANTS = VARIANTS[:8]  # the SAE variants are bench/sae_overhead.py's
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, default_variants: tuple[str, ...] | None = None,
+               bench_name: str = "regularizer_overhead") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Step-time ratio (regularized / plain) of each tti_dist regularizer and "
         "architectural constraint, one process (TP=1), variants timed round-robin.",
@@ -63,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             ("--heads", "attention heads"), ("--vocab", "vocabulary size"),
                             ("--seq", "tokens per sequence"), ("--batch", "sequences per step")):
         parser.add_argument(flag, type=int, help=help_text)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(default_variants or DEFAULT_VARIANTS),
                         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (plain is always added)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default: %(default)s)")
@@ -72,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latents", type=int, default=32, help="bottleneck: latent dimension (default: %(default)s)")
     parser.add_argument("--tc-tokens", type=int, default=256, help="bottleneck_tc: TC samples per step")
     parser.add_argument("--decorr-tokens", type=int, default=1024, help="decorrelation: tokens per step")
+    parser.add_argument("--sae-expansion", type=int, default=16, help="sae_*: latents = expansion x d (default: %(default)s)")
+    parser.add_argument("--sae-k", type=int, default=32, help="sae_*: active latents per token (default: %(default)s)")
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1, help="ZeRO stage (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="train.precision (default: auto = bf16 on CUDA, fp32 on CPU)")
@@ -87,10 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     args.compile = False  # config_overrides reads it
+    args.bench_name = bench_name
     return args
 
 
-def variant_settings(name: str, args: argparse.Namespace, layers: int, ffn: int) -> tuple[list[str], list[dict]]:
+def variant_settings(name: str, args: argparse.Namespace, layers: int, ffn: int,
+                     hidden: int) -> tuple[list[str], list[dict]]:
     """(model --set overrides, regularizer entries) of a variant."""
     if name == "plain":
         return [], []
@@ -105,6 +115,10 @@ def variant_settings(name: str, args: argparse.Namespace, layers: int, ffn: int)
                      "hookpoints": ["blocks.*.resid_post"], "normalize": True, "max_tokens": args.decorr_tokens}]
     if name == "topk":
         return [f"model.mlp_topk={min(args.topk, ffn)}"], []
+    if name in ("sae_detached", "sae_joint"):
+        return [], [{"type": "sae", "name": "sae", "coefficient": 1.0 if name == "sae_joint" else 0.0,
+                     "hookpoints": [f"blocks.{layers - 1}.resid_post"], "mode": name.removeprefix("sae_"),
+                     "num_latents": args.sae_expansion * hidden, "k": args.sae_k}]
     bottleneck = [f"model.bottleneck_layer={layers // 2}", f"model.bottleneck_dim={args.latents}"]
     if name == "bottleneck":
         return bottleneck, []
@@ -116,8 +130,9 @@ def variant_settings(name: str, args: argparse.Namespace, layers: int, ffn: int)
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None = None,
+         bench_name: str = "regularizer_overhead") -> int:
+    args = parse_args(argv, default_variants, bench_name)
     shape = resolve_shape(args)
 
     from tti_dist.capture.hookpoints import ActivationCapture
@@ -132,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.variants:
             base_cfg = load_config(None, base)
-            model_sets, entries = variant_settings(name, args, shape.layers, base_cfg.model.ffn_size)
+            model_sets, entries = variant_settings(name, args, shape.layers, base_cfg.model.ffn_size,
+                                                   shape.hidden)
             cfg = load_config(None, base + model_sets)
             cfg = dataclasses.replace(cfg, regularizers=tuple(entries))
             validate_config(cfg, world_size=1)
@@ -190,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if capture is not None:
                 capture.clear()
             engine.step()
+            for reg in regs:
+                reg.after_optimizer_step()  # e.g. the SAE's own optimizer step, as the trainer does
             sync()
             return time.perf_counter() - t0
 
@@ -214,15 +232,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<15} {1000 * med:>10.2f} {1000 * statistics.fmean(ts):>10.2f} {ratio:>8.3f} "
                   f"{100 * (ratio - 1):>+8.1f}%")
         summary = {
-            "bench": "regularizer_overhead", "date": date.today().isoformat(),
+            "bench": args.bench_name, "date": date.today().isoformat(),
             "device": device_description(device), "torch": torch.__version__, "preset": args.preset,
             "layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads, "vocab": shape.vocab,
             "seq": shape.seq, "batch": shape.batch, "zero": first.zero.stage,
             "precision": "bf16" if resolve_bf16(first, device) else "fp32",
             "k": args.k, "topk": args.topk, "latents": args.latents, "tc_tokens": args.tc_tokens,
-            "decorr_tokens": args.decorr_tokens, "warmup_steps": args.warmup, "timed_steps": args.steps,
+            "decorr_tokens": args.decorr_tokens,
+            "sae_expansion": args.sae_expansion, "sae_k": args.sae_k, "warmup_steps": args.warmup, "timed_steps": args.steps,
             "variants": results, "loadavg_1m": [load_before, load_after],
-            "command": "python bench/regularizer_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": f"python bench/{args.bench_name}.py " + " ".join(sys.argv[1:] if argv is None else argv),
         }
         print(f"load avg (1 min): before {load_before}, after {load_after}")
         print(json.dumps(summary, separators=(",", ":")))

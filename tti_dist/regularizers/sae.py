@@ -198,7 +198,10 @@ class SAECoTraining(Regularizer):
             self._b_pre_ready = True
         with torch.autocast(device_type=a.device.type, enabled=False):
             out = self.sae(a if joint else a.detach())
-            dead = self.tracker.dead_mask()  # before this micro-batch
+            # Dead mask from before this micro-batch. Until dead_window_tokens tokens were seen
+            # no latent can be dead: skip AuxK entirely (its aux top-k costs about as much as
+            # the SAE itself), decided on the host without a device sync.
+            dead = self.tracker.dead_mask() if self.tracker.may_have_dead() else None
             total, parts = self.sae.training_loss(out.x_in, out, dead, normalize=self.params.recon_normalize)
             params = list(self.sae.parameters())
             grads = torch.autograd.grad(total, params + ([a] if joint else []), allow_unused=True)

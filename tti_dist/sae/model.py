@@ -534,6 +534,16 @@ class FiringTracker:
         self.tokens_since_fired = torch.zeros(num_local_latents, dtype=torch.int64, device=device)
         self.fire_counts = torch.zeros(num_local_latents, dtype=torch.int64, device=device)
         self.num_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        # Host-side count of global tokens seen (local tokens x dp_size per update, i.e. equal
+        # micro-batches on every DP rank, as the trainer guarantees): until it reaches the
+        # window no latent can be dead, which callers can know without a device sync.
+        self.tokens_seen = 0
+        self._dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+
+    def may_have_dead(self) -> bool:
+        """False while fewer than dead_window_tokens global tokens were seen (no latent can be
+        dead yet); a host-side check, no device sync."""
+        return self.tokens_seen >= self.dead_window_tokens
 
     @torch.no_grad()
     def update(self, latents: torch.Tensor) -> None:
@@ -546,6 +556,7 @@ class FiringTracker:
         if self.dp_group is not None:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.dp_group)
         counts, tokens = packed[:-1], packed[-1]
+        self.tokens_seen += f.shape[0] * self._dp_size
         self.tokens_since_fired.add_(tokens).masked_fill_(counts > 0, 0)
         self.fire_counts.add_(counts)
         self.num_tokens.add_(tokens)
@@ -566,7 +577,8 @@ class FiringTracker:
     def state_dict(self) -> dict:
         """Local counters (copies)."""
         return {"tokens_since_fired": self.tokens_since_fired.clone(), "fire_counts": self.fire_counts.clone(),
-                "num_tokens": self.num_tokens.clone(), "dead_window_tokens": self.dead_window_tokens}
+                "num_tokens": self.num_tokens.clone(), "dead_window_tokens": self.dead_window_tokens,
+                "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore counters saved by `state_dict` (same local latent count)."""
@@ -576,3 +588,4 @@ class FiringTracker:
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.fire_counts.copy_(state["fire_counts"])
         self.num_tokens.copy_(state["num_tokens"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
