@@ -279,3 +279,63 @@ def test_training_run_metrics_and_resume(run_cfg, tmp_path):
                                map_location="cpu", weights_only=False)["regularizers"]["sae"]
     for name, t in sae_state["sae"].items():
         assert torch.equal(resumed_state["sae"][name], t), name
+
+
+# -- data parallelism: the SAE's own optimizer sees the DP-averaged gradient -------------------
+# recon_normalize none (MSE) and b_pre from the mean: both are means over tokens, so DP=2 on
+# two halves of a batch equals DP=1 on the whole batch exactly (FVU's denominator and the
+# geometric median are per-rank / iterative, not batch means).
+DP_ENTRY = {"type": "sae", "name": "sae_dp", "coefficient": 0.5, "hookpoints": [HOOK], "mode": "joint",
+            "recon_normalize": "none", "num_latents": 64, "k": 6, "b_pre_init": "mean", "lr": 1e-2, "seed": 7}
+
+
+def _dp_rank() -> dict:
+    from tti_dist.capture import ActivationCapture
+    from tti_dist.config.schema import ModelConfig
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.models import GPT
+    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.train.seeding import seed_weights
+
+    groups = init_parallel(1, torch.device("cpu"), 120)  # world 1 or 2 -> DP = world
+    try:
+        cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
+        seed_weights(5)
+        model = GPT(cfg, groups.tp_group)
+        (reg,) = build_regularizers(parse_specs([DP_ENTRY], cfg, 1), model, groups)
+        out = {"metrics": []}
+        with ActivationCapture(reg.captures) as cap:
+            for step in range(2):
+                batch = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(200 + step))
+                rows = batch.chunk(groups.dp_size)[groups.dp_rank]
+                model(rows)
+                weighted, metrics = reg(cap.captured, step=step)
+                weighted.backward()
+                cap.clear()
+                out["metrics"].append(metrics)
+                reg.after_optimizer_step()
+        # What DeepSpeed does with the model's gradients: the mean over the DP group.
+        grads = {}
+        for k, p in model.named_parameters():
+            if p.grad is not None:
+                g = p.grad.clone()
+                torch.distributed.all_reduce(g, group=groups.dp_group)
+                grads[k] = g / groups.dp_size
+        out["model_grads"] = grads
+        out["sae"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
+        return out
+    finally:
+        shutdown_parallel()
+
+
+def test_dp2_sae_step_equals_dp1():
+    (ref,) = run_ranks(1, _dp_rank)
+    ranks = run_ranks(2, _dp_rank)
+    for name, t in ranks[0]["sae"].items():
+        assert torch.equal(t, ranks[1]["sae"][name]), f"DP replicas of the SAE diverged: {name}"
+        _close(t, ref["sae"][name], f"sae.{name}")
+    for name, g in ranks[0]["model_grads"].items():
+        _close(g, ref["model_grads"][name], name)
+    for step in range(2):
+        mean_loss = (ranks[0]["metrics"][step]["reg/sae_dp/loss"] + ranks[1]["metrics"][step]["reg/sae_dp/loss"]) / 2
+        torch.testing.assert_close(mean_loss, ref["metrics"][step]["reg/sae_dp/loss"], rtol=1e-5, atol=0)
