@@ -5,6 +5,7 @@
     tti data build SOURCE --out DIR [--tokenizer byte|bpe] [--vocab-size N] [...]
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
+    tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
 
 User errors (bad config, bad paths, layout mismatches) print one line, `tti: error: ...`,
 with no traceback, and exit with code 2 before any process group starts.
@@ -65,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a generator setting, e.g. --set num_documents=2000 (repeatable)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+
+    sae = sub.add_parser("sae", help="sparse autoencoders on a trained run").add_subparsers(
+        dest="sae_command", required=True)
+    fit = sae.add_parser("fit", help="train a TopK SAE on a run's frozen activations and write its splice metrics")
+    fit.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
+    fit.add_argument("--site", required=True, help="replicated hookpoint, e.g. blocks.1.resid_post")
+    fit.add_argument("--latents", type=int, required=True, help="SAE latents (divisible by the run's tp_size)")
+    fit.add_argument("--k", type=int, required=True, help="active latents per token (TopK), 1..latents")
+    fit.add_argument("--checkpoint", help="step or tag (default: latest)")
+    fit.add_argument("--steps", type=int, default=500, help="SAE optimizer steps (default 500)")
+    fit.add_argument("--lr", type=float, default=1e-3, help="SAE Adam learning rate (default 1e-3)")
+    fit.add_argument("--out", help="output directory (default: RUN/sae_fit/<site>-n<N>-k<K>)")
+    fit.add_argument("--seed", type=int, default=0, help="SAE initialisation seed (default 0)")
+    fit.add_argument("--nproc", type=int, help="local processes (default: the run's world size; a multiple of tp_size)")
 
     info = data.add_parser("info", help="summarize a dataset (and verify its shards)")
     info.add_argument("path", help="dataset directory")
@@ -242,7 +257,31 @@ def _describe_manifest(manifest: dict, path: str) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data}
+def cmd_sae(args: argparse.Namespace) -> int:
+    from tti_dist.sae.fit import METRICS_FILE, format_table, launch_fit, prepare_fit
+
+    plan = prepare_fit(args.run_dir, args.site, args.latents, args.k, checkpoint=args.checkpoint, steps=args.steps,
+                       lr=args.lr, out=args.out, seed=args.seed, nproc=args.nproc)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tti_dist.train.worker import quiet_dependency_warnings
+
+    quiet_dependency_warnings()
+    try:
+        results = launch_fit(plan)
+    except ChildFailedError as exc:
+        ranks = ", ".join(str(f.rank) for f in exc.failures.values())
+        print(f"tti: sae fit failed on rank(s) {ranks}; see the tracebacks above", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    result = results[min(results)]
+    print(f"SAE on {plan.site} of {plan.run_dir} ({plan.tag}): {plan.sae_cfg.num_latents} latents, "
+          f"k={plan.sae_cfg.k}, {plan.steps} steps")
+    print(format_table(result["metrics"], plan.site))
+    print(f"wrote {Path(plan.out_dir) / METRICS_FILE}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae}
 
 
 def main(argv: list[str] | None = None) -> int:
