@@ -213,7 +213,8 @@ RUN_REG = ("regularizers=[{type: sae, name: sae, coefficient: 0.5, hookpoints: [
 RUN_BASE = [
     "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.max_seq_len=16",
     "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=1.0",
-    f"train.steps={STEPS}", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.eval_every=0",
+    f"train.steps={STEPS}", "train.micro_batch_size=2", "train.grad_accum_steps=2", f"train.eval_every={STEPS}",
+    "train.eval_batches=2",
     "data.seq_len=16", "logging.progress_bar=false", "checkpoint.every=4", "checkpoint.keep_last=0",
     "parallel.tp_size=1", "parallel.dp_size=1", "zero.stage=1", RUN_REG,
 ]
@@ -246,6 +247,12 @@ def test_training_run_metrics_and_resume(run_cfg, tmp_path):
                 "dense_fraction_1pct", "dense_fraction_10pct", "decoder_redundancy", "coefficient"):
         col = table.column(f"reg/sae/{tag}").to_pylist()
         assert len(col) == STEPS and all(v == v for v in col), tag
+    # At the eval step, the co-trained SAE's splice metrics (sae/<site>/*) are logged.
+    site = "sae/blocks.1.resid_post/"
+    for tag in ("ce_loss_recovered", "delta_lm_loss", "kl_score", "ev", "l0", "dead_fraction"):
+        values = [v for v in table.column(site + tag).to_pylist() if v is not None]
+        assert len(values) == 1 and values[0] == values[0], tag
+    assert [v for v in table.column(site + "l0").to_pylist() if v is not None][0] <= 4
     ev = table.column("reg/sae/explained_variance").to_pylist()
     recon = table.column("reg/sae/recon_loss").to_pylist()
     print("recon_loss", [round(v, 3) for v in recon], "EV", [round(v, 3) for v in ev])

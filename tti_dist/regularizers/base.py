@@ -101,6 +101,11 @@ class Regularizer(ABC):
         """
         return self.hookpoints
 
+    def eval_metrics(self, model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+        """Metrics measured at eval steps on the validation batches (collective; identical on
+        every rank), e.g. an SAE's splice metrics. None by default."""
+        return {}
+
     def state_dict(self) -> dict:
         """Sampling state to checkpoint (e.g. call counters keying a sampler), so that a
         resumed run draws exactly the samples the uninterrupted run would have. Must be the

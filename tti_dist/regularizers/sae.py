@@ -281,6 +281,14 @@ class SAECoTraining(Regularizer):
 
     # ------------------------------------------------------------------ checkpoint
 
+    def eval_metrics(self, model, batches) -> dict[str, float]:
+        """Splice metrics of the co-trained SAE on the validation batches (tti_dist.sae.splice):
+        `sae/<site>/ce_loss_recovered`, `delta_lm_loss`, `kl_score`, `ev`, `l0`, dead/dense
+        fractions, shrinkage, redundancy, ... logged by the trainer at every eval step."""
+        from tti_dist.sae.splice import splice_metrics
+
+        return splice_metrics(model, self.sae, self.site, batches, self.groups)
+
     def state_dict(self) -> dict:
         """SAE parameters, Adam state, firing tracker, counters (identical on the DP ranks of a TP rank)."""
         import copy

@@ -232,6 +232,10 @@ class Trainer:
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == total):
                     scalars["eval/loss"] = self.evaluate()
                     result.eval_losses[self.step] = scalars["eval/loss"]
+                    for reg in self.regularizers:  # e.g. sae/<site>/* splice metrics
+                        scalars.update(reg.eval_metrics(self.engine.module, self.val_batches))
+                    if self.capture is not None:
+                        self.capture.clear()
                 if scalars:
                     self.metrics.log(self.step, self.step * self.tokens_per_step, scalars)
                 if log_now:
