@@ -231,3 +231,51 @@ def test_sae_fit_not_a_run_dir_subprocess(tmp_path):
     proc = _cli("sae", "fit", str(tmp_path), "--site", FIT_SITE, "--latents", "64", "--k", "4")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("tti: error: RUN:") and "\n" not in proc.stderr.strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_run_tp2(tmp_path_factory):
+    """A TP=2, ZeRO-1 run of 4 steps (2 ranks through the launcher)."""
+    from tti_dist.config import load_config, validate_config
+    from tti_dist.data.build import build_dataset
+    from tti_dist.train.launcher import launch_local
+
+    root = tmp_path_factory.mktemp("saefit_tp2")
+    data = root / "data"
+    build_dataset("stdlib", data, tokenizer="byte", val_fraction=0.05, max_bytes=200_000, overwrite=True)
+    cfg = load_config(None, [
+        "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.max_seq_len=32",
+        "train.steps=4", "optim.warmup_steps=2", "train.micro_batch_size=4", "train.eval_every=0", "train.eval_batches=2",
+        "data.seq_len=32", f"data.path={data}", "logging.progress_bar=false", "checkpoint.every=0",
+        "parallel.tp_size=2", "parallel.dp_size=1", "zero.stage=1",
+    ])
+    validate_config(cfg, world_size=2)
+    run_dir = root / "run"
+    launch_local(cfg, str(run_dir), nproc=2)
+    return run_dir
+
+
+def test_sae_fit_on_a_tp2_zero1_checkpoint(tiny_run_tp2, tmp_path):
+    """The fit runs with the run's sharding (2 ranks, latents split over TP, ZeRO-1 weights)."""
+    out = tmp_path / "fit"
+    proc = _cli("sae", "fit", str(tiny_run_tp2), "--site", FIT_SITE, "--latents", "64", "--k", "4", "--steps", "20",
+                "--lr", "3e-3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "sae_metrics.json").read_text())
+    assert record["tp_size"] == 2
+    m = {k.rsplit("/", 1)[1]: v for k, v in record["metrics"].items()}
+    assert m["ev"] > 0 and 0 < m["l0"] <= 4 and m["ce_zero"] > m["ce_clean"]
+    # Each TP rank saved its half of the latents.
+    shards = [torch.load(out / f"sae_tp_rank0{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
+    assert [s["tp_rank"] for s in shards] == [0, 1] and all(s["tp_size"] == 2 for s in shards)
+    for shard in shards:
+        assert shard["sae"]["W_dec"].shape == (32, 32)  # [d, 64 latents / 2]
+    assert not torch.equal(shards[0]["sae"]["W_dec"], shards[1]["sae"]["W_dec"])
+
+
+def test_sae_fit_latents_not_divisible_by_tp(tiny_run_tp2, capsys):
+    from tti_dist.cli import main
+
+    assert main(["sae", "fit", str(tiny_run_tp2), "--site", FIT_SITE, "--latents", "63", "--k", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tti: error: ") and "63" in err and "\n" not in err
