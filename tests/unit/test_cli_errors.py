@@ -68,6 +68,19 @@ CASES: dict[str, Case] = {
         ["train", SMOKE, "--set", "model.mlp_topk=600", "--run-dir", "{run}"],
         "model.mlp_topk: 600 must be in 0..ffn_size (512)",
     ),
+    "moe_experts_not_divisible_by_ep": Case(
+        ["train", SMOKE, "--set", "model.moe_num_experts=3", "--set", "parallel.tp_size=1",
+         "--set", "parallel.dp_size=2", "--set", "parallel.ep_size=2", "--run-dir", "{run}"],
+        "model.moe_num_experts: 3 is not divisible by parallel.ep_size = 2",
+    ),
+    "moe_with_zero3": Case(
+        ["train", SMOKE, "--set", "model.moe_num_experts=4", "--set", "zero.stage=3", "--run-dir", "{run}"],
+        "zero.stage: 3 is not supported with model.moe_num_experts > 0",
+    ),
+    "moe_top_k_above_experts": Case(
+        ["train", SMOKE, "--set", "model.moe_num_experts=4", "--set", "model.moe_top_k=5", "--run-dir", "{run}"],
+        "model.moe_top_k: 5 must be in 1..moe_num_experts (4)",
+    ),
     "negative_lr": Case(
         ["train", SMOKE, "--set", "optim.lr=-1e-3", "--run-dir", "{run}"],
         "optim.lr: -0.001 must be > 0",

@@ -60,7 +60,7 @@ def tokens():
 
 def test_hookpoint_names_in_data_flow_order(model):
     names = [hp.name for hp in list_hookpoints(model)]
-    expected = ["embed"]
+    expected = ["tokens", "embed"]
     for i in range(2):
         expected += [f"blocks.{i}.{site}" for site in BLOCK_SITES_MODULE_ORDER]
     expected.append("final_norm")
@@ -69,15 +69,15 @@ def test_hookpoint_names_in_data_flow_order(model):
     module_paths = [p for p, m in model.named_modules() if isinstance(m, HookPoint)]
     assert [p.replace("hook_", "") for p in module_paths] == names
     # And exactly the documented set.
-    assert set(names) == {"embed", "final_norm"} | {f"blocks.{i}.{s}" for i in range(2) for s in BLOCK_SITES}
-    assert len(names) == 18
+    assert set(names) == {"tokens", "embed", "final_norm"} | {f"blocks.{i}.{s}" for i in range(2) for s in BLOCK_SITES}
+    assert len(names) == 19
 
 
 def test_tp_sharded_flags_and_global_dims(model):
     for hp in list_hookpoints(model):
         site = hp.name.split(".", 2)[-1] if hp.name.startswith("blocks.") else hp.name
         assert hp.tp_sharded is (site in SHARDED_SITES), hp.name
-        expected_dim = 4 * 32 if site in ("mlp.pre", "mlp.act") else 32
+        expected_dim = 4 * 32 if site in ("mlp.pre", "mlp.act") else 1 if site == "tokens" else 32
         assert hp.global_dim == expected_dim, hp.name
         assert isinstance(hp.module, HookPoint)
         assert hp.module.global_dim == hp.global_dim and hp.module.tp_sharded == hp.tp_sharded
@@ -106,7 +106,7 @@ def test_resolve_glob(model):
 
 
 def test_resolve_star_crosses_dots_and_deduplicates(model):
-    assert len(resolve_hookpoints(model, ["*"], "f")) == 18
+    assert len(resolve_hookpoints(model, ["*"], "f")) == 19
     hits = resolve_hookpoints(model, ["*mlp.a*", "blocks.1.*", "embed"], "f")
     names = [hp.name for hp in hits]
     assert names[:2] == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
@@ -125,7 +125,7 @@ def test_resolve_nothing_is_config_error_with_compact_listing(model):
     msg = str(info.value)
     assert "\n" not in msg
     assert msg == (
-        "regularizers[1].hookpoints[1]: 'blocks.*.mlpp' matches no hookpoint; available: embed, "
+        "regularizers[1].hookpoints[1]: 'blocks.*.mlpp' matches no hookpoint; available: tokens, embed, "
         "blocks.{0..1}.resid_pre, blocks.{0..1}.attn.z, blocks.{0..1}.attn.out, blocks.{0..1}.resid_mid, "
         "blocks.{0..1}.mlp.pre, blocks.{0..1}.mlp.act, blocks.{0..1}.mlp.out, blocks.{0..1}.resid_post, "
         "final_norm"
@@ -173,6 +173,7 @@ def test_capture_values_follow_the_dataflow(model, tokens):
         got = dict(cap.captured)
     assert set(got) == {hp.name for hp in list_hookpoints(model)}
     B, T = tokens.shape
+    assert torch.equal(got.pop("tokens"), tokens)
     for name, t in got.items():
         dim = 128 if name.endswith(("mlp.pre", "mlp.act")) else 32
         assert t.shape == (B, T, dim), name
@@ -245,7 +246,7 @@ def test_hooks_removed_after_exit(model, tokens):
         with ActivationCapture(hits) as cap:
             assert all(len(hp.module._forward_hooks) == before[hp.name] + 1 for hp in hits)
             model(tokens)
-            assert len(cap.captured) == 18
+            assert len(cap.captured) == 19
         assert cap.captured == {}
         model(tokens)
         assert cap.captured == {}
@@ -366,7 +367,7 @@ def test_bottleneck_hookpoints_follow_resid_post_and_match_static_names(bn_model
 
     hps = list_hookpoints(bn_model)
     names = [hp.name for hp in hps]
-    expected = ["embed"]
+    expected = ["tokens", "embed"]
     for i in range(3):
         expected += [f"blocks.{i}.{s}" for s in BLOCK_SITES_MODULE_ORDER]
         expected += [f"blocks.{i}.{s}" for s in BOTTLENECK_SITES_ORDER] if i == 1 else []

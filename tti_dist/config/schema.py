@@ -80,11 +80,53 @@ class ModelConfig:
     bottleneck_dim: int = 16
     """Latent dimension of the bottleneck (tp_size must divide it); used only with
     bottleneck_layer set."""
+    moe_num_experts: int = 0
+    """Mixture of experts (DeepSpeed MoE): experts per MoE layer; 0 means a dense model.
+    The MoE layers replace the MLP of every moe_layer_interval-th block; experts are split
+    across parallel.ep_size expert-parallel ranks (which must divide this), and each expert
+    is itself tensor-parallel like the dense MLP. Hookpoints blocks.{i}.moe.{router_logits,
+    router_probs,expert,out}. Not available with zero.stage 3 (docs/moe.md)."""
+    moe_top_k: int = 1
+    """Experts each token is routed to (1: Switch, 2: GShard), 1..moe_num_experts. The
+    first expert is the router's argmax; with top-2 the second is the next-highest logit
+    (deterministic: DeepSpeed's Gumbel sampling of the second expert is off)."""
+    moe_layer_interval: int = 1
+    """Block i is an MoE block when (i + 1) % moe_layer_interval == 0: 1 makes every block
+    MoE, 2 every second block (blocks 1, 3, ...), as in GShard and Switch."""
+    moe_capacity_factor: float = 1.25
+    """Training capacity per expert, in multiples of the even share: each expert takes at
+    most max(ceil(tokens / experts * capacity_factor * top_k), moe_min_capacity) routes per
+    micro-batch of one rank; routes over capacity are dropped (the token passes through the
+    residual connection only) and reported as moe/<layer>/dropped_frac."""
+    moe_eval_capacity_factor: float = 2.0
+    """Capacity factor in eval mode (validation, probes, `tti sae fit`)."""
+    moe_min_capacity: int = 4
+    """Lower bound on an expert's capacity, in routes; at most the tokens of one micro-batch."""
+    moe_drop_tokens: bool = True
+    """Drop routes over capacity. False sizes the capacity to the busiest expert of the
+    expert-parallel group at every step (no token is dropped; memory varies by step)."""
+    moe_ffn_hidden_size: int | None = None
+    """Hidden width of each expert's MLP; None means the dense MLP's width (ffn_size).
+    tp_size must divide it."""
 
     @property
     def ffn_size(self) -> int:
         """The MLP hidden width actually used."""
         return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Hidden width of each expert's MLP."""
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_size
+
+    def is_moe_block(self, layer_index: int) -> bool:
+        """Whether block `layer_index` holds an MoE layer instead of the dense MLP."""
+        return self.moe_num_experts > 0 and (layer_index + 1) % self.moe_layer_interval == 0
+
+    @property
+    def moe_blocks(self) -> tuple[int, ...]:
+        """Indices of the MoE blocks, in order (empty for a dense model)."""
+        return tuple(i for i in range(self.num_layers) if self.is_moe_block(i))
 
     @property
     def padded_vocab_size(self) -> int:
@@ -101,6 +143,10 @@ class ParallelConfig:
     """Tensor-parallel degree (megatron-core): heads, MLP hidden units and vocabulary are split."""
     dp_size: int = 1
     """Data-parallel degree: replicas (or ZeRO shards) that see different batches."""
+    ep_size: int = 1
+    """Expert-parallel degree for MoE layers: each expert lives on one of ep_size ranks of a
+    data-parallel group (ep_size must divide dp_size and model.moe_num_experts); tokens
+    reach their experts by all-to-all within that group. The layout is in docs/moe.md."""
 
     @property
     def world_size(self) -> int:

@@ -86,6 +86,38 @@ def _validate_model(cfg: RunConfig) -> None:
             f"model.bottleneck_layer: {m.bottleneck_layer!r} must be a block index in 0..{m.num_layers - 1} or null"
         )
     _positive(m.bottleneck_dim, "model.bottleneck_dim")
+    _validate_moe(cfg)
+
+
+def _validate_moe(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.moe_num_experts < 0:
+        raise ConfigError(f"model.moe_num_experts: {m.moe_num_experts!r} must be >= 0 (0: dense model)")
+    if m.moe_num_experts == 0:
+        return
+    if not 1 <= m.moe_top_k <= m.moe_num_experts:
+        raise ConfigError(
+            f"model.moe_top_k: {m.moe_top_k!r} must be in 1..moe_num_experts ({m.moe_num_experts})"
+        )
+    if not 1 <= m.moe_layer_interval <= m.num_layers:
+        raise ConfigError(
+            f"model.moe_layer_interval: {m.moe_layer_interval!r} must be in 1..num_layers ({m.num_layers})"
+        )
+    _positive(m.moe_capacity_factor, "model.moe_capacity_factor")
+    _positive(m.moe_eval_capacity_factor, "model.moe_eval_capacity_factor")
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    if not 0 <= m.moe_min_capacity <= tokens:
+        raise ConfigError(
+            f"model.moe_min_capacity: {m.moe_min_capacity!r} must be in 0..{tokens} (the tokens of one "
+            f"micro-batch: train.micro_batch_size x data.seq_len)"
+        )
+    if m.moe_ffn_hidden_size is not None:
+        _positive(m.moe_ffn_hidden_size, "model.moe_ffn_hidden_size")
+    if cfg.zero.stage == 3:
+        raise ConfigError(
+            "zero.stage: 3 is not supported with model.moe_num_experts > 0 (DeepSpeed's MoE does not run "
+            "under ZeRO-3, and Megatron's MoE averages different experts' gradients there); use stage 0, 1 or 2"
+        )
 
 
 def _validate_parallel(cfg: RunConfig, world_size: int | None) -> None:
@@ -99,9 +131,23 @@ def _validate_parallel(cfg: RunConfig, world_size: int | None) -> None:
         ("model.ffn_hidden_size", m.ffn_size),
         ("model.vocab_size (padded to vocab_pad_multiple)", m.padded_vocab_size),
         *((("model.bottleneck_dim", m.bottleneck_dim),) if m.bottleneck_layer is not None else ()),
+        *((("model.moe_ffn_hidden_size (ffn_size when null)", m.expert_ffn_size),) if m.moe_num_experts else ()),
     ):
         if size % tp:
             raise ConfigError(f"parallel.tp_size: {tp} must divide {field} = {size}")
+    _positive(p.ep_size, "parallel.ep_size")
+    if p.ep_size > 1 and m.moe_num_experts == 0:
+        raise ConfigError(f"parallel.ep_size: {p.ep_size} needs an MoE model; set model.moe_num_experts or use ep_size 1")
+    if m.moe_num_experts % p.ep_size:
+        raise ConfigError(
+            f"model.moe_num_experts: {m.moe_num_experts} is not divisible by parallel.ep_size = {p.ep_size}; "
+            "each expert-parallel rank holds the same number of experts"
+        )
+    if p.dp_size % p.ep_size:
+        raise ConfigError(
+            f"parallel.ep_size: {p.ep_size} must divide parallel.dp_size = {p.dp_size} (expert-parallel "
+            "groups are carved out of the data-parallel group)"
+        )
     if world_size is not None and world_size != p.world_size:
         raise ConfigError(
             f"parallel: tp_size * dp_size = {tp} * {p.dp_size} = {p.world_size} "
@@ -207,6 +253,16 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
         notes.append(f"model.mlp_topk_by: {m.mlp_topk_by!r} is ignored with mlp_topk 0")
     if m.mlp_mask_density == 1.0 and m.mlp_mask_seed != ModelConfig.mlp_mask_seed:
         notes.append(f"model.mlp_mask_seed: {m.mlp_mask_seed} is ignored with mlp_mask_density 1.0")
+    if m.moe_num_experts == 0:
+        for name in ("moe_top_k", "moe_layer_interval", "moe_capacity_factor", "moe_eval_capacity_factor",
+                     "moe_min_capacity", "moe_drop_tokens", "moe_ffn_hidden_size"):
+            if getattr(m, name) != getattr(ModelConfig, name):
+                notes.append(f"model.{name}: {getattr(m, name)!r} is ignored with moe_num_experts 0")
+    elif len(m.moe_blocks) == m.num_layers:
+        for name in ("mlp_topk", "mlp_mask_density"):
+            if getattr(m, name) != getattr(ModelConfig, name):
+                notes.append(f"model.{name}: {getattr(m, name)!r} is ignored: every block is an MoE block "
+                             "(it applies to the dense MLP only)")
     if m.bottleneck_layer is None and m.bottleneck_dim != ModelConfig.bottleneck_dim:
         notes.append(f"model.bottleneck_dim: {m.bottleneck_dim} is ignored with bottleneck_layer null")
     if cfg.zero.stage in (0, 3) and cfg.zero.allgather_bucket_size != ZeroConfig.allgather_bucket_size:

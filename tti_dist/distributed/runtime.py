@@ -89,7 +89,11 @@ def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> Paralle
 
 
 def shutdown_parallel() -> None:
-    """Tear down megatron-core groups and the default process group (idempotent)."""
+    """Tear down megatron-core groups, DeepSpeed's expert-parallel groups and the default
+    process group (idempotent)."""
+    from tti_dist.models.moe import reset_expert_parallel_state
+
+    reset_expert_parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

@@ -153,12 +153,16 @@ class ParallelMLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)).
 
+    In an MoE block (cfg.is_moe_block) the MLP is a `RoutedMLP` (models/moe.py) named
+    `moe`, with hookpoints `moe.{router_logits,router_probs,expert,out}` instead of `mlp.*`.
+
     Hookpoints: `resid_pre`, `resid_mid`, `resid_post` (replicated across TP). In the block
     with index cfg.bottleneck_layer a stochastic bottleneck (models/bottleneck.py) follows
     resid_post and replaces the stream with dec(z): `bottleneck.{mu,logvar,z,out}`.
     """
 
-    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int, layer_index: int):
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int, layer_index: int,
+                 ep_size: int = 1):
         super().__init__()
         self.layer_index = layer_index
         self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
@@ -166,7 +170,14 @@ class Block(nn.Module):
         self.attn = ParallelAttention(cfg, mp_config, tp_group, tp_size)
         self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
-        self.mlp = ParallelMLP(cfg, mp_config, tp_group, layer_index)
+        if cfg.is_moe_block(layer_index):
+            from tti_dist.models.moe import RoutedMLP  # imports deepspeed: only for MoE models
+
+            self.moe = RoutedMLP(cfg, mp_config, tp_group, layer_index, ep_size)
+            self.mlp = None
+        else:
+            self.moe = None
+            self.mlp = ParallelMLP(cfg, mp_config, tp_group, layer_index)
         self.hook_resid_post = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.drop = nn.Dropout(cfg.dropout)
         # Registered after hook_resid_post (and applied after it): hookpoints stay in data-flow order.
@@ -177,7 +188,8 @@ class Block(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(x_BTD)
         x = self.hook_resid_mid(x + self.drop(self.attn(self.ln1(x))))
-        x = self.hook_resid_post(x + self.drop(self.mlp(self.ln2(x))))
+        ffn = self.moe if self.moe is not None else self.mlp
+        x = self.hook_resid_post(x + self.drop(ffn(self.ln2(x))))
         if self.bottleneck is not None:
             x = self.bottleneck(x)
         return x

@@ -46,17 +46,20 @@ def megatron_config(tp_size: int) -> ModelParallelConfig:
 class GPT(nn.Module):
     """Decoder-only transformer LM, tensor-parallel over `tp_group`.
 
-    Hookpoints (see `tti_dist.capture.list_hookpoints`): `embed` (embeddings), and per block i:
+    Hookpoints (see `tti_dist.capture.list_hookpoints`): `tokens` (the int64 input ids
+    [batch, seq], for objectives keyed on token identity), `embed` (embeddings), and per block i:
     `blocks.{i}.resid_pre`, `.attn.z`, `.attn.out`, `.resid_mid`, `.mlp.pre`, `.mlp.act`,
     `.mlp.out`, `.resid_post` (and `.bottleneck.{mu,logvar,z,out}` in the block with index
-    cfg.bottleneck_layer); finally `final_norm` (input to the unembedding). `attn.z`, `mlp.pre` and `mlp.act`
+    cfg.bottleneck_layer; MoE blocks have `.moe.{router_logits,router_probs,expert,out}` in
+    place of `.mlp.*`, see models/moe.py); finally `final_norm` (input to the unembedding). `attn.z`, `mlp.pre` and `mlp.act`
     are TP-sharded (this rank's heads / hidden units); the rest are replicated.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup):
+    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, ep_size: int = 1):
         super().__init__()
         self.cfg = cfg
         tp_size = dist.get_world_size(tp_group)
+        self.hook_tokens = HookPoint(1, tp_sharded=False)
         mp_config = megatron_config(tp_size)
         self.embedding = VocabParallelEmbedding(
             cfg.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
@@ -68,7 +71,7 @@ class GPT(nn.Module):
             nn.init.normal_(self.position_embedding.weight, mean=0.0, std=cfg.init_std)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.hook_embed = HookPoint(cfg.hidden_size, tp_sharded=False)
-        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size, i, ep_size) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.hook_final_norm = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.output_layer = ColumnParallelLinear(
@@ -76,9 +79,14 @@ class GPT(nn.Module):
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             tp_group=tp_group,
         )
+        if cfg.moe_num_experts:
+            from tti_dist.models.moe import setup_expert_parallel
+
+            setup_expert_parallel(self, ep_size)
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Local logit shard [batch, seq, padded_vocab / tp_size] for int64 tokens [batch, seq]."""
+        tokens_BT = self.hook_tokens(tokens_BT)
         x = self.embedding(tokens_BT)
         if self.position_embedding is not None:
             positions = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
@@ -123,6 +131,10 @@ def count_parameters(cfg: ModelConfig) -> int:
     ln = d * (1 + b)
     per_block = 2 * ln + (d * 3 * d + b * 3 * d) + (d * d + b * d) + (d * f + b * f) + (f * d + b * d)
     total = v * d + n * per_block + ln
+    if cfg.moe_num_experts:
+        fe, e = cfg.expert_ffn_size, cfg.moe_num_experts
+        moe_mlp = d * e + e * ((d * fe + b * fe) + (fe * d + b * d))  # router + experts
+        total += len(cfg.moe_blocks) * (moe_mlp - ((d * f + b * f) + (f * d + b * d)))
     if cfg.position_embedding == "learned":
         total += cfg.max_seq_len * d
     if not cfg.tie_embeddings:

@@ -182,7 +182,7 @@ def load_frozen_model(plan: FitPlan, groups):
     from tti_dist.train.seeding import seed_weights
 
     seed_weights(plan.cfg.train.seed)
-    model = GPT(plan.cfg.model, groups.tp_group)
+    model = GPT(plan.cfg.model, groups.tp_group, plan.cfg.parallel.ep_size)
     state = tp_rank_state_dict(Path(plan.ckpt_dir), plan.tag, groups.tp_rank, plan.cfg.zero.stage)
     model.load_state_dict(state, strict=True)
     model.to(groups.device).eval().requires_grad_(False)

@@ -49,10 +49,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    from deepspeed.moe.utils import is_moe_param
+
+    if any(is_moe_param(p) for p in model.parameters()):
+        # DeepSpeed reduces expert parameters over their expert-data-parallel group and
+        # requires them in optimizer groups of their own (marked moe: True).
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, groups: ParallelGroups):
@@ -101,11 +110,29 @@ def grad_norm_now(engine) -> torch.Tensor:
     contribute on every TP rank, replicated ones on TP rank 0 only; the squared sums are
     all-reduced over the model-parallel group by get_global_norm_of_tensors.
     """
+    from deepspeed.moe.utils import is_moe_param
     from deepspeed.runtime.utils import get_global_norm_of_tensors, is_model_parallel_parameter
 
     tp_rank = engine.mpu.get_model_parallel_rank()
     grads = [
         p.grad for p in engine.module.parameters()
-        if p.grad is not None and (tp_rank == 0 or is_model_parallel_parameter(p))
+        if p.grad is not None and not is_moe_param(p) and (tp_rank == 0 or is_model_parallel_parameter(p))
     ]
-    return get_global_norm_of_tensors(grads, norm_type=2, mpu=engine.mpu)
+    norm = get_global_norm_of_tensors(grads, norm_type=2, mpu=engine.mpu)
+    experts = [p for p in engine.module.parameters() if p.grad is not None and is_moe_param(p)]
+    if not experts:
+        return norm
+    # Expert parameters: each EP rank holds different experts, each TP rank a different
+    # shard of them (all expert weights are TP-sharded or, for fc2's bias, replicated).
+    # Their squared norms add over the expert-parallel group and the TP group.
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+
+    device = experts[0].grad.device
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for p in experts:
+        if tp_rank == 0 or is_model_parallel_parameter(p):
+            squares += p.grad.detach().float().pow(2).sum()
+    dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())
+    dist.all_reduce(squares, group=ds_groups._get_expert_parallel_group(experts[0].group_name))
+    return torch.sqrt(torch.as_tensor(norm, dtype=torch.float32, device=device) ** 2 + squares)

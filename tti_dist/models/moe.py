@@ -1,0 +1,329 @@
+"""Mixture-of-experts MLP on DeepSpeed's MoE layer, with its routing exposed as hookpoints.
+
+    x -> router logits l = W_g x (fp32) -> top-k experts per token (capacity-limited)
+      -> all-to-all to the experts' ranks -> expert MLPs -> all-to-all back
+      -> sum_r gate_r * expert_r(x)
+
+The layer is `deepspeed.moe.layer.MoE` (DESIGN.md section 3: Megatron's MoE does not run
+under DeepSpeed ZeRO; DeepSpeed's does, at stages 0-2). Three things are ours:
+
+- `ExpertMLP`: each expert is a tensor-parallel MLP (megatron-core column-/row-parallel
+  linears, like the dense `ParallelMLP`), so an expert's hidden units are split across the
+  TP group and DeepSpeed runs in its expert-tensor-parallel mode. Expert weights are drawn
+  from a seed per (layer, global expert id): the same at every TP and EP degree.
+- `LegibleGate`: DeepSpeed's `TopKGate` whose forward also hands the router logits, the
+  router probabilities and each token's experts to hookpoints, so routing regularizers
+  and metrics read them through the common capture interface. It calls DeepSpeed's own
+  gating functions (top1gating / top2gating / topkgating), so routing, capacity and
+  token dropping are DeepSpeed's. One difference: the second expert of top-2 is the
+  next-highest logit (no Gumbel sampling: routes stay deterministic and legible).
+- `TensorParallelExpertsLayer`: DeepSpeed's MOELayer forward for TP-sharded experts
+  without its TP split/re-gather of the capacity buffer (see its docstring).
+- Process groups: `setup_expert_parallel` creates DeepSpeed's expert-parallel (EP) and
+  expert-data-parallel (EDP) groups from megatron-core's layout before the engine exists
+  (docs/moe.md has the layout).
+
+Hookpoints (module `blocks.{i}.moe`): `router_logits`, `router_probs` ([B, T, E], fp32,
+replicated across TP), `expert` (int64 [B, T, k]: expert of each route, first choice first,
+-1 where the capacity limit dropped the route) and `out` ([B, T, d]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from tti_dist.capture.hookpoints import HookPoint
+from tti_dist.config.schema import ModelConfig
+
+_EXPERT_SEED_STRIDE = 1_000_003
+"""Distance between the init seeds of consecutive global experts of one layer."""
+
+
+def _normal_init(std: float):
+    def init(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+def import_deepspeed_moe():
+    """deepspeed.moe (imported with the CPU accelerator when no GPU is visible)."""
+    from tti_dist.train.engine import import_deepspeed
+
+    import_deepspeed()
+    import deepspeed.moe.layer
+    import deepspeed.moe.sharded_moe
+
+    return deepspeed.moe
+
+
+class ExpertMLP(nn.Module):
+    """One expert: column-parallel fc1 -> activation -> row-parallel fc2, hidden units split
+    across the TP group (as in `ParallelMLP`).
+
+    Weights come from `init_seed` alone (the global RNG is left untouched), and megatron's
+    CPU initialisation draws the full master weight and keeps this rank's slice, so an
+    expert is the same at every TP and EP degree.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, init_seed: int):
+        super().__init__()
+        self.activation = F.relu if cfg.mlp_activation == "relu" else F.gelu
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.fc1 = ColumnParallelLinear(
+                cfg.hidden_size, cfg.expert_ffn_size, config=mp_config, init_method=_normal_init(cfg.init_std),
+                bias=cfg.bias, gather_output=False, tp_group=tp_group,
+            )
+            self.fc2 = RowParallelLinear(
+                cfg.expert_ffn_size, cfg.hidden_size, config=mp_config, init_method=_normal_init(out_std),
+                bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed hands an expert [ep_size, 1, capacity, d]; megatron's linears expect
+        # three dimensions (their backward flattens the first two).
+        shape = x.shape
+        h, _ = self.fc1(x.reshape(-1, shape[-2], shape[-1]))
+        out, _ = self.fc2(self.activation(h))
+        return out.reshape(shape)
+
+
+def _make_gate_class():
+    """LegibleGate, defined once deepspeed is importable (it subclasses DeepSpeed's gate)."""
+    moe = import_deepspeed_moe()
+    sharded = moe.sharded_moe
+
+    class LegibleGate(sharded.TopKGate):
+        """DeepSpeed's TopKGate, reporting its routing to the parent layer's hookpoints."""
+
+        def __init__(self, model_dim: int, num_experts: int, k: int, capacity_factor: float,
+                     eval_capacity_factor: float, min_capacity: int, drop_tokens: bool):
+            super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
+                             noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=True, ep_group=None,
+                             top2_2nd_expert_sampling=False)
+            # Set by RoutedMLP before each call: the hookpoints (held in a tuple so they stay
+            # children of RoutedMLP, whose names they carry) and the [B, T] shape of the tokens.
+            self.hooks: tuple[HookPoint, HookPoint, HookPoint] | None = None
+            self.token_shape: tuple[int, int] | None = None
+            # Detached counts of the latest forward, for the moe/* train metrics.
+            self.last_stats: dict[str, torch.Tensor] | None = None
+
+        def _set_ep_group(self, ep_group):
+            # DeepSpeed's engine sets the group again at initialize; the same group is fine.
+            if self.ep_group is not None and self.ep_group is not ep_group:
+                raise RuntimeError("the gate's expert-parallel group is already set to a different group")
+            self.ep_group = ep_group
+
+        def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None,
+                    sparse_routes: bool = False, use_tutel: bool = False):
+            if not sparse_routes:
+                raise RuntimeError("LegibleGate serves DeepSpeed's MOELayer, which asks for sparse routes")
+            logits_hook, probs_hook, expert_hook = self.hooks
+            B, T = self.token_shape
+            E, k = self.wg.weight.shape[0], self.k
+            logits = F.linear(input.float(), self.wg.weight.float())
+            logits = logits_hook(logits.view(B, T, E)).reshape(B * T, E)
+            probs_hook(F.softmax(logits, dim=-1).view(B, T, E))
+            cf = self.capacity_factor if self.training else self.eval_capacity_factor
+            if k == 1:
+                out = sharded.top1gating(logits, cf, self.min_capacity, used_token, None, self.drop_tokens,
+                                         self.use_rts, self.ep_group, sparse_routes=True)
+            elif k == 2:
+                # top2gating adds to its logits in place when sampling; pass a copy regardless.
+                out = sharded.top2gating(logits.clone(), cf, self.min_capacity, self.drop_tokens, self.ep_group,
+                                         False, sparse_routes=True)
+            else:
+                out = sharded.topkgating(logits, k, cf, self.min_capacity, self.drop_tokens, self.ep_group,
+                                         sparse_routes=True)
+            l_aux, capacity, num_experts, indices_KS, locations, gates, exp_counts = out
+            capacity = int(capacity)
+            expert_hook(indices_KS.t().long().reshape(B, T, k))
+            with torch.no_grad():
+                probs = F.softmax(logits.detach(), dim=-1)
+                self.last_stats = {
+                    # First choice before the capacity limit (DeepSpeed's top-1 `mask1`).
+                    "first_choice_counts": torch.bincount(logits.detach().argmax(-1), minlength=E).float(),
+                    "dropped_routes": (indices_KS < 0).sum().float(),
+                    "routes": torch.tensor(float(indices_KS.numel()), device=logits.device),
+                    "entropy_sum": torch.special.entr(probs).sum(),
+                    "tokens": torch.tensor(float(B * T), device=logits.device),
+                    "capacity": torch.tensor(float(capacity), device=logits.device),
+                }
+            return l_aux, capacity, num_experts, indices_KS, locations, gates, exp_counts
+
+    class TensorParallelExpertsLayer(sharded.MOELayer):
+        """DeepSpeed's MOELayer for experts that are themselves tensor-parallel.
+
+        Every TP rank holds the same tokens and routing, and a shard of every local
+        expert, so each TP rank sends the whole capacity buffer through the all-to-all of
+        its EP group (EP groups never mix TP ranks) and its expert shards see all routed
+        tokens; the row-parallel fc2 completes each expert's output over TP. DeepSpeed's
+        own forward instead splits the buffer across TP ranks and re-gathers it with a flat
+        all_gather_into_tensor, which gloo rejects; this forward is DeepSpeed's without
+        those two steps (same dispatch, all-to-all and combine helpers).
+        """
+
+        def forward(self, *inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+            x = inputs[0]
+            used_token = inputs[1] if len(inputs) > 1 else None
+            d = x.shape[-1]
+            tokens_SD = x.reshape(-1, d)
+            self.l_aux, capacity, E, indices, locations, gates, self.exp_counts = self.gate(
+                tokens_SD, used_token, True, False)
+            slots = sharded._route_slots(indices, locations, E, capacity)
+            dispatched_ECD = sharded._sparse_encode(tokens_SD, slots, E, capacity)
+            if self.ep_size > 1:
+                dispatched_ECD = sharded._AllToAll.apply(self.ep_group, dispatched_ECD)
+            # After the all-to-all: [source EP rank, local expert, capacity, d].
+            dispatched = dispatched_ECD.reshape(self.ep_size, self.num_local_experts, -1, d)
+            expert_out = self.experts(dispatched).reshape(self.ep_size * self.num_local_experts, -1, d)
+            if self.ep_size > 1:
+                expert_out = sharded._AllToAll.apply(self.ep_group, expert_out)
+            combined = sharded._sparse_decode(expert_out.reshape(E * capacity, d), slots, gates, tokens_SD.shape[0])
+            return combined.reshape(x.shape)
+
+    return LegibleGate, TensorParallelExpertsLayer
+
+
+_CLASSES = None
+
+
+def moe_classes():
+    """(LegibleGate, TensorParallelExpertsLayer), built on first use (they subclass DeepSpeed's)."""
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _make_gate_class()
+    return _CLASSES
+
+
+class RoutedMLP(nn.Module):
+    """The MoE layer of an MoE block: DeepSpeed MoE with TP-sharded experts and legible routing.
+
+    Hookpoints: `router_logits`, `router_probs`, `expert`, `out` (see the module docstring).
+    `routing_stats()` returns detached counts of the latest forward for the `moe/*` train metrics.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, layer_index: int, ep_size: int):
+        super().__init__()
+        moe = import_deepspeed_moe()
+        E, k = cfg.moe_num_experts, cfg.moe_top_k
+        self.layer_index = layer_index
+        self.num_experts, self.top_k = E, k
+        # Registered in data-flow order (list_hookpoints follows module order).
+        self.hook_router_logits = HookPoint(E, tp_sharded=False)
+        self.hook_router_probs = HookPoint(E, tp_sharded=False)
+        self.hook_expert = HookPoint(k, tp_sharded=False)
+        # The template expert is replaced below: DeepSpeed deep-copies it, and megatron's
+        # layers hold process groups, which do not deep-copy.
+        self.layer = moe.layer.MoE(
+            hidden_size=cfg.hidden_size, expert=nn.Identity(), num_experts=E, ep_size=ep_size, k=k,
+            capacity_factor=cfg.moe_capacity_factor, eval_capacity_factor=cfg.moe_eval_capacity_factor,
+            min_capacity=cfg.moe_min_capacity, drop_tokens=cfg.moe_drop_tokens, use_rts=True,
+            enable_expert_tensor_parallelism=True, top2_2nd_expert_sampling=False,
+        )
+        self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
+        gate_cls, layer_cls = moe_classes()
+        gate = gate_cls(cfg.hidden_size, E, k, cfg.moe_capacity_factor, cfg.moe_eval_capacity_factor,
+                        cfg.moe_min_capacity, cfg.moe_drop_tokens)
+        nn.init.normal_(gate.wg.weight, mean=0.0, std=cfg.init_std)
+        gate.hooks = (self.hook_router_logits, self.hook_router_probs, self.hook_expert)
+        ds_layer = self.layer.deepspeed_moe
+        inner = layer_cls(gate, ds_layer.experts, ds_layer.ep_group_name, ds_layer.ep_size, ds_layer.num_local_experts)
+        self.layer.deepspeed_moe = inner
+        # One draw from the global RNG (identical on every rank) seeds this layer's experts.
+        base_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        ep_rank = self._expected_ep_rank(ep_size)
+        num_local = E // ep_size
+        experts = nn.ModuleList(
+            ExpertMLP(cfg, mp_config, tp_group, base_seed + _EXPERT_SEED_STRIDE * (ep_rank * num_local + j))
+            for j in range(num_local)
+        )
+        for param in experts.parameters():
+            # DeepSpeed's marks for expert parameters: reduced over the expert-data-parallel
+            # group (not the DP group), in optimizer groups of their own.
+            param.allreduce = False
+            param.group_name = self.layer.expert_group_name
+        inner.experts.deepspeed_experts = experts
+        self.ep_size = ep_size
+        self.ep_rank = ep_rank
+        self.num_local_experts = num_local
+
+    @staticmethod
+    def _expected_ep_rank(ep_size: int) -> int:
+        """This rank's position in its expert-parallel group (setup_expert_parallel's layout:
+        EP groups are consecutive blocks of ep_size ranks of the DP group)."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank() % ep_size
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        gate = self.layer.deepspeed_moe.gate
+        gate.token_shape = (B, T)
+        out, _, _ = self.layer(x_BTD)
+        return self.hook_out(out)
+
+    def routing_stats(self) -> dict[str, torch.Tensor] | None:
+        """Detached counts of the latest forward (None before the first): first_choice_counts
+        [E] (tokens whose router argmax is e, before the capacity limit), dropped_routes and
+        routes (routes over capacity / all routes), entropy_sum (sum over tokens of the
+        routing entropy, nats), tokens, capacity (routes per expert)."""
+        return self.layer.deepspeed_moe.gate.last_stats
+
+
+def setup_expert_parallel(model: nn.Module, ep_size: int) -> None:
+    """Create DeepSpeed's expert-parallel groups for every RoutedMLP of `model` (collective).
+
+    DeepSpeed would create them inside `deepspeed.initialize`; doing it here lets the model
+    run before (and without) an engine, e.g. in tests and `tti sae fit`. In the expert-TP
+    mode DeepSpeed builds the groups from the mpu's layout: each DP group of Megatron's
+    rank order is cut into consecutive blocks of ep_size ranks (the EP groups: all-to-all),
+    and ranks at the same position of those blocks, within one TP lane, form the
+    expert-data-parallel groups (experts' gradient all-reduce).
+    """
+    routed = [m for m in model.modules() if isinstance(m, RoutedMLP)]
+    if not routed:
+        return
+    import_deepspeed_moe()
+    import deepspeed.comm
+    from deepspeed.utils import groups
+
+    from tti_dist.distributed.mpu import MegatronMpu
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
+                                        dist_init_required=False, verbose=False)
+    if groups.mpu is None:
+        groups.mpu = MegatronMpu()
+    for module in routed:
+        module.layer.set_deepspeed_parallelism()
+        ep_group = groups._get_expert_parallel_group(module.layer.expert_group_name)
+        if dist.get_rank(ep_group) != module.ep_rank:
+            raise RuntimeError(
+                f"expert-parallel rank {dist.get_rank(ep_group)} differs from the expected {module.ep_rank}: "
+                "DeepSpeed's group layout changed"
+            )
+
+
+def reset_expert_parallel_state() -> None:
+    """Forget DeepSpeed's expert-parallel groups and mpu (when the process groups are torn
+    down, e.g. between in-process runs), if deepspeed was imported at all."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS"):
+        getattr(groups, name).clear()
+    groups.mpu = None
+    groups.expert_tensor_parallel_world_size = 1
