@@ -308,12 +308,18 @@ class DistributedBatchLoader:
         partial tail is skipped), so the result equals the first `num_batches` batches of a
         fresh `shuffle=False` loader.
         """
+        return [batch["tokens"] for batch in self.fixed_batches_columns(num_batches, ())]
+
+    def fixed_batches_columns(self, num_batches: int, columns: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+        """`fixed_batches` with extra per-token columns: each batch is {"tokens": ..., column: ...}
+        (int64 `[micro_batch_size, seq_len + 1]`, aligned position by position), e.g. the
+        synthetic corpus's ground-truth factors for a probe set."""
         if self.split != "val":
             raise ValueError("fixed_batches is for the validation split; this loader reads 'train'")
         if num_batches < 0:
             raise ValueError(f"num_batches must be >= 0, got {num_batches}")
         order = np.arange(self._num_windows)
-        return [self._batch_at(order, k % self._batches_per_epoch)["tokens"] for k in range(num_batches)]
+        return [self._batch_at(order, k % self._batches_per_epoch, columns) for k in range(num_batches)]
 
 
 def _check_split(split: str) -> str:

@@ -64,6 +64,25 @@ def import_deepspeed_moe():
     return deepspeed.moe
 
 
+def _empty_extra_state(self) -> torch.Tensor:
+    # megatron's linears report `_extra_state = None` (a placeholder for Transformer Engine);
+    # DeepSpeed's per-expert checkpoint writer clones every state_dict value of an expert,
+    # which fails on None. An empty tensor saves and loads (megatron ignores it on load).
+    return torch.empty(0)
+
+
+class _ExpertColumnParallelLinear(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear with a tensor (empty) as its extra state."""
+
+    get_extra_state = _empty_extra_state
+
+
+class _ExpertRowParallelLinear(RowParallelLinear):
+    """megatron's RowParallelLinear with a tensor (empty) as its extra state."""
+
+    get_extra_state = _empty_extra_state
+
+
 class ExpertMLP(nn.Module):
     """One expert: column-parallel fc1 -> activation -> row-parallel fc2, hidden units split
     across the TP group (as in `ParallelMLP`).
@@ -79,11 +98,11 @@ class ExpertMLP(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            self.fc1 = ColumnParallelLinear(
+            self.fc1 = _ExpertColumnParallelLinear(
                 cfg.hidden_size, cfg.expert_ffn_size, config=mp_config, init_method=_normal_init(cfg.init_std),
                 bias=cfg.bias, gather_output=False, tp_group=tp_group,
             )
-            self.fc2 = RowParallelLinear(
+            self.fc2 = _ExpertRowParallelLinear(
                 cfg.expert_ffn_size, cfg.hidden_size, config=mp_config, init_method=_normal_init(out_std),
                 bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
             )

@@ -4,7 +4,7 @@ Importing this package registers every built-in type (see base.REGISTRY).
 """
 
 # Importing the modules registers their types.
-from tti_dist.regularizers import decorrelation, kl, l1, orthogonality, sae, total_correlation  # noqa: F401
+from tti_dist.regularizers import decorrelation, kl, l1, orthogonality, routing, sae, total_correlation  # noqa: F401
 from tti_dist.regularizers.base import (
     REGISTRY,
     Regularizer,

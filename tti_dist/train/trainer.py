@@ -33,6 +33,7 @@ from tti_dist.regularizers.base import build_regularizers, parse_specs
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
+from tti_dist.train.moe_metrics import RoutingStatsAccumulator
 from tti_dist.train.seeding import seed_runtime, seed_weights
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class TrainResult:
     """Tag of the last checkpoint saved."""
 
 
-def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatchLoader, list[torch.Tensor]]:
-    """Train loader for this DP rank and the fixed validation micro-batches."""
+def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatchLoader, list[dict[str, torch.Tensor]]]:
+    """Train loader for this DP rank and the fixed validation micro-batches, each
+    {"tokens": ..., "factor_<name>": ...} (the dataset's ground-truth factor columns, if any)."""
     windows = run_windows(cfg)
     train = DistributedBatchLoader(
         windows, "train", cfg.train.micro_batch_size, groups.dp_rank, groups.dp_size, cfg.train.seed
@@ -61,7 +63,8 @@ def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatch
     val = DistributedBatchLoader(
         windows, "val", cfg.train.micro_batch_size, groups.dp_rank, groups.dp_size, cfg.train.seed, shuffle=False
     )
-    return train, val.fixed_batches(cfg.train.eval_batches)
+    factors = tuple(c for c in windows.column_names if c.startswith("factor_"))
+    return train, val.fixed_batches_columns(cfg.train.eval_batches, factors)
 
 
 def dp_mean(value: torch.Tensor, groups: ParallelGroups) -> float:
@@ -87,7 +90,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.groups = groups
         seed_weights(cfg.train.seed)
-        self.model = GPT(cfg.model, groups.tp_group)
+        self.model = GPT(cfg.model, groups.tp_group, cfg.parallel.ep_size)
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
@@ -99,7 +102,16 @@ class Trainer:
         self.capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
         if groups.is_writer:
             self._write_run_files()
-        self.train_loader, self.val_batches = build_data(cfg, groups)
+        self.train_loader, val_batches = build_data(cfg, groups)
+        self.val_batches = [b["tokens"] for b in val_batches]
+        # MoE: routing counts per micro-step (moe/* train metrics) and a probe on the
+        # validation batches for routing stability and expert specialization at eval steps.
+        self.routing_stats = RoutingStatsAccumulator(self.engine.module)
+        self.routing_probe = None
+        if self.routing_stats:
+            from tti_dist.metrics.routing_probe import RoutingProbe
+
+            self.routing_probe = RoutingProbe(self.engine.module, val_batches, groups, cfg.model.vocab_size)
         self.step = 0
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * groups.dp_size * cfg.data.seq_len
@@ -116,6 +128,8 @@ class Trainer:
                 for reg in self.regularizers:
                     if reg.spec.name in saved:
                         reg.load_state_dict(saved[reg.spec.name])
+                if self.routing_probe is not None and "routing_probe" in state:
+                    self.routing_probe.load_state_dict(state["routing_probe"])
         self.metrics = open_metrics_writer(
             self.run_dir,
             is_writer_rank=groups.is_writer,
@@ -134,6 +148,8 @@ class Trainer:
     def _micro_step(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         batch = self.train_loader.next_batch().to(self.groups.device, non_blocking=True)
         logits = self.engine(batch[:, :-1])
+        if self.routing_stats:
+            self.routing_stats.add()
         task_loss = lm_loss(logits, batch[:, 1:]).mean()
         total_loss = task_loss
         reg_metrics: dict[str, torch.Tensor] = {}
@@ -193,6 +209,9 @@ class Trainer:
             # counters makes a resumed run draw the samples the uninterrupted run draws.
             "regularizers": {reg.spec.name: reg.state_dict() for reg in self.regularizers},
         }
+        if self.routing_probe is not None:
+            # The last probe routing: a resumed run reports moe/*/stability against it.
+            client_state["routing_probe"] = self.routing_probe.state_dict()
         return ckpt.save_checkpoint(
             self.engine, self.ckpt_dir, self.step, client_state, self.groups, self.tp_layout,
             self.cfg.checkpoint.keep_last,
@@ -215,8 +234,9 @@ class Trainer:
                 scalars: dict[str, float] = {}
                 if log_now:
                     # One all-reduce and one host sync per log step.
-                    reduced = dp_means({"train/task_loss": loss, "train/total_loss": total_loss, **reg_metrics},
-                                       self.groups)
+                    routing = self.routing_stats.metrics() if self.routing_stats else {}
+                    reduced = dp_means({"train/task_loss": loss, "train/total_loss": total_loss, **reg_metrics,
+                                        **routing}, self.groups)
                     loss_value = reduced["train/task_loss"]
                     elapsed = time.perf_counter() - interval_start
                     scalars = {
@@ -234,6 +254,8 @@ class Trainer:
                     result.eval_losses[self.step] = scalars["eval/loss"]
                     for reg in self.regularizers:  # e.g. sae/<site>/* splice metrics
                         scalars.update(reg.eval_metrics(self.engine.module, self.val_batches))
+                    if self.routing_probe is not None:  # moe/*: stability, specialization (NMI)
+                        scalars.update(self.routing_probe.measure(self.engine.module))
                     if self.capture is not None:
                         self.capture.clear()
                 if scalars:
