@@ -138,3 +138,21 @@ def test_expert_weights_do_not_depend_on_expert_order_of_construction(groups):
     assert not torch.equal(ea[0].fc1.weight, ea[1].fc1.weight)
     for p in ea.parameters():
         assert p.allreduce is False and p.group_name == "ep_size_1"
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_load_balance_equals_deepspeeds_aux_loss(groups, top_k):
+    # At DP=1 the load_balance regularizer is DeepSpeed's l_aux of top1gating / top2gating
+    # (E * sum_e f_e P_e with f from the first choices), which the trainer does not add.
+    from tti_dist.regularizers.base import build_regularizers, parse_specs
+
+    cfg = moe_cfg(moe_top_k=top_k)
+    model = build(cfg, groups, seed=11)
+    specs = parse_specs([{"type": "load_balance", "name": "lb", "coefficient": 1.0,
+                          "hookpoints": ["blocks.0.moe.router_probs"]}], cfg)
+    (reg,) = build_regularizers(specs, model, groups)
+    with torch.no_grad(), ActivationCapture(reg.captures) as cap:
+        model(tokens(n=4, t=16, seed=2))
+        value, _ = reg.loss(cap.captured)
+    l_aux = model.blocks[0].moe.layer.deepspeed_moe.l_aux
+    torch.testing.assert_close(value, l_aux, rtol=1e-6, atol=0)
