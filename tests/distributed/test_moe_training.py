@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from spawn import run_ranks
 from tti_dist.config import load_config, validate_config
 from tti_dist.data.build import build_dataset
 from tti_dist.train.launcher import launch_local
@@ -35,6 +36,9 @@ E = 4
 BASE = [
     "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.max_seq_len=32",
     f"model.moe_num_experts={E}", "model.moe_capacity_factor=1.0", "model.moe_min_capacity=1",
+    # Eval capacity = all tokens: no route is dropped at eval, so an export evaluated on
+    # one rank must reproduce the logged eval loss exactly.
+    f"model.moe_eval_capacity_factor={E}",
     "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=0",
     f"train.steps={STEPS}", "train.micro_batch_size=4", "train.eval_every=4", "train.eval_batches=2",
     "data.seq_len=32", "logging.progress_bar=false", "checkpoint.every=4", "checkpoint.keep_last=0",
@@ -170,3 +174,39 @@ def test_routing_metrics_logged(runs):
         assert ((evals[f"{prefix}nmi_token"] >= 0) & (evals[f"{prefix}nmi_token"] <= 1)).all()
         # Stability compares with the previous probe: reported from the second eval on.
         assert evals[f"{prefix}stability"].isna().tolist() == [True, False]
+
+
+def _eval_exported(path: str, val_batches: list) -> float:
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.models import GPT, lm_loss
+    from tti_dist.train.export import load_exported
+
+    groups = init_parallel(1, torch.device("cpu"), 60)
+    try:
+        model_cfg, state = load_exported(path)
+        model = GPT(model_cfg, groups.tp_group, 1)
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        with torch.no_grad():
+            losses = [lm_loss(model(b[:, :-1]), b[:, 1:]).mean() for b in val_batches]
+        return torch.stack(losses).mean().item()
+    finally:
+        shutdown_parallel()
+
+
+def test_export_of_tp2_ep2_run_loads_at_tp1_ep1(runs, tmp_path):
+    """Experts gathered from the EP ranks and TP shards merged: one rank reproduces eval/loss."""
+    from tti_dist.data.loader import DistributedBatchLoader
+    from tti_dist.data.prepare import run_windows
+    from tti_dist.train.export import export_safetensors
+
+    run_dir, result = runs("tp2_z1")
+    path = export_safetensors(run_dir, tmp_path / "model.safetensors")
+    cfg = make_config(**LAYOUTS["tp2_z1"])
+    windows = run_windows(cfg)
+    per_rank = []
+    for dp_rank in range(2):  # the job averaged eval/loss over its 2 DP ranks
+        loader = DistributedBatchLoader(windows, "val", cfg.train.micro_batch_size, dp_rank, 2, cfg.train.seed,
+                                        shuffle=False)
+        per_rank.append(run_ranks(1, _eval_exported, str(path), loader.fixed_batches(cfg.train.eval_batches))[0])
+    assert sum(per_rank) / 2 == pytest.approx(result.eval_losses[STEPS], rel=1e-5)

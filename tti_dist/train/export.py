@@ -1,6 +1,7 @@
 """Export a checkpoint as one consolidated fp32 safetensors file (TP shards merged).
 
-The result loads with `load_state_dict(strict=True)` into a GPT built at tp_size=1.
+The result loads with `load_state_dict(strict=True)` into a GPT built at tp_size=1 (and
+ep_size=1 for MoE models: every expert under its global id).
 
 Two layers of sharding are undone:
 - data-parallel ZeRO partitioning, by DeepSpeed's own `zero_to_fp32` consolidation
@@ -34,6 +35,9 @@ from tti_dist.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
+EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+"""DeepSpeed's per-expert checkpoint files (MoE): layer_<moe layer>_expert_<global id>_mp_rank_<tp>."""
+
 
 def resolve_checkpoint(run_dir: str | Path, checkpoint: str | None) -> tuple[RunConfig, Path, str]:
     """(run config, checkpoints dir, tag) for `checkpoint` = None (latest), a step or a tag."""
@@ -62,13 +66,46 @@ def _rank_view(ckpt_dir: Path, tag: str, tp_rank: int, view_root: Path) -> None:
     dst.mkdir(parents=True)
     pattern = re.compile(rf"mp_rank_{tp_rank:02d}(?=_|\.)")
     for f in src.iterdir():
-        if pattern.search(f.name):
+        if pattern.search(f.name) and not EXPERT_FILE.match(f.name):
             os.symlink(f.resolve(), dst / pattern.sub("mp_rank_00", f.name))
     (view_root / ckpt.LATEST_FILE).write_text(tag)
 
 
+def moe_tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One TP rank's shard of an MoE checkpoint: the module weights DeepSpeed saved for the
+    non-expert parameters (`mp_rank_XX_model_states.pt`) plus every expert's file (written
+    by the ranks holding it, keyed by global expert id, so the result is an EP=1 model).
+
+    DeepSpeed's zero_to_fp32 cannot consolidate MoE optimizer groups (it fails on the
+    expert partitions), so these are the module weights, not the ZeRO fp32 master copies:
+    identical in fp32 training, rounded to bf16 in bf16 training.
+    """
+    states = torch.load(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)
+    out = {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
+    for f in sorted((ckpt_dir / tag).iterdir()):
+        m = EXPERT_FILE.match(f.name)
+        if m and int(m.group(3)) == tp_rank:
+            expert = torch.load(f, map_location="cpu", weights_only=False)
+            out.update({k: v.float() for k, v in expert.items() if not k.endswith("._extra_state")})
+    return out
+
+
+def global_expert_layout(layout: dict[str, int | None], state_keys) -> dict[str, int | None]:
+    """tp_layout.json names rank 0's local experts only; give every expert of `state_keys`
+    the partition dim of the same parameter of local expert 0."""
+    full = {k: v for k, v in layout.items() if ".deepspeed_experts." not in k}
+    for key in state_keys:
+        if ".deepspeed_experts." in key:
+            head, rest = key.split(".deepspeed_experts.", 1)
+            _, tail = rest.split(".", 1)
+            full[key] = layout[f"{head}.deepspeed_experts.0.{tail}"]
+    return full
+
+
 def tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full (DP-consolidated) fp32 weights of one TP rank's shard."""
+    if any(EXPERT_FILE.match(f.name) for f in (ckpt_dir / tag).iterdir()):
+        return moe_tp_rank_state_dict(ckpt_dir, tag, tp_rank)
     if zero_stage == 0:
         states = torch.load(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
@@ -104,6 +141,8 @@ def consolidated_state_dict(run_dir: str | Path, checkpoint: str | None = None) 
     cfg, ckpt_dir, tag = resolve_checkpoint(run_dir, checkpoint)
     layout = json.loads((ckpt_dir / tag / "tp_layout.json").read_text())
     shards = [tp_rank_state_dict(ckpt_dir, tag, r, cfg.zero.stage) for r in range(cfg.parallel.tp_size)]
+    if cfg.model.moe_num_experts:
+        layout = global_expert_layout(layout, shards[0])
     return cfg, merge_tp_shards(shards, layout), tag
 
 
