@@ -1,0 +1,22 @@
+"""Every config shipped in configs/ loads and passes validation (before any process starts),
+for the number of processes its layout needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tti_dist.config import load_config, validate_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"smoke.yaml", "moe_synth.yaml", "smoke_regularized.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_validates(path):
+    cfg = load_config(str(path), [])
+    validate_config(cfg, world_size=cfg.parallel.world_size)
