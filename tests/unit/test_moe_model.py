@@ -156,3 +156,17 @@ def test_load_balance_equals_deepspeeds_aux_loss(groups, top_k):
         value, _ = reg.loss(cap.captured)
     l_aux = model.blocks[0].moe.layer.deepspeed_moe.l_aux
     torch.testing.assert_close(value, l_aux, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_no_token_dropping_sizes_capacity_to_the_busiest_expert(groups, top_k):
+    cfg = moe_cfg(moe_top_k=top_k, moe_capacity_factor=0.1, moe_drop_tokens=False)
+    model = build(cfg, groups, seed=4)
+    hps = [hp for hp in list_hookpoints(model) if hp.name == "blocks.0.moe.expert"]
+    with torch.no_grad(), ActivationCapture(hps) as cap:
+        model(tokens(n=4, t=16))
+        routes = cap.captured["blocks.0.moe.expert"]
+    assert (routes >= 0).all()
+    stats = model.blocks[0].moe.routing_stats()
+    assert float(stats["dropped_routes"]) == 0
+    assert float(stats["capacity"]) == float(torch.bincount(routes.reshape(-1), minlength=E).max())
