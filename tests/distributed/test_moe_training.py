@@ -6,6 +6,7 @@ off so that every layout takes exactly the same steps) are made once per module:
     ep2      TP=1 x DP=2, EP=2, ZeRO-1   experts split over the two DP ranks
     tp2_z1   TP=2 x DP=2, EP=2, ZeRO-1   4 ranks: experts split over EP and sharded over TP
     tp2_z2   TP=2 x DP=2, EP=2, ZeRO-2
+    ep1_z0, ep2_z0   EP=1 and EP=2 at ZeRO-0 (where train/grad_norm is computed here, exactly)
     resumed  ep2's step-4 checkpoint, resumed to step 8
 The EP=2 runs must follow the EP=1 loss curve, and every expert must end with the weights
 it has in the EP=1 run: DeepSpeed reduces each expert's gradient over the ranks that hold
@@ -48,6 +49,8 @@ LAYOUTS = {
     "ep2": dict(tp=1, dp=2, ep=2, zero=1),
     "tp2_z1": dict(tp=2, dp=2, ep=2, zero=1),
     "tp2_z2": dict(tp=2, dp=2, ep=2, zero=2),
+    "ep1_z0": dict(tp=1, dp=2, ep=1, zero=0),
+    "ep2_z0": dict(tp=1, dp=2, ep=2, zero=0),
 }
 
 DATASET_DIR = Path(os.environ.setdefault(
@@ -142,6 +145,19 @@ def test_tp2_ep2_trains_under_zero_1_and_2(runs, name):
     for key, weights in ref_experts.items():
         for w_name, w in weights.items():
             torch.testing.assert_close(got[key][w_name], w, rtol=1e-3, atol=1e-5, msg=f"{key} {w_name}")
+
+
+def test_zero0_follows_and_grad_norm_is_exact_for_any_ep(runs):
+    _, ref = runs("ep1")
+    norms = {}
+    for name in ("ep1_z0", "ep2_z0"):
+        run_dir, result = runs(name)
+        torch.testing.assert_close(_curve(result), _curve(ref), rtol=1e-5, atol=0)
+        table = pq.read_table(run_dir / "metrics.parquet").to_pandas()
+        norms[name] = torch.tensor(table["train/grad_norm"].to_numpy())
+    assert len(norms["ep1_z0"]) == STEPS and bool((norms["ep1_z0"] > 0).all())
+    # The expert gradients' squares are summed over the EP group: the same norm as EP=1.
+    torch.testing.assert_close(norms["ep2_z0"], norms["ep1_z0"], rtol=1e-5, atol=0)
 
 
 def test_resume_reproduces_uninterrupted_run(runs):
