@@ -18,10 +18,12 @@ Two layers of sharding are undone:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -116,7 +118,9 @@ def tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int, zero_stage: int) 
 
     with tempfile.TemporaryDirectory(prefix="tti-export-") as tmp:
         _rank_view(ckpt_dir, tag, tp_rank, Path(tmp))
-        sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+        # zero_to_fp32 prints its progress; stdout is for the commands' results.
+        with contextlib.redirect_stdout(sys.stderr):
+            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
         return {k: v.float().clone() for k, v in sd.items()}
 
 
