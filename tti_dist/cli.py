@@ -6,6 +6,8 @@
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
     tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
+    tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P] [--batches B] [--max-tokens N]
+    tti inspect RUN --site SITE --unit U [--top N] [--checkpoint STEP] [--batches B] [--context C] [--sae DIR]
 
 User errors (bad config, bad paths, layout mismatches) print one line, `tti: error: ...`,
 with no traceback, and exit with code 2 before any process group starts.
@@ -80,6 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", help="output directory (default: RUN/sae_fit/<site>-n<N>-k<K>)")
     fit.add_argument("--seed", type=int, default=0, help="SAE initialisation seed (default 0)")
     fit.add_argument("--nproc", type=int, help="local processes (default: the run's world size; a multiple of tp_size)")
+
+    ev = sub.add_parser("eval", help="score a checkpoint: capability and interpretability metrics")
+    ev.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
+    ev.add_argument("--checkpoint", help="step or tag (default: latest)")
+    ev.add_argument("--data", action="append", default=[], metavar="DIR",
+                    help="another dataset directory to report loss/perplexity on (repeatable)")
+    ev.add_argument("--weights", help="evaluate an exported .safetensors (tti export) instead of a checkpoint")
+    ev.add_argument("--nproc", type=int, help="ranks (default: the run's tp_size; 1 with --weights)")
+    ev.add_argument("--batches", type=int, default=8, help="validation micro-batches per dataset (default 8)")
+    ev.add_argument("--max-tokens", type=int, default=4096,
+                    help="tokens whose activations feed the interpretability metrics (default 4096)")
+
+    insp = sub.add_parser("inspect", help="top-activating contexts of a unit or SAE latent")
+    insp.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
+    insp.add_argument("--site", required=True, help="hookpoint, e.g. blocks.1.mlp.act")
+    insp.add_argument("--unit", type=int, required=True, help="unit (or SAE latent) index over the whole width")
+    insp.add_argument("--top", type=int, default=20, help="contexts to show (default 20)")
+    insp.add_argument("--checkpoint", help="step or tag (default: latest)")
+    insp.add_argument("--batches", type=int, default=8, help="validation micro-batches to search (default 8)")
+    insp.add_argument("--context", type=int, default=12, help="tokens of left context (default 12)")
+    insp.add_argument("--sae", help="a tti sae fit output directory: inspect its latent --unit instead")
 
     info = data.add_parser("info", help="summarize a dataset (and verify its shards)")
     info.add_argument("path", help="dataset directory")
@@ -281,7 +304,48 @@ def cmd_sae(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae}
+def _launch(fn, *args):
+    """Run a multi-rank job; (result, None) or (None, exit code) when a rank failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tti_dist.train.worker import quiet_dependency_warnings
+
+    quiet_dependency_warnings()
+    try:
+        return fn(*args), None
+    except ChildFailedError as exc:
+        ranks = ", ".join(str(f.rank) for f in exc.failures.values())
+        print(f"tti: failed on rank(s) {ranks}; see the tracebacks above", file=sys.stderr)
+        return None, EXIT_RUN_FAILED
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tti_dist.eval.evaluate import launch_eval, prepare_eval
+
+    plan = prepare_eval(args.run_dir, checkpoint=args.checkpoint, data=args.data, weights=args.weights,
+                        nproc=args.nproc, batches=args.batches, max_tokens=args.max_tokens)
+    results, code = _launch(launch_eval, plan)
+    if code is not None:
+        return code
+    print((Path(plan.out_dir) / f"{plan.tag}.md").read_text(), end="")
+    print(f"wrote {plan.out_dir}/{plan.tag}.parquet, {plan.tag}.json, {plan.tag}.md and tb/")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tti_dist.eval.inspect import format_contexts, launch_inspect, prepare_inspect
+
+    plan, settings = prepare_inspect(args.run_dir, args.site, args.unit, top=args.top, checkpoint=args.checkpoint,
+                                     batches=args.batches, context=args.context, sae=args.sae)
+    contexts, code = _launch(launch_inspect, plan, settings)
+    if code is not None:
+        return code
+    print(format_contexts(settings, contexts))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae, "eval": cmd_eval,
+            "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
