@@ -6,6 +6,7 @@
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
     tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
+    tti toy CONFIG --run-dir RUN [--set key=value ...] [--overwrite]
     tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P] [--batches B] [--max-tokens N]
     tti inspect RUN --site SITE --unit U [--top N] [--checkpoint STEP] [--batches B] [--context C] [--sae DIR]
 
@@ -90,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="another dataset directory to report loss/perplexity on (repeatable)")
     ev.add_argument("--weights", help="evaluate an exported .safetensors (tti export) instead of a checkpoint")
     ev.add_argument("--nproc", type=int, help="ranks (default: the run's tp_size; 1 with --weights)")
-    ev.add_argument("--batches", type=int, default=8, help="validation micro-batches per dataset (default 8)")
+    ev.add_argument("--batches", type=int,
+                    help="validation micro-batches per dataset (default: the run's train.eval_batches x dp_size, "
+                         "the windows its eval read)")
     ev.add_argument("--max-tokens", type=int, default=4096,
                     help="tokens whose activations feed the interpretability metrics (default 4096)")
 
@@ -103,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     insp.add_argument("--batches", type=int, default=8, help="validation micro-batches to search (default 8)")
     insp.add_argument("--context", type=int, default=12, help="tokens of left context (default 12)")
     insp.add_argument("--sae", help="a tti sae fit output directory: inspect its latent --unit instead")
+
+    toy = sub.add_parser("toy", help="Toy Models of Superposition: a sparsity sweep of batched toy models")
+    toy.add_argument("config", help="YAML toy config (e.g. configs/toy_superposition.yaml)")
+    toy.add_argument("--run-dir", required=True, help="output directory (toy.parquet, summary.json, figures/)")
+    toy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a toy setting, e.g. --set steps=500 or --set topk_hidden=2 (repeatable)")
+    toy.add_argument("--overwrite", action="store_true", help="replace the outputs of an existing run directory")
 
     info = data.add_parser("info", help="summarize a dataset (and verify its shards)")
     info.add_argument("path", help="dataset directory")
@@ -344,8 +354,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy(args: argparse.Namespace) -> int:
+    # Config and run-directory checks come first: one-line errors before anything trains.
+    from tti_dist.toy.run import format_summary, prepare_toy, run_toy
+
+    cfg, run_dir = prepare_toy(args.config, args.overrides, args.run_dir, overwrite=args.overwrite)
+    summary = run_toy(cfg, run_dir)
+    print(format_summary(summary))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae, "eval": cmd_eval,
             "inspect": cmd_inspect}
+COMMANDS["toy"] = cmd_toy
 
 
 def main(argv: list[str] | None = None) -> int:

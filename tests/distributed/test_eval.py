@@ -38,7 +38,8 @@ def run_dir(tmp_path_factory):
     cfg = load_config(None, [
         "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.max_seq_len=32",
         "model.vocab_size=320", "model.mlp_activation=relu", "parallel.tp_size=2", "zero.stage=1",
-        "optim.warmup_steps=1", f"train.steps={STEPS}", "train.micro_batch_size=8", "train.eval_every=0",
+        "optim.warmup_steps=1", f"train.steps={STEPS}", "train.micro_batch_size=8", f"train.eval_every={STEPS}",
+        "train.eval_batches=4",
         "data.seq_len=32", f"data.path={DATASET_DIR}", "logging.progress_bar=false", "checkpoint.every=0",
     ])
     validate_config(cfg, world_size=2)
@@ -83,6 +84,14 @@ def test_eval_tp2_checkpoint_equals_tp1_export(evaluated):
             assert value == pytest.approx(tp1[tag], rel=2e-3), tag
         else:
             assert value == pytest.approx(tp1[tag], rel=1e-4, abs=1e-6), tag
+
+
+def test_eval_loss_reproduces_the_logged_one(evaluated, run_dir):
+    # --batches 4 = train.eval_batches x dp_size: the windows the trainer's eval read.
+    tp2, _, _ = evaluated
+    logged = pq.read_table(run_dir / "metrics.parquet").to_pandas().dropna(subset=["eval/loss"])
+    assert list(logged["step"]) == [STEPS]
+    assert tp2["eval/loss"] == pytest.approx(float(logged["eval/loss"].iloc[0]), rel=1e-5)
 
 
 def test_eval_reports_the_documented_tags(evaluated, run_dir):

@@ -3,6 +3,8 @@
     tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P]
                  [--batches B] [--max-tokens N]
 
+B defaults to the run's train.eval_batches x dp_size (the windows its eval read).
+
 1. `prepare_eval` (launching process, no process group) reads RUN/config.yaml, resolves the
    checkpoint and the datasets, and checks the options; every problem is a one-line
    ConfigError (exit 2).
@@ -35,7 +37,6 @@ from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCHES = 8
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_PROBE_SITES = ("blocks.*.resid_post",)
 DEFAULT_UNIT_SITES = ("blocks.*.mlp.act",)
@@ -74,15 +75,21 @@ class EvalPlan:
 
 
 def prepare_eval(run_dir: str | Path, checkpoint: str | None = None, data: list[str] | None = None,
-                 weights: str | None = None, nproc: int | None = None, batches: int = DEFAULT_BATCHES,
+                 weights: str | None = None, nproc: int | None = None, batches: int | None = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS) -> EvalPlan:
-    """Validate everything before any process starts; raise a one-line ConfigError on a user error."""
+    """Validate everything before any process starts; raise a one-line ConfigError on a user error.
+
+    `batches` defaults to train.eval_batches x dp_size: at DP=1 those are exactly the windows
+    the trainer's eval read (every DP rank's slice of its first eval_batches global
+    micro-steps), so `eval/loss` of the final checkpoint reproduces the logged one."""
     from tti_dist.data.arrow_dataset import open_dataset
     from tti_dist.train.export import resolve_checkpoint
     from tti_dist.train.checkpoint import tag_step
 
     run_dir = Path(run_dir)
     cfg, ckpt_dir, tag = resolve_checkpoint(run_dir, checkpoint) if weights is None else _weights_only(run_dir)
+    if batches is None:
+        batches = cfg.train.eval_batches * cfg.parallel.dp_size
     if batches < 1:
         raise ConfigError(f"--batches: {batches} must be >= 1")
     if max_tokens < 16:
