@@ -41,6 +41,8 @@ def run_dir(tmp_path_factory):
         "optim.warmup_steps=1", f"train.steps={STEPS}", "train.micro_batch_size=8", f"train.eval_every={STEPS}",
         "train.eval_batches=4",
         "data.seq_len=32", f"data.path={DATASET_DIR}", "logging.progress_bar=false", "checkpoint.every=0",
+        "regularizers=[{type: sae, name: sae, coefficient: 0.1, hookpoints: ['blocks.1.resid_post'], "
+        "num_latents: 64, k: 4, aux_k: 8}]",
     ])
     validate_config(cfg, world_size=2)
     run = tmp_path_factory.mktemp("eval") / "run"
@@ -70,9 +72,10 @@ def evaluated(run_dir):
 
 def test_eval_tp2_checkpoint_equals_tp1_export(evaluated):
     tp2, tp1, _ = evaluated
-    assert set(tp2) - {"step"} == set(tp1) - {"step"}
+    # An export holds no SAE: only the co-trained SAE's splice metrics are missing at TP=1.
+    assert {k for k in tp2 if not k.startswith("sae/")} == set(tp1)
     for tag, value in tp2.items():
-        if tag in ("step", "tokens"):
+        if tag in ("step", "tokens") or tag.startswith("sae/"):
             continue
         if "/probe" in tag or "/mig" in tag or "/mono" in tag:
             # Fitted on activations equal to ~1e-6: discrete outcomes (bins, argmax) may flip
@@ -92,6 +95,10 @@ def test_eval_loss_reproduces_the_logged_one(evaluated, run_dir):
     logged = pq.read_table(run_dir / "metrics.parquet").to_pandas().dropna(subset=["eval/loss"])
     assert list(logged["step"]) == [STEPS]
     assert tp2["eval/loss"] == pytest.approx(float(logged["eval/loss"].iloc[0]), rel=1e-5)
+    # The co-trained SAE, restored from the checkpoint: the splice metrics logged at that step.
+    for tag in ("ev", "ce_loss_recovered", "l0", "dead_fraction"):
+        name = f"sae/blocks.1.resid_post/{tag}"
+        assert tp2[name] == pytest.approx(float(logged[name].iloc[0]), rel=1e-4, abs=1e-6), name
 
 
 def test_eval_reports_the_documented_tags(evaluated, run_dir):

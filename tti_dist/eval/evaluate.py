@@ -16,7 +16,8 @@ B defaults to the run's train.eval_batches x dp_size (the windows its eval read)
    hookpoints; TP-sharded activations are all-gathered over TP, so rank 0 holds every
    site's full-width activations of the first `--max-tokens` tokens. Rank 0 computes the
    metrics (tti_dist/eval/report.py) and writes RUN/eval/<tag>.parquet, TensorBoard
-   (RUN/eval/tb: scalars and density histograms) and RUN/eval/<tag>.md.
+   (RUN/eval/tb: scalars and density histograms) and RUN/eval/<tag>.md. MoE models add
+   their routing metrics on the same batches, co-trained SAEs their splice metrics.
 
 Evaluation runs at data-parallel size 1: the numbers do not depend on the training layout.
 """
@@ -258,17 +259,41 @@ def run_eval(plan: EvalPlan, groups) -> dict:
 
         probe = RoutingProbe(model, collected[2], groups, plan.cfg.model.vocab_size)
         moe = probe.measure(model)
+    sae = co_trained_sae_metrics(plan, model, [b["tokens"] for b in collected[2]], groups)
     result: dict = {}
     if groups.is_writer:
         acts, labels, _ = collected
         metrics, histograms = compute_metrics(plan, acts, labels, weights)
         scalars.update(metrics)
         scalars.update(moe)
+        scalars.update(sae)
         write_outputs(plan, scalars, histograms)
         result = scalars
     if groups.world_size > 1:
         dist.barrier()
     return result
+
+
+def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[torch.Tensor], groups) -> dict[str, float]:
+    """Splice metrics (`sae/<site>/*`, tti_dist.sae.splice) of every SAE co-trained with the
+    model (`type: sae` regularizers), restored from the checkpoint's client state: each TP
+    rank's shard is in its `mp_rank_XX_model_states.pt`. Collective; {} with --weights (an
+    export holds no SAE) or without SAE regularizers."""
+    from tti_dist.regularizers.base import build_regularizers, parse_specs
+
+    specs = [s for s in parse_specs(plan.cfg.regularizers, plan.cfg.model, plan.cfg.parallel.tp_size) if s.type == "sae"]
+    if plan.weights is not None or not specs:
+        return {}
+    states = torch.load(Path(plan.ckpt_dir) / plan.tag / f"mp_rank_{groups.tp_rank:02d}_model_states.pt",
+                        map_location="cpu", weights_only=False).get("regularizers", {})
+    out: dict[str, float] = {}
+    for reg in build_regularizers(specs, model, groups):
+        if reg.spec.name not in states:
+            logger.warning("checkpoint %s holds no state of SAE %s; skipped", plan.tag, reg.spec.name)
+            continue
+        reg.load_state_dict(states[reg.spec.name])
+        out.update(reg.eval_metrics(model, batches))
+    return out
 
 
 def _is_float_site(name: str) -> bool:
