@@ -337,8 +337,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results, code = _launch(launch_eval, plan)
     if code is not None:
         return code
-    print((Path(plan.out_dir) / f"{plan.tag}.md").read_text(), end="")
-    print(f"wrote {plan.out_dir}/{plan.tag}.parquet, {plan.tag}.json, {plan.tag}.md and tb/")
+    print((Path(plan.out_dir) / f"{plan.out_name}.md").read_text(), end="")
+    print(f"wrote {plan.out_dir}/{plan.out_name}.parquet, {plan.out_name}.json, {plan.out_name}.md, summary.md and tb/")
     return 0
 
 

@@ -61,7 +61,7 @@ def evaluated(run_dir):
     """tti eval at TP=2, then the TP=1 export evaluated with --weights: both scalar tables."""
     proc = _cli("eval", str(run_dir), "--batches", "4", "--max-tokens", "1024")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tp2 = pq.read_table(run_dir / "eval" / f"global_step{STEPS}.parquet").to_pylist()[0]
+    tp2 = pq.read_table(run_dir / "eval" / f"{STEPS}.parquet").to_pylist()[0]
     model = run_dir / "model.safetensors"
     assert _cli("export", str(run_dir), "--out", str(model)).returncode == 0
     proc1 = _cli("eval", str(run_dir), "--weights", str(model), "--batches", "4", "--max-tokens", "1024")
@@ -128,7 +128,8 @@ def test_eval_reports_the_documented_tags(evaluated, run_dir):
     assert "eval/loss" in acc.Tags()["scalars"] and "interp/blocks.0.mlp.act/l0" in acc.Tags()["scalars"]
     assert acc.Scalars("eval/loss")[-1].value == pytest.approx(tp2["eval/loss"])
     assert "interp/blocks.0.mlp.act/log10_density" in acc.Tags()["histograms"]
-    summary = (run_dir / "eval" / f"global_step{STEPS}.md").read_text()
+    summary = (run_dir / "eval" / f"{STEPS}.md").read_text()
+    assert (run_dir / "eval" / "summary.md").is_file()
     assert "## Capability" in summary and "blocks.0.mlp.act" in summary
     assert "## Capability" in stdout
 

@@ -15,8 +15,9 @@ B defaults to the run's train.eval_batches x dp_size (the windows its eval read)
    (unshuffled, the run's micro_batch_size), computes the next-token loss, and captures the
    hookpoints; TP-sharded activations are all-gathered over TP, so rank 0 holds every
    site's full-width activations of the first `--max-tokens` tokens. Rank 0 computes the
-   metrics (tti_dist/eval/report.py) and writes RUN/eval/<tag>.parquet, TensorBoard
-   (RUN/eval/tb: scalars and density histograms) and RUN/eval/<tag>.md. MoE models add
+   metrics (tti_dist/eval/report.py) and writes RUN/eval/<STEP>.parquet and <STEP>.json,
+   TensorBoard (RUN/eval/tb: scalars and density histograms) and a summary
+   (RUN/eval/<STEP>.md, copied to RUN/eval/summary.md). MoE models add
    their routing metrics on the same batches, co-trained SAEs their splice metrics.
 
 Evaluation runs at data-parallel size 1: the numbers do not depend on the training layout.
@@ -73,6 +74,12 @@ class EvalPlan:
     """Hookpoint globs for MIG and per-unit monosemanticity."""
     out_dir: str = ""
     """RUN/eval."""
+
+    @property
+    def out_name(self) -> str:
+        """Output file stem: the checkpoint's step (RUN/eval/<STEP>.parquet), or the weights
+        file's stem for --weights."""
+        return str(self.step) if self.weights is None else self.tag
 
 
 def prepare_eval(run_dir: str | Path, checkpoint: str | None = None, data: list[str] | None = None,

@@ -13,8 +13,9 @@ Tags (docs/evaluation.md has every formula):
                                              MIG (two estimators) and per-unit monosemanticity (unit sites)
     moe/blocks.{i}/*                         MoE routing (tti_dist/metrics/routing_probe.py)
 
-Outputs under RUN/eval/: <tag>.parquet (one row: step, tokens, one column per tag),
-tb/ (TensorBoard scalars and histograms at the checkpoint's step) and <tag>.md (summary).
+Outputs under RUN/eval/: <STEP>.parquet (one row: step, tokens, one column per tag) and
+<STEP>.json, tb/ (TensorBoard scalars and histograms at the checkpoint's step), and the
+summary <STEP>.md, also written as summary.md (the latest evaluation).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _unit_metrics(prefix: str, x: np.ndarray, factors: dict[str, np.ndarray]) ->
 
 
 def write_outputs(plan, scalars: dict[str, float], histograms: dict[str, np.ndarray]) -> None:
-    """RUN/eval/<tag>.parquet, RUN/eval/tb/ and RUN/eval/<tag>.md (each written atomically)."""
+    """RUN/eval/<STEP>.{parquet,json,md}, summary.md and tb/ (files written atomically)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from torch.utils.tensorboard import SummaryWriter
@@ -115,19 +116,24 @@ def write_outputs(plan, scalars: dict[str, float], histograms: dict[str, np.ndar
     tokens = step * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.dp_size * cfg.data.seq_len
     columns = {"step": [step], "tokens": [tokens]}
     columns.update({k: [float(v)] for k, v in sorted(scalars.items())})
-    tmp = out / f".{plan.tag}.parquet.tmp"
+    name = plan.out_name
+    tmp = out / f".{name}.parquet.tmp"
     pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, out / f"{plan.tag}.parquet")
+    os.replace(tmp, out / f"{name}.parquet")
     with SummaryWriter(str(out / "tb")) as writer:
         for k, v in sorted(scalars.items()):
             writer.add_scalar(k, float(v), step)
         for k, v in sorted(histograms.items()):
             writer.add_histogram(k, v, step)
-    tmp = out / f".{plan.tag}.md.tmp"
-    tmp.write_text(summary_markdown(plan, scalars))
-    os.replace(tmp, out / f"{plan.tag}.md")
-    (out / f"{plan.tag}.json").write_text(json.dumps({k: float(v) for k, v in sorted(scalars.items())}, indent=1) + "\n")
-    logger.info("wrote %s/%s.{parquet,md,json} and %s/tb", out, plan.tag, out)
+    text = summary_markdown(plan, scalars)
+    for target in (f"{name}.md", "summary.md"):  # summary.md: the latest evaluation
+        tmp = out / f".{target}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / target)
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({k: float(v) for k, v in sorted(scalars.items())}, indent=1) + "\n")
+    os.replace(tmp, out / f"{name}.json")
+    logger.info("wrote %s/%s.{parquet,json,md}, summary.md and tb/", out, name)
 
 
 def summary_markdown(plan, scalars: dict[str, float]) -> str:
