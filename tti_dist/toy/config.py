@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from tti_dist.errors import ConfigError
 
@@ -159,23 +158,9 @@ def _check_int(value: Any, field: str, minimum: int) -> None:
 def load_toy_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ToyConfig:
     """Read a flat YAML toy config (defaults when `path` is None), apply `key=value` overrides,
     build it strictly and validate it. Raises ConfigError (one line) on any mistake."""
-    from tti_dist.config.load import apply_override, section_from_dict
+    from tti_dist.config.load import apply_override, read_yaml_mapping, section_from_dict
 
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: '{path}' does not exist or is not a file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"config: '{path}' is not valid YAML ({first})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config: '{path}' must hold a mapping of toy settings, got {type(loaded).__name__}")
-        raw = loaded
+    raw = read_yaml_mapping(path, "a mapping of toy settings")
     for override in overrides:
         key, sep, value = override.partition("=")
         if sep and key.strip().startswith(PREFIX):
