@@ -290,32 +290,9 @@ def _describe_manifest(manifest: dict, path: str) -> str:
     return "\n".join(lines)
 
 
-def cmd_sae(args: argparse.Namespace) -> int:
-    from tti_dist.sae.fit import METRICS_FILE, format_table, launch_fit, prepare_fit
-
-    plan = prepare_fit(args.run_dir, args.site, args.latents, args.k, checkpoint=args.checkpoint, steps=args.steps,
-                       lr=args.lr, out=args.out, seed=args.seed, nproc=args.nproc)
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from tti_dist.train.worker import quiet_dependency_warnings
-
-    quiet_dependency_warnings()
-    try:
-        results = launch_fit(plan)
-    except ChildFailedError as exc:
-        ranks = ", ".join(str(f.rank) for f in exc.failures.values())
-        print(f"tti: sae fit failed on rank(s) {ranks}; see the tracebacks above", file=sys.stderr)
-        return EXIT_RUN_FAILED
-    result = results[min(results)]
-    print(f"SAE on {plan.site} of {plan.run_dir} ({plan.tag}): {plan.sae_cfg.num_latents} latents, "
-          f"k={plan.sae_cfg.k}, {plan.steps} steps")
-    print(format_table(result["metrics"], plan.site))
-    print(f"wrote {Path(plan.out_dir) / METRICS_FILE}")
-    return 0
-
-
-def _launch(fn, *args):
-    """Run a multi-rank job; (result, None) or (None, exit code) when a rank failed."""
+def _launch(what: str, fn, *args):
+    """Run a multi-rank job; (result, None), or (None, exit code) after one line naming the
+    failed ranks (each printed its traceback already)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from tti_dist.train.worker import quiet_dependency_warnings
@@ -325,8 +302,24 @@ def _launch(fn, *args):
         return fn(*args), None
     except ChildFailedError as exc:
         ranks = ", ".join(str(f.rank) for f in exc.failures.values())
-        print(f"tti: failed on rank(s) {ranks}; see the tracebacks above", file=sys.stderr)
+        print(f"tti: {what} failed on rank(s) {ranks}; see the tracebacks above", file=sys.stderr)
         return None, EXIT_RUN_FAILED
+
+
+def cmd_sae(args: argparse.Namespace) -> int:
+    from tti_dist.sae.fit import METRICS_FILE, format_table, launch_fit, prepare_fit
+
+    plan = prepare_fit(args.run_dir, args.site, args.latents, args.k, checkpoint=args.checkpoint, steps=args.steps,
+                       lr=args.lr, out=args.out, seed=args.seed, nproc=args.nproc)
+    results, code = _launch("sae fit", launch_fit, plan)
+    if code is not None:
+        return code
+    result = results[min(results)]
+    print(f"SAE on {plan.site} of {plan.run_dir} ({plan.tag}): {plan.sae_cfg.num_latents} latents, "
+          f"k={plan.sae_cfg.k}, {plan.steps} steps")
+    print(format_table(result["metrics"], plan.site))
+    print(f"wrote {Path(plan.out_dir) / METRICS_FILE}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -334,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     plan = prepare_eval(args.run_dir, checkpoint=args.checkpoint, data=args.data, weights=args.weights,
                         nproc=args.nproc, batches=args.batches, max_tokens=args.max_tokens)
-    results, code = _launch(launch_eval, plan)
+    results, code = _launch("eval", launch_eval, plan)
     if code is not None:
         return code
     print((Path(plan.out_dir) / f"{plan.out_name}.md").read_text(), end="")
@@ -347,7 +340,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     plan, settings = prepare_inspect(args.run_dir, args.site, args.unit, top=args.top, checkpoint=args.checkpoint,
                                      batches=args.batches, context=args.context, sae=args.sae)
-    contexts, code = _launch(launch_inspect, plan, settings)
+    contexts, code = _launch("inspect", launch_inspect, plan, settings)
     if code is not None:
         return code
     print(format_contexts(settings, contexts))
@@ -366,8 +359,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae, "eval": cmd_eval,
-            "inspect": cmd_inspect}
-COMMANDS["toy"] = cmd_toy
+            "inspect": cmd_inspect, "toy": cmd_toy}
 
 
 def main(argv: list[str] | None = None) -> int:

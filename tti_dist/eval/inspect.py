@@ -75,19 +75,9 @@ def prepare_inspect(run_dir, site: str, unit: int, top: int = 20, checkpoint: st
 
 def launch_inspect(plan, settings) -> list[Context]:
     """Run the inspection on the run's TP degree (in-process for one rank); rank 0's contexts."""
-    import uuid
+    from tti_dist.train.launcher import launch_ranks
 
-    from tti_dist.distributed.runtime import single_process_env
-
-    if plan.nproc == 1:
-        with single_process_env():
-            return inspect_worker(plan, settings)
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.nproc, run_id=f"tti-inspect-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
-                          start_method="spawn")
-    return elastic_launch(config, inspect_worker)(plan, settings)[0]
+    return launch_ranks(inspect_worker, plan.nproc, plan, settings, name="tti-inspect")[0]
 
 
 def inspect_worker(plan, settings) -> list[Context]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,17 +143,9 @@ def prepare_fit(run_dir: str | Path, site: str, num_latents: int, k: int, checkp
 
 def launch_fit(plan: FitPlan) -> dict:
     """Run `fit_worker` on plan.nproc local ranks (in-process for one); returns {rank: result}."""
-    from tti_dist.distributed.runtime import single_process_env
+    from tti_dist.train.launcher import launch_ranks
 
-    if plan.nproc == 1:
-        with single_process_env():
-            return {0: fit_worker(plan)}
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.nproc, run_id=f"tti-sae-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
-                          start_method="spawn")
-    return elastic_launch(config, fit_worker)(plan)
+    return launch_ranks(fit_worker, plan.nproc, plan, name="tti-sae")
 
 
 def fit_worker(plan: FitPlan) -> dict:

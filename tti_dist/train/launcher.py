@@ -20,21 +20,31 @@ from tti_dist.train.worker import run_worker
 logger = logging.getLogger(__name__)
 
 
-def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
-    """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
+def launch_ranks(entry, nproc: int, *args, name: str = "tti") -> dict:
+    """Run `entry(*args)` on `nproc` local ranks; returns {rank: result}.
+
+    One rank runs in-process with a real size-1 process group (no agent, no extra
+    process); more ranks run under torch's elastic agent (spawned children, c10d rendezvous
+    on a free loopback port, the whole job failing when one rank fails). `entry` and
+    `args` must be picklable. Used by `tti train`, `tti sae fit`, `tti eval`, `tti inspect`.
+    """
     if nproc == 1:
-        # One rank needs no agent (and no extra process); still a real size-1 process group.
         with single_process_env():
-            return {0: run_worker(cfg, run_dir, resume)}
+            return {0: entry(*args)}
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
-        run_id=f"tti-{uuid.uuid4().hex[:8]}",
+        run_id=f"{name}-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
     )
-    return elastic_launch(config, run_worker)(cfg, run_dir, resume)
+    return elastic_launch(config, entry)(*args)
+
+
+def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
+    """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
+    return launch_ranks(run_worker, nproc, cfg, run_dir, resume)
