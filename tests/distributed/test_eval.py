@@ -8,6 +8,7 @@ documented tags; `tti inspect` must report exactly the largest activations of th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -184,9 +185,16 @@ def test_eval_user_errors(run_dir, tmp_path):
         (["eval", str(run_dir), "--checkpoint", "99"], "--checkpoint: '99' not found"),
         (["eval", str(run_dir), "--data", str(tmp_path)], f"--data: '{tmp_path}' is not a dataset directory"),
         (["eval", str(run_dir), "--nproc", "1"], "--nproc: 1 must equal the run's parallel.tp_size 2"),
+        (["eval", str(run_dir), "--weights", str(run_dir / "config.yaml")], "--weights:"),
+        (["eval", str(run_dir), "--weights", str(tmp_path / "other.safetensors")], "holds a different model than RUN/config.yaml"),
         (["inspect", str(run_dir), "--site", "blocks.9.mlp.act", "--unit", "0"], "--site: 'blocks.9.mlp.act' is not a hookpoint"),
         (["inspect", str(run_dir), "--site", "blocks.0.mlp.act", "--unit", "128"], "--unit: 128 is not a unit of blocks.0.mlp.act (0..127)"),
     ]
+    # An export of a different model (another hidden size): refused before any rank starts.
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={
+        "format": "tti_dist.gpt", "model_config": json.dumps({"hidden_size": 48, "num_heads": 2})})
     procs = [subprocess.Popen([sys.executable, "-m", "tti_dist.cli", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, _ in cases]
     for (args, message), proc in zip(cases, procs):

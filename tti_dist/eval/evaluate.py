@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +104,7 @@ def prepare_eval(run_dir: str | Path, checkpoint: str | None = None, data: list[
     if weights is not None:
         if not Path(weights).is_file():
             raise ConfigError(f"--weights: '{weights}' does not exist")
+        _check_weights_model(weights, cfg)
         if nproc not in (None, 1):
             raise ConfigError(f"--nproc: {nproc} is not allowed with --weights (an exported model is evaluated on 1 rank)")
         nproc = 1
@@ -138,6 +138,28 @@ def prepare_eval(run_dir: str | Path, checkpoint: str | None = None, data: list[
                     batches=batches, max_tokens=max_tokens, out_dir=str(run_dir / "eval"))
 
 
+def _check_weights_model(weights: str, cfg: RunConfig) -> None:
+    """ConfigError unless `weights` is a `tti export` file of the run's model (metadata only)."""
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+
+    from tti_dist.config.load import section_from_dict
+    from tti_dist.config.schema import ModelConfig
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for non-safetensors files
+        raise ConfigError(f"--weights: '{weights}' is not a safetensors file ({str(exc).splitlines()[0]})") from None
+    if meta.get("format") != "tti_dist.gpt" or "model_config" not in meta:
+        raise ConfigError(f"--weights: '{weights}' was not written by tti export (no tti_dist.gpt metadata)")
+    model_cfg = section_from_dict(ModelConfig, json.loads(meta["model_config"]), "model.")
+    if dataclasses.asdict(model_cfg) != dataclasses.asdict(cfg.model):
+        raise ConfigError(f"--weights: '{weights}' holds a different model than RUN/config.yaml")
+
+
 def _weights_only(run_dir: Path):
     import yaml
 
@@ -151,17 +173,9 @@ def _weights_only(run_dir: Path):
 
 def launch_eval(plan: EvalPlan) -> dict:
     """Run `eval_worker` on plan.nproc local ranks (in-process for one); returns {rank: result}."""
-    from tti_dist.distributed.runtime import single_process_env
+    from tti_dist.train.launcher import launch_ranks
 
-    if plan.nproc == 1:
-        with single_process_env():
-            return {0: eval_worker(plan)}
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.nproc, run_id=f"tti-eval-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
-                          start_method="spawn")
-    return elastic_launch(config, eval_worker)(plan)
+    return launch_ranks(eval_worker, plan.nproc, plan, name="tti-eval")
 
 
 def eval_worker(plan: EvalPlan) -> dict:
@@ -184,8 +198,6 @@ def eval_worker(plan: EvalPlan) -> dict:
 
 def load_eval_model(plan: EvalPlan, groups):
     """The run's GPT at TP = plan.nproc (EP = 1) with its checkpoint (or exported) weights, frozen."""
-    import dataclasses
-
     from tti_dist.models.gpt import GPT
     from tti_dist.train.export import load_exported, tp_rank_state_dict
     from tti_dist.train.seeding import seed_weights
@@ -193,9 +205,7 @@ def load_eval_model(plan: EvalPlan, groups):
     seed_weights(plan.cfg.train.seed)
     model = GPT(plan.cfg.model, groups.tp_group, 1)
     if plan.weights is not None:
-        model_cfg, state = load_exported(plan.weights)
-        if dataclasses.asdict(model_cfg) != dataclasses.asdict(plan.cfg.model):
-            raise ConfigError(f"--weights: '{plan.weights}' holds a different model than RUN/config.yaml")
+        _, state = load_exported(plan.weights)  # its model was checked by prepare_eval
     else:
         # MoE: the export path returns every expert under its global id = its id at EP=1.
         state = tp_rank_state_dict(Path(plan.ckpt_dir), plan.tag, groups.tp_rank, plan.cfg.zero.stage)
