@@ -151,14 +151,15 @@ def _make_gate_class():
             E, k = self.wg.weight.shape[0], self.k
             logits = F.linear(input.float(), self.wg.weight.float())
             logits = logits_hook(logits.view(B, T, E)).reshape(B * T, E)
-            probs_hook(F.softmax(logits, dim=-1).view(B, T, E))
+            probs = probs_hook(F.softmax(logits, dim=-1).view(B, T, E))
             cf = self.capacity_factor if self.training else self.eval_capacity_factor
             if k == 1:
                 out = sharded.top1gating(logits, cf, self.min_capacity, used_token, None, self.drop_tokens,
                                          self.use_rts, self.ep_group, sparse_routes=True)
             elif k == 2:
-                # top2gating adds to its logits in place when sampling; pass a copy regardless.
-                out = sharded.top2gating(logits.clone(), cf, self.min_capacity, self.drop_tokens, self.ep_group,
+                # Second-expert sampling off: top2gating then leaves its logits untouched
+                # (with sampling it adds Gumbel noise in place, into the captured logits).
+                out = sharded.top2gating(logits, cf, self.min_capacity, self.drop_tokens, self.ep_group,
                                          False, sparse_routes=True)
             else:
                 out = sharded.topkgating(logits, k, cf, self.min_capacity, self.drop_tokens, self.ep_group,
@@ -167,13 +168,12 @@ def _make_gate_class():
             capacity = int(capacity)
             expert_hook(indices_KS.t().long().reshape(B, T, k))
             with torch.no_grad():
-                probs = F.softmax(logits.detach(), dim=-1)
                 self.last_stats = {
                     # First choice before the capacity limit (DeepSpeed's top-1 `mask1`).
                     "first_choice_counts": torch.bincount(logits.detach().argmax(-1), minlength=E).float(),
                     "dropped_routes": (indices_KS < 0).sum().float(),
                     "routes": torch.tensor(float(indices_KS.numel()), device=logits.device),
-                    "entropy_sum": torch.special.entr(probs).sum(),
+                    "entropy_sum": torch.special.entr(probs.detach()).sum(),
                     "tokens": torch.tensor(float(B * T), device=logits.device),
                     "capacity": torch.tensor(float(capacity), device=logits.device),
                 }

@@ -120,13 +120,10 @@ class RouterZLoss(_RouterRegularizer):
     site = "moe.router_logits"
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = None
-        for hp in self.hookpoints:
-            logits = _rows(acts[hp.name])
-            with torch.autocast(device_type=logits.device.type, enabled=False):
-                z = torch.logsumexp(logits, dim=-1).square().mean()
-            total = z if total is None else total + z
-        return total / len(self.hookpoints), {}
+        logits = [_rows(acts[hp.name]) for hp in self.hookpoints]
+        with torch.autocast(device_type=logits[0].device.type, enabled=False):
+            per_layer = torch.stack([torch.logsumexp(x, dim=-1).square().mean() for x in logits])
+        return per_layer.mean(), {}
 
 
 @register
@@ -154,14 +151,11 @@ class RoutingEntropy(_RouterRegularizer):
     site = "moe.router_probs"
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = None
-        for hp in self.hookpoints:
-            p = _rows(acts[hp.name])
-            with torch.autocast(device_type=p.device.type, enabled=False):
-                tiny = torch.finfo(p.dtype).tiny
-                h = -(p * torch.log(p.clamp_min(tiny))).sum(-1).mean()
-            total = h if total is None else total + h
-        return total / len(self.hookpoints), {}
+        probs = [_rows(acts[hp.name]) for hp in self.hookpoints]
+        with torch.autocast(device_type=probs[0].device.type, enabled=False):
+            tiny = torch.finfo(probs[0].dtype).tiny
+            per_layer = torch.stack([-(p * torch.log(p.clamp_min(tiny))).sum(-1).mean() for p in probs])
+        return per_layer.mean(), {}
 
 
 @register
