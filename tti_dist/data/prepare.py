@@ -102,3 +102,17 @@ def run_windows(cfg: RunConfig, dataset: TokenDataset | None = None) -> DatasetW
         # The launching process verified the shards; ranks only map them.
         dataset = open_dataset(cfg.data.path, verify=False)
     return DatasetWindows({split: dataset.split_shards(split) for split in ("train", "val")}, cfg.data.seq_len)
+
+
+def prepare_run_data(cfg: RunConfig, home: str | Path) -> RunConfig:
+    """Build or open and verify the run's dataset (into HOME/dataset unless data.path names
+    one) and check that both splits hold a whole global micro-batch: such problems are
+    one-line ConfigErrors before launch, not a traceback from every rank. Returns the config
+    with data.path resolved."""
+    from tti_dist.data.loader import DistributedBatchLoader
+
+    cfg, dataset = resolve_dataset(cfg, home)
+    windows = run_windows(cfg, dataset)
+    for split in ("train", "val"):
+        DistributedBatchLoader(windows, split, cfg.train.micro_batch_size, 0, cfg.parallel.dp_size, cfg.train.seed)
+    return cfg

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -81,11 +82,22 @@ def dp_means(values: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[st
     return dict(zip(values, (stacked / groups.dp_size).tolist()))
 
 
+class StepObserver(Protocol):
+    """Told about every optimizer step that logged scalars or saved a checkpoint.
+
+    Called on every rank, in the same order, with the same (DP-reduced) scalars: a launcher
+    can forward them (Ray Train's `ray.train.report`, itself a barrier over the workers)."""
+
+    def __call__(self, step: int, scalars: dict[str, float], checkpoint_tag: str | None) -> None: ...
+
+
 class Trainer:
     """Owns the engine, data and sinks of one rank for one run."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, groups: ParallelGroups, resume: bool = False):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, groups: ParallelGroups, resume: bool = False,
+                 resume_tag: str | None = None, observer: StepObserver | None = None):
         self.cfg = cfg
+        self.observer = observer
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.groups = groups
@@ -117,7 +129,8 @@ class Trainer:
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * groups.dp_size * cfg.data.seq_len
         )
         if resume:
-            tag = ckpt.latest_tag(self.ckpt_dir)
+            # A launcher that tracks checkpoints itself (Ray Train) names the one to load.
+            tag = resume_tag or ckpt.latest_tag(self.ckpt_dir)
             if tag is None:
                 logger.warning("resume requested but %s holds no checkpoint; starting from step 0", self.ckpt_dir)
             else:
@@ -265,9 +278,13 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                 every = cfg.checkpoint.every
+                saved = None
                 if (every and self.step % every == 0) or (self.step == total and cfg.checkpoint.save_final):
-                    result.last_checkpoint = self.save()
+                    saved = result.last_checkpoint = self.save()
                     interval_start, interval_steps = time.perf_counter(), 0
+                if self.observer is not None and (scalars or saved):
+                    self.observer(self.step, {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                                              **scalars}, saved)
         finally:
             if progress is not None:
                 progress.close()

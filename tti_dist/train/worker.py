@@ -42,8 +42,13 @@ def set_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
-def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False):
-    """Train one rank of `cfg` into `run_dir`; returns its TrainResult."""
+def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: str | None = None,
+               observer=None, after_train=None):
+    """Train one rank of `cfg` into `run_dir`; returns its TrainResult.
+
+    `resume_tag` names the checkpoint to continue from (default: RUN/checkpoints/latest);
+    `observer` is a trainer.StepObserver; `after_train(cfg, run_dir, groups, result)` runs on
+    every rank while the process groups are still up (Ray trials evaluate there)."""
     setup_logging(cfg.logging.level)
     device = resolve_device(cfg.train.device)
     quiet_dependency_warnings(device)
@@ -56,9 +61,12 @@ def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False):
     try:
         from tti_dist.train.trainer import Trainer
 
-        trainer = Trainer(cfg, Path(run_dir), groups, resume=resume)
+        trainer = Trainer(cfg, Path(run_dir), groups, resume=resume, resume_tag=resume_tag, observer=observer)
         result = trainer.train()
         logger.info("finished at step %d", result.final_step)
+        del trainer  # free the engine before anything else runs on this rank
+        if after_train is not None:
+            after_train(cfg, run_dir, groups, result)
         return result
     finally:
         shutdown_parallel()
