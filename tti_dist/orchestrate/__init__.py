@@ -1,0 +1,1 @@
+"""Running sweeps and jobs on a Ray cluster."""
