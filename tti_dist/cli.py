@@ -6,9 +6,15 @@
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
     tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
+    tti sweep SWEEP [--address ADDR] [--out DIR] [--set k=v ...]
     tti toy CONFIG --run-dir RUN [--set key=value ...] [--overwrite]
     tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P] [--batches B] [--max-tokens N]
     tti inspect RUN --site SITE --unit U [--top N] [--checkpoint STEP] [--batches B] [--context C] [--sae DIR]
+    tti tensorboard DIR [--port P] [--host 127.0.0.1]
+    tti report DIR [--metric TAG ...] [--target VALUE]
+    tti submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--out DIR] [--set k=v ...] [--working-dir DIR] [--runtime-env FILE] [--wait]
+    tti jobs status|stop JOB --address http://HEAD:8265
+    tti jobs logs JOB --address http://HEAD:8265 [--follow]
 
 User errors (bad config, bad paths, layout mismatches) print one line, `tti: error: ...`,
 with no traceback, and exit with code 2 before any process group starts.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
@@ -114,9 +121,57 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a toy setting, e.g. --set steps=500 or --set topk_hidden=2 (repeatable)")
     toy.add_argument("--overwrite", action="store_true", help="replace the outputs of an existing run directory")
 
+    report = sub.add_parser("report", help="summary table, Pareto frontiers and interpretability tax of a sweep")
+    report.add_argument("sweep_dir", metavar="DIR", help="output directory of tti sweep (--out)")
+    report.add_argument("--metric", dest="metrics", action="append", default=[], metavar="TAG",
+                        help="headline interpretability metric, e.g. interp/blocks.1.mlp.act/l0 (repeatable; "
+                             "default: the last block's mlp.act l0)")
+    report.add_argument("--target", type=float, metavar="VALUE",
+                        help="interpretability level of the tax, in the metric's units (default: the most "
+                             "interpretable level every model size reaches with every seed)")
+
+    tboard = sub.add_parser("tensorboard", help="serve TensorBoard on a sweep, a run or any logdir (loopback)")
+    tboard.add_argument("dir", metavar="DIR",
+                        help="a tti sweep --out directory (serves DIR/runs), a run directory or any logdir")
+    tboard.add_argument("--port", type=int, default=6006, help="TCP port (default 6006; 0 = a free port)")
+    tboard.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: reach it from elsewhere with ssh -L)")
+
+    sweep = sub.add_parser("sweep", help="run a sweep (model sizes x settings x seeds) on Ray Tune + Ray Train")
+    sweep.add_argument("sweep", metavar="SWEEP", help="sweep YAML (see configs/sweeps/) or a run config (one trial)")
+    sweep.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT); default: an embedded local Ray")
+    sweep.add_argument("--out", help="output directory (default: sweeps/<name>-<time>)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value in every trial, e.g. --set train.steps=20 (repeatable)")
+
     info = data.add_parser("info", help="summarize a dataset (and verify its shards)")
     info.add_argument("path", help="dataset directory")
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the shards")
+    addr_help = ("the cluster's Ray dashboard (Jobs API) address, http://HEAD:8265 or HEAD:8265 "
+                 "(default: $RAY_API_SERVER_ADDRESS)")
+    submit = sub.add_parser("submit", help="run a sweep or run config on a Ray cluster as a Ray Job")
+    submit.add_argument("config", metavar="CONFIG_OR_SWEEP", help="sweep YAML (has `axes`) or run config")
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help=addr_help)
+    submit.add_argument("--out", help="sweep output directory on the cluster (default: sweeps/<stem>-<time> inside "
+                                      "the job's working directory, deleted eventually; pass an absolute path on "
+                                      "shared storage)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value in every trial (repeatable)")
+    submit.add_argument("--working-dir", help="directory shipped to the cluster; must contain the file "
+                                              "(default: the current directory)")
+    submit.add_argument("--runtime-env", metavar="FILE",
+                        help="YAML mapping merged over the job's runtime_env (e.g. cluster/runtime_env.yaml)")
+    submit.add_argument("--wait", action="store_true",
+                        help="follow the job's output until it ends; exit 0 when it succeeded, 1 otherwise")
+
+    jobs = sub.add_parser("jobs", help="status, output and stopping of jobs started by tti submit").add_subparsers(
+        dest="jobs_command", required=True)
+    for name, text in (("status", "the job's status"), ("logs", "the job's output"), ("stop", "stop the job")):
+        cmd = jobs.add_parser(name, help=text)
+        cmd.add_argument("job_id", metavar="JOB", help="job id printed by tti submit")
+        cmd.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help=addr_help)
+        if name == "logs":
+            cmd.add_argument("--follow", action="store_true", help="keep printing output until the job ends")
     return parser
 
 
@@ -160,17 +215,9 @@ def prepare_train(args: argparse.Namespace):
 
 
 def _prepare_data(cfg, run_dir: Path):
-    """Build or open and verify the dataset (the resolved config names it), and check that
-    both splits hold a whole global micro-batch, so such problems are one-line errors here,
-    not a traceback from every rank."""
-    from tti_dist.data.loader import DistributedBatchLoader
-    from tti_dist.data.prepare import resolve_dataset, run_windows
+    from tti_dist.data.prepare import prepare_run_data
 
-    cfg, dataset = resolve_dataset(cfg, run_dir)
-    windows = run_windows(cfg, dataset)
-    for split in ("train", "val"):
-        DistributedBatchLoader(windows, split, cfg.train.micro_batch_size, 0, cfg.parallel.dp_size, cfg.train.seed)
-    return cfg
+    return prepare_run_data(cfg, run_dir)
 
 
 def _check_resume_compatible(cfg, run_dir: Path) -> None:
@@ -347,6 +394,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    # Everything is checked (sweep keys, every trial's config and dataset) before Ray starts.
+    from tti_dist.orchestrate.sweep import load_sweep, preflight, prepare_trials, run_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    out = Path(args.out) if args.out else Path("sweeps") / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    preflight(sweep, out, args.address)
+    specs = prepare_trials(sweep, out)
+    print(f"sweep {sweep.name}: {len(specs)} trial(s) -> {out}", flush=True)
+    outcome = run_sweep(sweep, specs, args.address, emit=lambda line: print(line, flush=True))
+    failed = [name for name, status in outcome.items() if status != "completed"]
+    print(f"{len(outcome) - len(failed)}/{len(outcome)} trials completed"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"runs: {out / 'runs'}   report: tti report {out}   TensorBoard: tti tensorboard {out}")
+    return EXIT_RUN_FAILED if failed else 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     # Config and run-directory checks come first: one-line errors before anything trains.
     from tti_dist.toy.run import format_summary, prepare_toy, run_toy
@@ -358,8 +422,82 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tti_dist.orchestrate.report import format_tax, write_report
+
+    result = write_report(args.sweep_dir, metrics=args.metrics or None, target=args.target)
+    for path in [result["summary"], *result["plots"], result["report"]]:
+        print(f"wrote {path}")
+    if result["taxes"]:
+        print(format_tax(result["taxes"]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    from tti_dist.orchestrate.tensorboard import resolve_logdir, serve_tensorboard
+
+    logdir = resolve_logdir(args.dir)
+
+    def announce(url: str) -> None:
+        print(f"TensorBoard serving {logdir} at {url} (Ctrl-C to stop)", flush=True)
+
+    serve_tensorboard(logdir, port=args.port, host=args.host, on_start=announce)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from tti_dist.orchestrate import jobs
+
+    job_id = jobs.submit(args.config, args.address, out=args.out, overrides=args.overrides,
+                         working_dir=args.working_dir, runtime_env=args.runtime_env)
+    print(job_id, flush=True)
+    address = jobs.normalize_address(args.address)
+    if not args.wait:
+        print(f"follow it with: tti jobs logs {job_id} --address {address} --follow", file=sys.stderr)
+        return 0
+    return _follow_job(jobs, job_id, address)
+
+
+def _follow_job(jobs, job_id: str, address: str) -> int:
+    cluster = jobs.connect(address)
+    try:
+        for chunk in jobs.logs(job_id, None, follow=True, cluster=cluster):
+            print(chunk, end="", flush=True)
+    except KeyboardInterrupt:
+        print(f"\ntti: stopped following; the job keeps running (tti jobs stop {job_id} --address {address})",
+              file=sys.stderr)
+        return 130
+    final = jobs.wait_for(job_id, None, cluster=cluster)
+    print(f"{job_id}: {final}", file=sys.stderr)
+    return 0 if final == "SUCCEEDED" else EXIT_RUN_FAILED
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from tti_dist.orchestrate import jobs
+
+    if args.jobs_command == "status":
+        details = jobs.info(args.job_id, args.address)
+        message = f" ({details.message})" if details.message else ""
+        print(f"{args.job_id}: {details.status}{message}")
+    elif args.jobs_command == "logs":
+        if args.follow:
+            return _follow_job(jobs, args.job_id, jobs.normalize_address(args.address))
+        print(jobs.logs(args.job_id, args.address), end="")
+    else:
+        cluster = jobs.connect(args.address)
+        if jobs.stop(args.job_id, None, cluster=cluster):
+            print(f"{args.job_id}: stop requested")
+        else:
+            print(f"{args.job_id}: not running ({jobs.status(args.job_id, None, cluster=cluster)})")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae, "eval": cmd_eval,
-            "inspect": cmd_inspect, "toy": cmd_toy}
+            "submit": cmd_submit, "jobs": cmd_jobs,
+            "tensorboard": cmd_tensorboard,
+            "inspect": cmd_inspect, "toy": cmd_toy, "sweep": cmd_sweep, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

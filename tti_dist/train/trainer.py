@@ -225,10 +225,14 @@ class Trainer:
         if self.routing_probe is not None:
             # The last probe routing: a resumed run reports moe/*/stability against it.
             client_state["routing_probe"] = self.routing_probe.state_dict()
-        return ckpt.save_checkpoint(
+        tag = ckpt.save_checkpoint(
             self.engine, self.ckpt_dir, self.step, client_state, self.groups, self.tp_layout,
             self.cfg.checkpoint.keep_last,
         )
+        # Make every metric row up to the checkpoint durable: a crash after this point
+        # resumes from here and must find them (rows after it are discarded on resume).
+        self.metrics.flush()
+        return tag
 
     # -- the loop --------------------------------------------------------------------------
     def train(self) -> TrainResult:
