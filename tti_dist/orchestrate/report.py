@@ -200,6 +200,28 @@ def headline_metrics(available: list[str], metrics: list[str] | None = None) -> 
     return available[:1]
 
 
+PARETO_SUFFIXES = ("l0", "dead_frac", "gaussian_tc", "mono_mean", "mono_share", "mig_hist20", "mig_ksg")
+"""Per-unit metrics of the headline metric's site that the Pareto plots show by default."""
+
+
+def pareto_metrics(available: list[str], headline: list[str], chosen: list[str] | None = None) -> list[str]:
+    """The metrics of the Pareto plots and frontier tables.
+
+    A full evaluation reports hundreds of interp/* tags; by default the plots show the
+    headline metrics, the unit metrics (PARETO_SUFFIXES) of each headline metric's site, and
+    the direction cosines of that block's MLP input weights. `--metric` chooses instead."""
+    if chosen:
+        return list(dict.fromkeys(chosen))
+    picked = list(headline)
+    for metric in headline:
+        site = metric[len("interp/"):].rsplit("/", 1)[0]
+        picked += [f"interp/{site}/{suffix}" for suffix in PARETO_SUFFIXES]
+        block = re.match(r"(blocks\.\d+)\.", site)
+        if block:
+            picked.append(f"interp/{block.group(1)}.mlp.fc1/mean_abs_cos")
+    return [m for m in dict.fromkeys(picked) if m in available]
+
+
 # ---------------------------------------------------------------------------------------------
 # Frontier and tax
 
@@ -532,9 +554,10 @@ def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target
         notes.append("the trials hold no interpretability metric (interp/*) with a known direction: "
                      "no Pareto plots or tax")
     else:
+        shown = pareto_metrics(available, headline, metrics)
         for size in sizes:
             size_rows = [r for r in rows if _size_key(r) == size]
-            present = [m for m in available if any(r.get(m) is not None for r in size_rows)]
+            present = [m for m in shown if any(r.get(m) is not None for r in size_rows)]
             if not present:
                 continue
             path = root / "plots" / f"pareto_{_file_part(size_label(size))}.png"
