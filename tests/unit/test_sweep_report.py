@@ -242,7 +242,24 @@ def test_no_baseline_skips_tax(tmp_path):
     assert result["taxes"] == []
     assert not (root / "plots" / "tax.png").exists() and (root / "plots" / "pareto_xs.png").is_file()
     assert "Not computed: the sweep has no completed baseline trial" in (root / "report.md").read_text()
-    assert interp_metrics(collect_trials(root)) == [L0_BLOCK0, L0, MONO]
+    # Each trial's deepest block (here block 1) is also reported as blocks.last.
+    assert interp_metrics(collect_trials(root)) == [L0_BLOCK0, L0, MONO, "interp/blocks.last.mlp.act/l0",
+                                                    "interp/blocks.last.mlp.act/mono_share"]
+
+
+def test_derived_metrics_compare_across_depth_and_width():
+    from tti_dist.orchestrate.report import derived_metrics
+
+    two_blocks = {"interp/blocks.0.mlp.act/l0": 30.0, "interp/blocks.0.mlp.act/num_units": 128.0,
+                  "interp/blocks.1.mlp.act/l0": 16.0, "interp/blocks.1.mlp.act/num_units": 64.0,
+                  "interp/embed/l0": 8.0, "eval/loss": 3.0}
+    got = derived_metrics(two_blocks)
+    assert got["interp/blocks.0.mlp.act/l0_frac"] == 30 / 128
+    assert got["interp/blocks.1.mlp.act/l0_frac"] == 0.25
+    assert got["interp/blocks.last.mlp.act/l0_frac"] == 0.25 and got["interp/blocks.last.mlp.act/l0"] == 16.0
+    assert "interp/embed/l0_frac" not in got  # no num_units: no share
+    assert derived_metrics({"eval/loss": 3.0}) == {}
+    assert headline_metrics(sorted({**two_blocks, **got})) == ["interp/blocks.last.mlp.act/l0_frac"]
 
 
 def _error(capsys, argv) -> str:

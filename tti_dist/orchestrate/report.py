@@ -48,6 +48,7 @@ LOSS = "eval/loss"
 METRIC_DIRECTIONS: dict[str, tuple[str, str]] = {
     # suffix of interp/<site>/<suffix>: (direction, why). Formulas: docs/evaluation.md.
     "l0": ("lower", "fewer active units per token: each token is explained by fewer units"),
+    "l0_frac": ("lower", "l0 / num_units: the active share of the site's units, comparable across widths"),
     "dead_frac": ("lower", "dead units carry nothing to interpret and waste width"),
     "dense_1pct_frac": ("lower", "units firing on >1% of tokens respond to too much to be specific"),
     "dense_10pct_frac": ("lower", "units firing on >10% of tokens respond to too much to be specific"),
@@ -100,6 +101,36 @@ def _axis_text(value) -> str | None:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+_BLOCK_SITE = re.compile(r"^interp/blocks\.(\d+)\.(.+)$")
+
+LAST_BLOCK = "blocks.last"
+"""Site prefix of the derived metrics of each trial's last block (models differ in depth)."""
+
+
+def derived_metrics(final: dict) -> dict[str, float]:
+    """Metrics that compare across model sizes, computed from a trial's final scalars:
+
+    - interp/<site>/l0_frac = l0 / num_units (the share of the site's units active per token;
+      l0 itself grows with width);
+    - interp/blocks.last.<rest> = interp/blocks.<L>.<rest> for the trial's deepest block L
+      (a 2-layer and a 4-layer model have no block index in common at the top)."""
+    out: dict[str, float] = {}
+    for tag, value in final.items():
+        if tag.startswith("interp/") and tag.endswith("/l0"):
+            units = final.get(tag[: -len("l0")] + "num_units")
+            if isinstance(units, (int, float)) and units > 0 and isinstance(value, (int, float)):
+                out[tag + "_frac"] = float(value) / float(units)
+    merged = {**final, **out}
+    blocks = [int(m.group(1)) for t in merged if (m := _BLOCK_SITE.match(t))]
+    if blocks:
+        last = max(blocks)
+        for tag, value in merged.items():
+            m = _BLOCK_SITE.match(tag)
+            if m and int(m.group(1)) == last:
+                out[f"interp/{LAST_BLOCK}.{m.group(2)}"] = value
+    return out
+
+
 def _read_trials(sweep_dir: str | Path) -> list[dict]:
     root = Path(sweep_dir)
     if not root.is_dir():
@@ -117,6 +148,9 @@ def _read_trials(sweep_dir: str | Path) -> list[dict]:
         if not isinstance(record, dict):
             raise ConfigError(f"{path}: must hold a JSON object (a trial record), got {type(record).__name__}")
         record.setdefault("trial", path.parent.name)
+        final = record.get("final")
+        if isinstance(final, dict):
+            record["final"] = {**final, **derived_metrics(final)}
         records.append(record)
     return records
 
@@ -180,7 +214,9 @@ def interp_metrics(table: pa.Table) -> list[str]:
 def headline_metrics(available: list[str], metrics: list[str] | None = None) -> list[str]:
     """The metrics the trials table and the tax report on.
 
-    Default: interp/blocks.<i>.mlp.act/l0 with the highest i, else the first interp/*/l0,
+    Default: interp/blocks.last.mlp.act/l0_frac (the active share of the MLP units of each
+    trial's deepest block: comparable across depths and widths), else
+    interp/blocks.<i>.mlp.act/l0 with the highest i, else the first interp/*/l0,
     else the first metric with a known direction ([] when there is none). `metrics` chooses;
     each must be one of `available`.
     """
@@ -191,6 +227,9 @@ def headline_metrics(available: list[str], metrics: list[str] | None = None) -> 
                 raise ConfigError(f"--metric: '{m}' is not an interpretability metric of this sweep "
                                   f"with a known direction; available: {allowed}")
         return list(dict.fromkeys(metrics))
+    preferred = f"interp/{LAST_BLOCK}.mlp.act/l0_frac"
+    if preferred in available:
+        return [preferred]
     blocks = [(int(mt.group(1)), m) for m in available if (mt := _BLOCK_L0.match(m))]
     if blocks:
         return [max(blocks)[1]]
