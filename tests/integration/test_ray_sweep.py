@@ -165,9 +165,10 @@ def test_trial_spread_over_two_nodes_survives_a_killed_worker_and_matches(tmp_pa
     settings = ["parallel.dp_size=2", "train.steps=40", "checkpoint.every=10", "train.eval_every=20",
                 "logging.log_every=5"]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                            "node_ip_address": "127.0.0.1",
                                                             "object_store_memory": 100 * 1024**2})
     try:
-        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 * 1024**2)
         cluster.wait_for_nodes()
         cmd = [sys.executable, "-m", "tti_dist.cli", "sweep", str(sweep), "--out", str(out),
                "--address", cluster.address]

@@ -335,7 +335,7 @@ def write_sweep_file(sweep: Sweep, specs: list, out: Path) -> None:
 
 
 def embedded_resources() -> dict[str, float]:
-    """What the embedded local Ray offers: the machine's cores plus one logical CPU for the
+    """What the embedded local Ray (loopback only) offers: the machine's cores plus one logical CPU for the
     trial drivers (each reserves 0.1 CPU and only waits on Ray Train's controller, so a
     trial whose workers use every core still fits), and its GPUs."""
     import torch
@@ -483,6 +483,8 @@ def run_sweep(sweep: Sweep, specs: list, address: str | None, emit: Callable[[st
         # prints tracebacks here.
         context = ray.init(address="local", num_cpus=int(available["CPU"]), num_gpus=int(available.get("GPU", 0)),
                            include_dashboard=False, object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+                           # Loopback only: a sweep on one machine opens no port to the network.
+                           _node_ip_address="127.0.0.1",
                            logging_level=logging.WARNING, configure_logging=False, log_to_driver=False)
         emit(f"embedded Ray: {available['CPU']:g} CPUs (one for the trial drivers), worker logs in "
              f"{context.address_info.get('session_dir', '/tmp/ray/session_latest')}/logs")
