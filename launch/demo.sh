@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# The main job: set up the environment, then train the smoke config (a ~1M-parameter GPT,
-# TP=2 x ZeRO-1 on 2 local ranks, 50 steps on the interpreter's standard-library sources).
-#   bash launch/demo.sh [extra tti train arguments, e.g. --set train.steps=100]
+# The main job: set up the environment, run the demo scaling sweep on an embedded local Ray
+# (3 model sizes x {no regularizer, L1 on the MLP units} x 2 seeds = 12 small trials on the
+# synthetic factored language, Ray Tune scheduling Ray Train trials two at a time), then
+# write the trade-off report (Pareto frontiers, interpretability tax vs parameters).
+#   bash launch/demo.sh [OUT] [extra tti sweep arguments, e.g. --set train.steps=200]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
-exec .venv/bin/tti train configs/smoke.yaml "$@"
+OUT="${1:-sweeps/demo-$(date +%Y%m%d-%H%M%S)}"
+shift || true
+# DeepSpeed picks its accelerator at import; without a GPU it must be the CPU one.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export DS_ACCELERATOR=cpu
+fi
+.venv/bin/tti sweep configs/sweeps/demo.yaml --out "$OUT" "$@"
+.venv/bin/tti report "$OUT"
+echo "TensorBoard: .venv/bin/tti tensorboard $OUT"
