@@ -6,6 +6,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
+# The venv's tools first: DeepSpeed JIT-builds its CPU comm op with the first `ninja` on
+# PATH, and two ninja versions (the venv's and the system's) record different command
+# hashes, so processes alternating between them rebuild the op each time.
+export PATH="$ROOT/.venv/bin:$PATH"
 # DeepSpeed picks its accelerator at import; without a GPU it must be the CPU one.
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export DS_ACCELERATOR=cpu
