@@ -213,6 +213,8 @@ def test_trial_spread_over_two_nodes_survives_a_killed_worker_and_matches(tmp_pa
     assert [s["resumed_from"] for s in first] == [None, None]
     resumed = {s["resumed_from"] for s in second}
     assert len(resumed) == 1 and int(resumed.pop().removeprefix("global_step")) >= 10
+    # Ray's pointer names the tag, or (killed before Ray registered it) the run directory.
+    assert {s["resumed_via"] for s in second} <= {"ray", "run_dir"}
 
     assert reference_proc.returncode == 0, reference_output[-4000:]
     got = pq.read_table(run / "metrics.parquet").to_pydict()

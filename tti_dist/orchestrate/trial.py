@@ -139,41 +139,48 @@ def resume_tag_from_ray() -> str | None:
 
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one rank of the trial."""
-    from tti_dist.train.worker import run_worker
-
     from tti_dist.train.checkpoint import latest_tag
+    from tti_dist.train.worker import run_worker
 
     spec: TrialSpec = config["spec"]
     tag = resume_tag_from_ray()
+    if tag is not None and not (Path(spec.run_dir) / "checkpoints" / tag).is_dir():
+        tag = None  # pruned by checkpoint.keep_last after a newer one Ray had not yet registered
+    source = "ray" if tag is not None else None
     if tag is None:
         # A worker can die after DeepSpeed finished a checkpoint but before Ray's controller
         # registered its pointer. The run directory belongs to this trial alone (tti sweep
         # refuses an OUT that holds runs), so a complete checkpoint there was written by an
         # earlier attempt of this trial: continue from it rather than start over.
         tag = latest_tag(Path(spec.run_dir) / "checkpoints")
+        source = "run_dir" if tag is not None else None
     if tag is not None:
         logger.info("restarted by Ray Train: resuming %s from %s", spec.name, tag)
     rank = int(os.environ.get("RANK", "0"))
-    record_worker_start(spec.run_dir, rank, tag)
+    record_worker_start(spec.run_dir, rank, tag, source)
     after = _final_evaluation(spec) if spec.eval_max_tokens else _report_done
     run_worker(spec.cfg, spec.run_dir, resume=tag is not None, resume_tag=tag,
                observer=RayStepReporter(spec.run_dir, rank), after_train=after)
 
 
 WORKERS_FILE = "workers.jsonl"
-"""RUN/workers.jsonl: one line per worker start (rank, Ray node, pid, checkpoint resumed from)."""
+"""RUN/workers.jsonl: one line per worker start (rank, Ray node, pid, checkpoint resumed from
+and whether Ray's pointer or the run directory named it)."""
 
 
-def record_worker_start(run_dir: str, rank: int, resumed_from: str | None) -> None:
+def record_worker_start(run_dir: str, rank: int, resumed_from: str | None, resumed_via: str | None = None) -> None:
     """Append this worker's placement to RUN/workers.jsonl: where each rank ran, and every
-    restart with the checkpoint it resumed from (a single O_APPEND write per line)."""
+    restart with the checkpoint it resumed from and how it was found ("ray": the pointer
+    from ray.train.get_checkpoint(); "run_dir": the run's latest complete checkpoint,
+    when the worker died before Ray registered the pointer). One O_APPEND write per line."""
     import socket
     import time
 
     import ray
 
     line = json.dumps({"time": time.time(), "rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                       "hostname": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from})
+                       "hostname": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from,
+                       "resumed_via": resumed_via})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     fd = os.open(Path(run_dir) / WORKERS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
