@@ -150,20 +150,19 @@ def _descendants(pid: int):
 
 def test_trial_spread_over_two_nodes_survives_a_killed_worker_and_matches(tmp_path):
     """2 simulated nodes (ray.cluster_utils.Cluster), `tti sweep --address`: STRICT_SPREAD
-    puts the trial's 2 workers on different nodes; one is SIGKILLed after the step-10
-    checkpoint; Ray Train restarts the group, which resumes from the checkpoint; every
+    puts the trial's 2 workers on different nodes; one is SIGKILLed once Ray has registered
+    a checkpoint; Ray Train restarts the group, which resumes from Ray's pointer; every
     logged number equals an uninterrupted `tti train` of the same config."""
     import ray
     from ray.cluster_utils import Cluster
-
-    from tti_dist.train.checkpoint import latest_tag
 
     sweep = _write_sweep(tmp_path / "kill.yaml", {"model_size": ["xs"]}, max_failures=2, eval=False,
                          resources={"cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"})
     out = tmp_path / "out"
     run = out / "runs" / "t000-xs"
-    settings = ["parallel.dp_size=2", "train.steps=40", "checkpoint.every=10", "train.eval_every=20",
-                "logging.log_every=5"]
+    settings = ["parallel.dp_size=2", "train.steps=200", "checkpoint.every=10", "checkpoint.keep_last=0",
+                "train.eval_every=100", "logging.log_every=10"]
+    snapshot = out / "ray" / "t000-xs" / "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                             "object_store_memory": 100 * 1024**2})
     try:
@@ -176,12 +175,16 @@ def test_trial_spread_over_two_nodes_survives_a_killed_worker_and_matches(tmp_pa
         driver = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
         try:
+            # Kill once Ray's controller has registered a checkpoint (its snapshot names it),
+            # so the restart must come from Ray's pointer.
             deadline = time.monotonic() + 400
-            while time.monotonic() < deadline and driver.poll() is None and latest_tag(run / "checkpoints") is None:
+            registered = lambda: snapshot.is_file() and "checkpoint_global_step" in snapshot.read_text()  # noqa: E731
+            while time.monotonic() < deadline and driver.poll() is None and not registered():
                 time.sleep(0.05)
-            if latest_tag(run / "checkpoints") is None:
+            if not registered():
                 driver.kill()
-                raise AssertionError(f"no checkpoint written:\n{driver.communicate()[0][-4000:]}")
+                raise AssertionError(f"no checkpoint registered with Ray:\n{driver.communicate()[0][-4000:]}")
+            assert not (run / "trial.json").exists(), "the trial ended before the kill"
             workers = [p for p in _descendants(os.getpid()) if "RayTrainWorker" in " ".join(p.cmdline())]
             assert len(workers) == 2
             workers[-1].send_signal(signal.SIGKILL)
@@ -213,13 +216,12 @@ def test_trial_spread_over_two_nodes_survives_a_killed_worker_and_matches(tmp_pa
     assert [s["resumed_from"] for s in first] == [None, None]
     resumed = {s["resumed_from"] for s in second}
     assert len(resumed) == 1 and int(resumed.pop().removeprefix("global_step")) >= 10
-    # Ray's pointer names the tag, or (killed before Ray registered it) the run directory.
-    assert {s["resumed_via"] for s in second} <= {"ray", "run_dir"}
+    assert {s["resumed_via"] for s in second} == {"ray"}  # ray.train.get_checkpoint()'s pointer
 
     assert reference_proc.returncode == 0, reference_output[-4000:]
     got = pq.read_table(run / "metrics.parquet").to_pydict()
     want = pq.read_table(reference / "metrics.parquet").to_pydict()
-    assert got["step"] == want["step"] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert got["step"] == want["step"] == list(range(10, 201, 10))
     for tag in ("train/task_loss", "train/total_loss", "train/grad_norm", "eval/loss", "reg/l1_mlp/loss"):
         assert _same(got[tag], want[tag]), (tag, got[tag], want[tag])
 
