@@ -180,20 +180,10 @@ def launch_eval(plan: EvalPlan) -> dict:
 
 def eval_worker(plan: EvalPlan) -> dict:
     """One rank of the eval job: process groups, evaluation, teardown."""
-    from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel
-    from tti_dist.train.worker import quiet_dependency_warnings, set_cpu_threads
-    from tti_dist.utils.logging import setup_logging
+    from tti_dist.train.worker import rank_session
 
-    cfg = plan.cfg
-    setup_logging(cfg.logging.level)
-    device = resolve_device(cfg.train.device)
-    quiet_dependency_warnings(device)
-    set_cpu_threads(device)
-    groups = init_parallel(plan.nproc, device, cfg.train.dist_timeout_s)
-    try:
+    with rank_session(plan.cfg, plan.nproc) as groups:
         return run_eval(plan, groups)
-    finally:
-        shutdown_parallel()
 
 
 def load_eval_model(plan: EvalPlan, groups):

@@ -81,17 +81,10 @@ def launch_inspect(plan, settings) -> list[Context]:
 
 
 def inspect_worker(plan, settings) -> list[Context]:
-    from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel
-    from tti_dist.train.worker import quiet_dependency_warnings, set_cpu_threads
+    from tti_dist.train.worker import rank_session
 
-    device = resolve_device(plan.cfg.train.device)
-    quiet_dependency_warnings(device)
-    set_cpu_threads(device)
-    groups = init_parallel(plan.nproc, device, plan.cfg.train.dist_timeout_s)
-    try:
+    with rank_session(plan.cfg, plan.nproc) as groups:
         return top_contexts(plan, settings, groups)
-    finally:
-        shutdown_parallel()
 
 
 def _load_sae(sae_dir: str):

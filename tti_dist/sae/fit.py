@@ -150,20 +150,10 @@ def launch_fit(plan: FitPlan) -> dict:
 
 def fit_worker(plan: FitPlan) -> dict:
     """One rank of the fit job: process groups, fit, metrics, teardown."""
-    from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel
-    from tti_dist.train.worker import quiet_dependency_warnings, set_cpu_threads
-    from tti_dist.utils.logging import setup_logging
+    from tti_dist.train.worker import rank_session
 
-    cfg = plan.cfg
-    setup_logging(cfg.logging.level)
-    device = resolve_device(cfg.train.device)
-    quiet_dependency_warnings(device)
-    set_cpu_threads(device)
-    groups = init_parallel(cfg.parallel.tp_size, device, cfg.train.dist_timeout_s)
-    try:
+    with rank_session(plan.cfg, plan.cfg.parallel.tp_size) as groups:
         return run_fit(plan, groups)
-    finally:
-        shutdown_parallel()
 
 
 def load_frozen_model(plan: FitPlan, groups):

@@ -7,15 +7,17 @@ launching process, before any process group starts).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from tti_dist.config.schema import RunConfig
-from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel
+from tti_dist.distributed.runtime import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
 from tti_dist.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -42,13 +44,11 @@ def set_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
-def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: str | None = None,
-               observer=None, after_train=None):
-    """Train one rank of `cfg` into `run_dir`; returns its TrainResult.
-
-    `resume_tag` names the checkpoint to continue from (default: RUN/checkpoints/latest);
-    `observer` is a trainer.StepObserver; `after_train(cfg, run_dir, groups, result)` runs on
-    every rank while the process groups are still up (Ray trials evaluate there)."""
+@contextlib.contextmanager
+def rank_session(cfg: RunConfig, tp_size: int) -> Iterator[ParallelGroups]:
+    """One rank's setup and teardown, shared by train, eval, sae fit and inspect: logging,
+    device, dependency notices, CPU threads, the process groups (TP degree `tp_size`), and
+    their teardown whatever happens."""
     setup_logging(cfg.logging.level)
     device = resolve_device(cfg.train.device)
     quiet_dependency_warnings(device)
@@ -57,8 +57,21 @@ def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: s
         # queued in issue order on one hardware queue.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     set_cpu_threads(device)
-    groups = init_parallel(cfg.parallel.tp_size, device, cfg.train.dist_timeout_s)
+    groups = init_parallel(tp_size, device, cfg.train.dist_timeout_s)
     try:
+        yield groups
+    finally:
+        shutdown_parallel()
+
+
+def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: str | None = None,
+               observer=None, after_train=None):
+    """Train one rank of `cfg` into `run_dir`; returns its TrainResult.
+
+    `resume_tag` names the checkpoint to continue from (default: RUN/checkpoints/latest);
+    `observer` is a trainer.StepObserver; `after_train(cfg, run_dir, groups, result)` runs on
+    every rank while the process groups are still up (Ray trials evaluate there)."""
+    with rank_session(cfg, cfg.parallel.tp_size) as groups:
         from tti_dist.train.trainer import Trainer
 
         trainer = Trainer(cfg, Path(run_dir), groups, resume=resume, resume_tag=resume_tag, observer=observer)
@@ -68,5 +81,3 @@ def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: s
         if after_train is not None:
             after_train(cfg, run_dir, groups, result)
         return result
-    finally:
-        shutdown_parallel()
