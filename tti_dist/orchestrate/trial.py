@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import tempfile
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +122,7 @@ class RayStepReporter:
 
 def _finite(scalars: dict[str, float]) -> dict[str, float]:
     # NaN (e.g. an unmeasured grad norm) would poison Tune's metric bookkeeping.
-    return {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return {k: float(v) for k, v in scalars.items() if _is_number(v)}
 
 
 def resume_tag_from_ray() -> str | None:
@@ -290,9 +289,9 @@ def run_trial(config: dict, specs: list[TrialSpec]) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The last line of the error (Ray's errors end with the worker's own), at most 500 chars."""
     text = str(exc).strip().splitlines()
-    last = [line for line in traceback.format_exception_only(type(exc), exc)][-1].strip()
-    return (text[-1] if text else last)[:500]
+    return (text[-1] if text else type(exc).__name__)[:500]
 
 
 def final_scalars(run_dir: str | Path) -> tuple[dict[str, float], int, int]:
