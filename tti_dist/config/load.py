@@ -22,23 +22,25 @@ from tti_dist.config.schema import RunConfig
 from tti_dist.errors import ConfigError
 
 
-def read_yaml_mapping(path: str | Path | None, what: str = "a mapping at top level") -> dict[str, Any]:
-    """The mapping in a YAML file ({} for None or an empty file); ConfigError (one line) when
-    the file is missing, not YAML, or not a mapping."""
+def read_yaml_mapping(path: str | Path | None, what: str = "a mapping at top level",
+                      field: str = "config") -> dict[str, Any]:
+    """The mapping in a YAML file ({} for None or an empty file); ConfigError (one line,
+    naming `field`: the option or key that gave the path) when the file is missing, not
+    YAML, or not a mapping."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config: '{path}' does not exist or is not a file")
+        raise ConfigError(f"{field}: '{path}' does not exist or is not a file")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config: '{path}' is not valid YAML ({first})") from None
+        raise ConfigError(f"{field}: '{path}' is not valid YAML ({first})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config: '{path}' must hold {what}, got {type(loaded).__name__}")
+        raise ConfigError(f"{field}: '{path}' must hold {what}, got {type(loaded).__name__}")
     return loaded
 
 

@@ -101,19 +101,6 @@ def normalize_address(address: str | None) -> str:
     raise ConfigError(f"--address: '{address}' is not host:port or http(s)://host:port; {hint}")
 
 
-def _read_mapping(path: Path, option: str) -> dict:
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{option}: '{path}' is not valid YAML ({first})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{option}: '{path}' must hold a mapping at top level, got {type(loaded).__name__}")
-    return loaded
-
-
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.relative_to(root)
@@ -123,37 +110,23 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def validate_file(path: str | Path, overrides: list[str] | tuple[str, ...], working_dir: Path) -> str:
-    """Check a sweep or run config as the cluster will read it; returns "sweep" or "run".
+    """Check a sweep or run config as the cluster will read it (`load_sweep`: every trial
+    validated; a run config is a one-trial sweep); returns "sweep" or "run"."""
+    from tti_dist.config.load import read_yaml_mapping
+    from tti_dist.orchestrate.sweep import load_sweep
 
-    A YAML with a top-level `axes` (or `base`) key is a sweep; anything else must be a valid
-    run config.
-    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"CONFIG: '{path}' does not exist or is not a file")
-    raw = _read_mapping(path, "CONFIG")
-    if "axes" not in raw and "base" not in raw:
-        from tti_dist.config import load_config, validate_config
-
-        validate_config(load_config(path, list(overrides)))
-        return "run"
+    raw = read_yaml_mapping(path, field="CONFIG")
+    kind = "sweep" if "axes" in raw or "base" in raw else "run"
     base = raw.get("base")
-    if isinstance(base, str):
+    if kind == "sweep" and isinstance(base, str):
         # The base config travels with the sweep file only if it is inside the working dir.
         base_path = (path.parent / base).resolve()
         if not _inside(base_path, working_dir):
             raise ConfigError(f"base: '{base}' ({base_path}) is outside the working directory '{working_dir}' "
                               "that is shipped to the cluster; pass --working-dir")
-    try:
-        from tti_dist.orchestrate.sweep import load_sweep
-    except ImportError:
-        load_sweep = None
-    if load_sweep is not None:
-        load_sweep(path, list(overrides))
-    elif "base" not in raw or "axes" not in raw:
-        raise ConfigError(f"CONFIG: '{path}' is a sweep file but lacks `{'base' if 'axes' in raw else 'axes'}`; "
-                          "a sweep needs both")
-    return "sweep"
+    load_sweep(path, list(overrides))
+    return kind
 
 
 def _stamp_name(text: str) -> str:
@@ -171,7 +144,9 @@ def load_runtime_env(runtime_env: str | Path | dict | None) -> dict[str, Any]:
         p = Path(runtime_env)
         if not p.is_file():
             raise ConfigError(f"--runtime-env: '{runtime_env}' does not exist or is not a file")
-        extra = _read_mapping(p, "--runtime-env")
+        from tti_dist.config.load import read_yaml_mapping
+
+        extra = read_yaml_mapping(p, field="--runtime-env")
     if "working_dir" in extra:
         raise ConfigError("--runtime-env: sets working_dir; pass --working-dir instead "
                           "(the submitted file must lie inside it)")
