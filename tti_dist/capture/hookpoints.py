@@ -8,12 +8,21 @@ regularizer can reduce over the right group: what a rank sees is always its loca
 
 `ActivationCapture` records the outputs of selected hookpoints during a forward pass,
 keeping their autograd graph so losses on them train the model.
+
+With activation checkpointing a block's forward runs twice: once in the forward pass and
+again inside backward, to rebuild what was not kept. Observers (the capture here, a
+regularizer's forward hook) must see only the first run: the second would overwrite what a
+loss already read, advance per-forward counters, and run their collectives inside backward.
+The model enters `recomputation()` around the second run; observers check `is_recomputing()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +47,26 @@ class HookPoint(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+_recompute_state = threading.local()
+"""Per thread: autograd may recompute on its own worker thread (one per CUDA device)."""
+
+
+@contextlib.contextmanager
+def recomputation() -> Iterator[None]:
+    """Mark the forward run inside this block as a recomputation (activation checkpointing)."""
+    depth = getattr(_recompute_state, "depth", 0)
+    _recompute_state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _recompute_state.depth = depth
+
+
+def is_recomputing() -> bool:
+    """Whether the current forward is a recomputation in backward, which observers skip."""
+    return getattr(_recompute_state, "depth", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -133,6 +162,8 @@ class ActivationCapture:
 
     def _make_hook(self, name: str):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            if is_recomputing():
+                return  # the forward's own tensor is the one losses read
             self.captured[name] = output
 
         return hook

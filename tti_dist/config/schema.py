@@ -214,6 +214,15 @@ class TrainConfig:
     """Micro-batches per data-parallel rank used for eval/loss (fixed, so values compare across steps)."""
     dist_timeout_s: int = 600
     """Timeout of collectives, in seconds, before a hung rank fails the job."""
+    compile: bool = False
+    """torch.compile the model inside the trainer (through DeepSpeed's `engine.compile`,
+    inductor backend): the first steps pay the compilation, later ones run the fused
+    graph. ZeRO stages 0-2; refused with zero.stage 3 and with MoE models (docs/training.md)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's forward during backward instead of keeping its
+    activations (torch.utils.checkpoint, non-reentrant): peak activation memory drops from
+    O(num_layers) blocks to about one, for roughly one extra forward per step. Losses and
+    gradients are unchanged."""
 
 
 @dataclass(frozen=True)

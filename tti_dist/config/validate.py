@@ -192,6 +192,28 @@ def _validate_train(cfg: RunConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    _validate_compile(cfg)
+
+
+def _validate_compile(cfg: RunConfig) -> None:
+    """train.compile: the combinations that cannot compile are refused here, not at step 1."""
+    if not cfg.train.compile:
+        return
+    if cfg.zero.stage == 3:
+        # Measured with DeepSpeed 0.19.8: its ZeRO-3 gather/release hooks run under
+        # torch.compiler.disable, which splits the graph at every module (44 breaks on a
+        # 2-block GPT): the result is eager execution with extra overhead.
+        raise ConfigError(
+            "train.compile: true is not supported with zero.stage 3 (DeepSpeed's ZeRO-3 parameter hooks "
+            "split the compiled graph at every module); use zero.stage 0, 1 or 2, or train.compile false"
+        )
+    if cfg.model.moe_num_experts:
+        # DeepSpeed's gate reads capacities and counts with Tensor.item() (graph breaks),
+        # and its expert all-to-all has not been verified under compilation.
+        raise ConfigError(
+            "train.compile: true is not supported with model.moe_num_experts > 0 (DeepSpeed's MoE gate "
+            "syncs with the host inside the forward); use train.compile false"
+        )
 
 
 def _validate_data(cfg: RunConfig) -> None:

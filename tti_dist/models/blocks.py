@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
 from tti_dist.models.bottleneck import ParallelBottleneck
+from tti_dist.models.parallel_linear import RowParallelLinearWithGroup
 from tti_dist.models.rope import apply_rope
 from tti_dist.models.sparsity import hard_mask_units, topk_mask
 
@@ -64,7 +65,7 @@ class ParallelAttention(nn.Module):
             bias=cfg.bias, gather_output=False, tp_group=tp_group,
         )
         self.hook_z = HookPoint(cfg.hidden_size, tp_sharded=True)
-        self.proj = RowParallelLinear(
+        self.proj = RowParallelLinearWithGroup(
             cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
@@ -131,7 +132,7 @@ class ParallelMLP(nn.Module):
         )
         self.hook_pre = HookPoint(cfg.ffn_size, tp_sharded=True)
         self.hook_act = HookPoint(cfg.ffn_size, tp_sharded=True)
-        self.fc2 = RowParallelLinear(
+        self.fc2 = RowParallelLinearWithGroup(
             cfg.ffn_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )

@@ -45,11 +45,12 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
+from tti_dist.models.parallel_linear import RowParallelLinearWithGroup
 
 LOGVAR_BIAS_INIT = -4.0
 """Initial bias of the logvar layer (its weight starts at 0): posterior std exp(-2) at init."""
@@ -96,7 +97,7 @@ class ParallelBottleneck(nn.Module):
             self.enc_logvar.bias.fill_(LOGVAR_BIAS_INIT)
         self.hook_logvar = HookPoint(dim, tp_sharded=True)
         self.hook_z = HookPoint(dim, tp_sharded=True)
-        self.dec = RowParallelLinear(
+        self.dec = RowParallelLinearWithGroup(
             dim, d, config=mp_config, init_method=_init(cfg.init_std / math.sqrt(dim)),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )

@@ -15,17 +15,27 @@ applied around it by plain functions (tti_dist.train).
 Weights do not depend on tp_size: every rank seeds the global RNG identically before
 construction, megatron's CPU initialisation draws each full master weight and keeps the
 local slice, and the non-parallel modules draw the same numbers in the same order.
+
+Activation checkpointing (`recompute_blocks`, Megatron's full-granularity recompute):
+each block's forward keeps only its input; backward reruns the block to rebuild the rest
+(torch.utils.checkpoint, non-reentrant, RNG state restored so dropout repeats exactly).
+The rerun happens inside `capture.recomputation()`, so observers of the forward (captures,
+regularizer hooks) see each block once. Collectives in a block (TP all-reduces, the top-k
+all-gather) rerun on every rank in the same order, so ranks stay in step.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from tti_dist.capture.hookpoints import HookPoint
+from tti_dist.capture.hookpoints import HookPoint, recomputation
 from tti_dist.config.schema import ModelConfig
 from tti_dist.models.blocks import Block, normal_init
 from tti_dist.models.bottleneck import count_bottleneck_parameters
@@ -83,6 +93,8 @@ class GPT(nn.Module):
             from tti_dist.models.moe import setup_expert_parallel
 
             setup_expert_parallel(self, ep_size)
+        self.recompute_blocks = False
+        """Activation checkpointing: recompute each block in backward (set by the trainer)."""
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Local logit shard [batch, seq, padded_vocab / tp_size] for int64 tokens [batch, seq]."""
@@ -92,12 +104,22 @@ class GPT(nn.Module):
             positions = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
             x = x + self.position_embedding(positions)
         x = self.hook_embed(self.embed_drop(x))
+        recompute = self.recompute_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=_mark_recomputation)
+            else:
+                x = block(x)
         x = self.hook_final_norm(self.final_norm(x))
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(x, weight=weight)
         return logits
+
+
+def _mark_recomputation() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint's context_fn: nothing around the forward, `recomputation()`
+    around its rerun in backward."""
+    return contextlib.nullcontext(), recomputation()
 
 
 def lm_loss(logits_local_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:

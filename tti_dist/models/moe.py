@@ -36,11 +36,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
+from tti_dist.models.parallel_linear import RowParallelLinearWithGroup
 
 _EXPERT_SEED_STRIDE = 1_000_003
 """Distance between the init seeds of consecutive global experts of one layer."""
@@ -77,8 +78,8 @@ class _ExpertColumnParallelLinear(ColumnParallelLinear):
     get_extra_state = _empty_extra_state
 
 
-class _ExpertRowParallelLinear(RowParallelLinear):
-    """megatron's RowParallelLinear with a tensor (empty) as its extra state."""
+class _ExpertRowParallelLinear(RowParallelLinearWithGroup):
+    """megatron's RowParallelLinear (told its TP group) with a tensor (empty) as its extra state."""
 
     get_extra_state = _empty_extra_state
 

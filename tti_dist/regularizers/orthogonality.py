@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tti_dist.capture.hookpoints import is_recomputing
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.regularizers.base import Regularizer, register
@@ -238,7 +239,7 @@ class Orthogonality(Regularizer):
     # -- the penalty ------------------------------------------------------------------------------
     def _make_hook(self, index: int, name: str, direction: Direction, local: int):
         def hook(module: nn.Module, args, output) -> None:
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or is_recomputing():
                 return
             count = self._forwards[name]
             self._forwards[name] = count + 1

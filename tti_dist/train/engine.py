@@ -18,6 +18,7 @@ from tti_dist.config.schema import RunConfig
 from tti_dist.distributed.mpu import MegatronMpu
 from tti_dist.distributed.runtime import ParallelGroups
 from tti_dist.distributed.zero_config import deepspeed_config
+from tti_dist.models.parallel_linear import synchronous_input_grad_allreduce
 from tti_dist.train.lr_schedule import warmup_cosine_scheduler
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,13 @@ def build_engine(model: nn.Module, cfg: RunConfig, groups: ParallelGroups):
         config=ds_config,
         dist_init_required=False,
     )
+    if cfg.train.compile:
+        synchronous_input_grad_allreduce(engine.module)
+        # DeepSpeed's own entry point: nn.Module.compile in place on the wrapped module, so
+        # parameter names, checkpoints and hooks stay those of the eager model (a
+        # torch.compile wrapper would prefix every name with `_orig_mod.`). Compilation
+        # happens at the first forward, after the trainer has registered its hooks.
+        engine.compile()
     return engine, ds_config
 
 

@@ -103,6 +103,7 @@ class Trainer:
         self.groups = groups
         seed_weights(cfg.train.seed)
         self.model = GPT(cfg.model, groups.tp_group, cfg.parallel.ep_size)
+        self.model.recompute_blocks = cfg.train.activation_checkpointing
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
