@@ -36,6 +36,7 @@ from tti_dist.train import checkpoint as ckpt
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
 from tti_dist.train.moe_metrics import RoutingStatsAccumulator
 from tti_dist.train.seeding import seed_runtime, seed_weights
+from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +265,16 @@ class Trainer:
                         "perf/step_time_s": elapsed / interval_steps,
                         "perf/tokens_per_sec": self.tokens_per_step * interval_steps / elapsed,
                     }
+                    scalars.update(self._memory_scalars())
                     result.losses[self.step] = loss_value
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss_value:.4f}")
+                    # The next interval starts now, so the metrics write below (and a flush
+                    # it triggers) is part of the next step's time: a slow sink shows up in
+                    # perf/step_time_s instead of hiding between intervals.
+                    interval_start, interval_steps = time.perf_counter(), 0
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == total):
+                    eval_start = time.perf_counter()
                     scalars["eval/loss"] = self.evaluate()
                     result.eval_losses[self.step] = scalars["eval/loss"]
                     for reg in self.regularizers:  # e.g. sae/<site>/* splice metrics
@@ -276,17 +283,17 @@ class Trainer:
                         scalars.update(self.routing_probe.measure(self.engine.module))
                     if self.capture is not None:
                         self.capture.clear()
+                    interval_start += time.perf_counter() - eval_start  # evaluation is not step time
                 if scalars:
                     self.metrics.log(self.step, self.step * self.tokens_per_step, scalars)
-                if log_now:
-                    interval_start, interval_steps = time.perf_counter(), 0
                 if progress is not None:
                     progress.update(1)
                 every = cfg.checkpoint.every
                 saved = None
                 if (every and self.step % every == 0) or (self.step == total and cfg.checkpoint.save_final):
+                    save_start = time.perf_counter()
                     saved = result.last_checkpoint = self.save()
-                    interval_start, interval_steps = time.perf_counter(), 0
+                    interval_start += time.perf_counter() - save_start  # nor is checkpointing
                 if self.observer is not None and (scalars or saved):
                     self.observer(self.step, {"step": self.step, "tokens": self.step * self.tokens_per_step,
                                               **scalars}, saved)
@@ -299,6 +306,26 @@ class Trainer:
             self.metrics.close()
         result.final_step = self.step
         return result
+
+    def _memory_scalars(self) -> dict[str, float]:
+        """perf/* memory, each the maximum over all ranks (the rank nearest to running out):
+        resident memory now and at its peak, and on CUDA the peak of allocated device memory.
+        One all-reduce of three numbers over the world group, at log steps only."""
+        cuda = self.groups.device.type == "cuda"
+        rss = current_rss_bytes()
+        values = torch.tensor(
+            [peak_rss_bytes(), -1.0 if rss is None else rss,
+             torch.cuda.max_memory_allocated(self.groups.device) if cuda else -1.0],
+            dtype=torch.float64, device=self.groups.device,
+        )
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+        peak, now, cuda_peak = (v / 2**30 for v in values.tolist())
+        out = {"perf/peak_rss_gib": peak}
+        if now >= 0:
+            out["perf/rss_gib"] = now
+        if cuda:
+            out["perf/cuda_peak_allocated_gib"] = cuda_peak
+        return out
 
     def _progress_bar(self, total: int):
         if not (self.groups.is_writer and self.cfg.logging.progress_bar):

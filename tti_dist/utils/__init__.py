@@ -1,1 +1,1 @@
-"""Small shared utilities (logging with rank prefixes)."""
+"""Small shared utilities (logging with rank prefixes, process memory)."""
