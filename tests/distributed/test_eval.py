@@ -3,7 +3,9 @@
 One tiny run (TP=2, ZeRO-1, 6 steps, ReLU MLP) is trained once per module. Its evaluation
 at TP=2 (2 ranks, from the sharded checkpoint) must equal the evaluation of its TP=1
 export (`--weights`, 1 rank); the outputs (Parquet, TensorBoard, summary) must carry the
-documented tags; `tti inspect` must report exactly the largest activations of the unit.
+documented tags, every interp/* value finite (the MLP pre-activations, 128 units in a
+32-dimensional subspace, have an infinite plug-in Gaussian TC); `tti inspect` must report
+exactly the largest activations of the unit.
 """
 
 from __future__ import annotations
@@ -82,11 +84,10 @@ def test_eval_tp2_checkpoint_equals_tp1_export(evaluated):
             # Fitted on activations equal to ~1e-6: discrete outcomes (bins, argmax) may flip
             # for a handful of the 1024 tokens.
             assert value == pytest.approx(tp1[tag], abs=0.02), tag
-        elif tag.endswith("gaussian_tc"):
-            # -1/2 log det of a nearly singular correlation matrix amplifies the ~1e-7
-            # relative differences between TP=2 and TP=1 activations.
-            assert value == pytest.approx(tp1[tag], rel=2e-3), tag
         else:
+            # Includes gaussian_tc_per_unit_bc: its 1% noise floor keeps the correlation matrix
+            # well conditioned (the old plug-in, -1/2 log det of a nearly singular matrix,
+            # needed rel=2e-3 here; measured now: <= 3e-7).
             assert value == pytest.approx(tp1[tag], rel=1e-4, abs=1e-6), tag
 
 
@@ -106,13 +107,27 @@ def test_eval_reports_the_documented_tags(evaluated, run_dir):
     tp2, _, stdout = evaluated
     assert tp2["step"] == STEPS
     assert tp2["eval/ppl"] == pytest.approx(math.exp(tp2["eval/loss"]))
+    # Every interpretability value is finite, at TP=2 and on the TP=1 export.
+    for table in evaluated[:2]:
+        bad = {k: v for k, v in table.items() if k.startswith("interp/") and not math.isfinite(v)}
+        assert not bad, bad
+    tc_cap = 0.5 * math.log(101)  # a null direction under the 1% noise floor
     for i in range(2):
-        for tag in ("l0", "dead_frac", "dense_1pct_frac", "dense_10pct_frac", "gaussian_tc"):
+        for tag in ("l0", "l0_frac", "dead_frac", "dense_1pct_frac", "dense_10pct_frac", "gaussian_tc_per_unit_bc",
+                    "gaussian_tc_num_units"):
             assert f"interp/blocks.{i}.mlp.act/{tag}" in tp2
             assert f"interp/blocks.{i}.resid_post/{tag}" in tp2
+        assert f"interp/blocks.{i}.mlp.act/gaussian_tc" not in tp2  # the uncorrected plug-in is not reported
         assert 0 <= tp2[f"interp/blocks.{i}.mlp.act/l0"] <= 128  # ReLU: exact zeros
+        assert tp2[f"interp/blocks.{i}.mlp.act/l0_frac"] == pytest.approx(tp2[f"interp/blocks.{i}.mlp.act/l0"] / 128)
+        for site in ("mlp.pre", "mlp.act", "resid_post"):
+            assert -0.05 < tp2[f"interp/blocks.{i}.{site}/gaussian_tc_per_unit_bc"] < tc_cap, site
+        # 1024 tokens > 128 units: all live units are used.
+        live = 128 * (1 - tp2[f"interp/blocks.{i}.mlp.pre/dead_frac"])
+        assert tp2[f"interp/blocks.{i}.mlp.pre/gaussian_tc_num_units"] == live
         for which in ("fc1", "fc2"):
             assert 0 <= tp2[f"interp/blocks.{i}.mlp.{which}/mean_abs_cos"] <= tp2[f"interp/blocks.{i}.mlp.{which}/max_abs_cos"] <= 1
+            assert 0 <= tp2[f"interp/blocks.{i}.mlp.{which}/mean_sq_cos_rel"] <= 32  # <= d (all rows parallel)
         for f in FACTORS:
             acc, chance = tp2[f"interp/blocks.{i}.resid_post/probe_{f}"], tp2[f"interp/blocks.{i}.resid_post/probe_{f}_chance"]
             assert 0 <= chance <= 1 and 0 <= acc <= 1

@@ -12,9 +12,12 @@ import torch
 from sklearn.feature_selection import mutual_info_classif
 
 from tti_dist.metrics.activation_stats import (
+    TC_NOISE_FLOOR,
     dead_and_dense,
     density_histogram,
     direction_cosines,
+    gaussian_tc_bias,
+    gaussian_tc_per_unit,
     gaussian_total_correlation,
     l0,
     unit_density,
@@ -107,6 +110,171 @@ def test_gaussian_tc_closed_form():
     assert gaussian_total_correlation(np.stack([x[:, 0], np.zeros(500)], axis=1)) == {"tc": 0.0, "num_units_used": 1}
 
 
+# ---------------------------------------------------------------- Gaussian TC per unit, bias-corrected
+
+
+def _floored_tc(eigenvalues, eps: float) -> float:
+    """TC of the correlation matrix (P + eps I) / (1 + eps) from the eigenvalues of P."""
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    return float(-0.5 * np.sum(np.log((lam + eps) / (1 + eps))))
+
+
+def _block_units(num_tokens: int, num_units: int, block: int, rho: float, rng) -> np.ndarray:
+    """Units in independent blocks of `block`, equicorrelated with rho inside a block."""
+    shared = np.repeat(rng.standard_normal((num_tokens, num_units // block)), block, axis=1)
+    return math.sqrt(rho) * shared + math.sqrt(1 - rho) * rng.standard_normal((num_tokens, num_units))
+
+
+def _equicorrelated_eigenvalues(num_units: int, rho: float) -> list[float]:
+    return [1 + (num_units - 1) * rho] + [1 - rho] * (num_units - 1)
+
+
+def test_gaussian_tc_bias_closed_form():
+    from scipy import integrate
+
+    # D = 2: E[-1/2 log(1 - r^2)] under independence, r with density prop. to (1 - r^2)^((N-4)/2).
+    for n in (5, 12, 100):
+        dens = lambda r: (1 - r * r) ** ((n - 4) / 2)  # noqa: E731
+        num = integrate.quad(lambda r: -0.5 * math.log1p(-r * r) * dens(r), -1, 1, limit=200)[0]
+        assert gaussian_tc_bias(2, n) == pytest.approx(num / integrate.quad(dens, -1, 1)[0], rel=1e-7)
+    assert gaussian_tc_bias(1, 10) == 0.0
+    # ~D(D-1)/(4(N-1)) for D << N; the exact values quoted in the docs.
+    assert gaussian_tc_bias(32, 40_001) == pytest.approx(32 * 31 / (4 * 40_000), rel=0.01)
+    assert gaussian_tc_bias(256, 4096) == pytest.approx(4.0719, abs=1e-4)
+    assert gaussian_tc_bias(1024, 4096) == pytest.approx(70.086, abs=1e-3)
+    with pytest.raises(ValueError, match="num_units <= num_tokens - 1"):
+        gaussian_tc_bias(10, 10)
+
+
+def test_gaussian_tc_bias_is_the_plugin_bias_for_any_covariance():
+    """Monte Carlo: the plug-in TC of D = 6 correlated Gaussian units from N = 12 tokens
+    exceeds the true TC by b(6, 12) on average (the bias does not depend on the covariance)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 6))
+    cov = a @ a.T + 0.5 * np.eye(6)
+    true = 0.5 * (np.log(np.diag(cov)).sum() - np.linalg.slogdet(cov)[1])
+    reps, n = 20_000, 12
+    x = rng.standard_normal((reps, n, 6)) @ np.linalg.cholesky(cov).T
+    x -= x.mean(axis=1, keepdims=True)
+    s = np.einsum("rni,rnj->rij", x, x)
+    d = np.sqrt(np.einsum("rii->ri", s))
+    plugin = -0.5 * np.linalg.slogdet(s / d[:, :, None] / d[:, None, :])[1]
+    excess, stderr = plugin.mean() - true, plugin.std() / math.sqrt(reps)
+    b = gaussian_tc_bias(6, n)
+    assert b == pytest.approx(0.93921, abs=1e-5)
+    assert abs(excess - b) < 4 * stderr, (excess, b, stderr)
+    assert abs(excess - 6 * 5 / (4 * (n - 1))) > 10 * stderr  # not the first-order D(D-1)/(4n), 0.68
+
+
+def test_gaussian_tc_per_unit_independent_units_near_zero():
+    """Independent units read ~0 per unit at any width (the plug-in reads its bias b(D, N))."""
+    rng = np.random.default_rng(0)
+    for dim in (256, 1024):
+        x = rng.standard_normal((4096, dim)).astype(np.float32)
+        out = gaussian_tc_per_unit(x)
+        assert out["num_units_used"] == dim and out["num_live_units"] == dim and out["num_tokens"] == 4096
+        assert abs(out["tc_per_unit"]) < 0.002  # requirement: < 0.05
+        assert out["bias"] == pytest.approx(gaussian_tc_bias(dim, 4096))
+        plugin = gaussian_total_correlation(x)["tc"]
+        assert plugin == pytest.approx(gaussian_tc_bias(dim, 4096), rel=0.05)
+    assert plugin / 1024 > 0.05  # the plug-in per unit fails the same test
+    assert abs(gaussian_tc_per_unit(x, noise_floor=0.0)["tc_per_unit"]) < 0.002  # without the floor too
+    # Sparse (ReLU-like, density ~2%) independent units: non-Gaussian, still ~0.
+    sparse = np.maximum(rng.standard_normal((4096, 1024)) - 2.05, 0.0)
+    out = gaussian_tc_per_unit(sparse)
+    assert out["num_units_used"] == 1024 and abs(out["tc_per_unit"]) < 0.002
+
+
+def test_gaussian_tc_per_unit_closed_forms():
+    """Correlated units score the closed form of their Gaussian TC (per unit) within 5%;
+    the plug-in does not."""
+    rng = np.random.default_rng(1)
+    eps = TC_NOISE_FLOOR
+    # Blocks of 4 units with rho = 0.5 inside (eigenvalues 2.5, 0.5, 0.5, 0.5 per block).
+    block = _equicorrelated_eigenvalues(4, 0.5)
+    x = _block_units(4096, 1024, 4, 0.5, rng)
+    exact = _floored_tc(block, 0.0) / 4
+    assert exact == pytest.approx(0.145394, abs=1e-6)
+    assert gaussian_tc_per_unit(x, noise_floor=0.0)["tc_per_unit"] == pytest.approx(exact, rel=0.05)
+    assert gaussian_tc_per_unit(x)["tc_per_unit"] == pytest.approx(_floored_tc(block, eps) / 4, rel=0.05)
+    assert gaussian_total_correlation(x)["tc"] / 1024 > 1.3 * exact  # plug-in: + b(1024, 4096) / 1024
+    # One equicorrelated group of 256 units, rho = 0.3, N = 1024 (plug-in: +39%); mean of 4 draws.
+    lam = _equicorrelated_eigenvalues(256, 0.3)
+    values, floored, plugins = [], [], []
+    for seed in range(4):
+        x = _block_units(1024, 256, 256, 0.3, np.random.default_rng(10 + seed))
+        values.append(gaussian_tc_per_unit(x, noise_floor=0.0)["tc_per_unit"])
+        floored.append(gaussian_tc_per_unit(x, seed=seed)["tc_per_unit"])
+        plugins.append(gaussian_total_correlation(x)["tc"] / 256)
+    assert np.mean(values) == pytest.approx(_floored_tc(lam, 0.0) / 256, rel=0.05)
+    assert np.mean(floored) == pytest.approx(_floored_tc(lam, eps) / 256, rel=0.05)
+    assert np.mean(plugins) > 1.3 * _floored_tc(lam, 0.0) / 256
+    # The floor changes a well-conditioned TC little (-1.2% here).
+    assert _floored_tc(lam, eps) == pytest.approx(_floored_tc(lam, 0.0), rel=0.015)
+
+
+def test_gaussian_tc_per_unit_linearly_dependent_units_are_finite_and_width_free():
+    """4r units spanning an r-dimensional space (MLP pre-activations): infinite true TC,
+    inf or rounding noise for the plug-in; with the noise floor the closed form of
+    (P + eps I) / (1 + eps), the same per unit at two widths."""
+    eps = TC_NOISE_FLOOR
+    rng = np.random.default_rng(2)
+    per_unit = {}
+    for rank in (32, 128):
+        w = rng.standard_normal((rank, 4 * rank))
+        x = (rng.standard_normal((4096, rank)) @ w).astype(np.float32)
+        cov = w.T @ w
+        sd = np.sqrt(np.diag(cov))
+        exact = _floored_tc(np.linalg.eigvalsh(cov / np.outer(sd, sd)), eps) / (4 * rank)
+        out = gaussian_tc_per_unit(x)
+        assert math.isfinite(out["tc_per_unit"]) and out["num_units_used"] == 4 * rank
+        assert out["tc_per_unit"] == pytest.approx(exact, rel=0.05)
+        assert out["tc_per_unit"] < 0.5 * math.log((1 + eps) / eps)  # the cap of a null direction
+        per_unit[rank] = out["tc_per_unit"]
+    assert per_unit[32] == pytest.approx(per_unit[128], rel=0.03)
+    assert not gaussian_total_correlation(x)["tc"] / (4 * rank) < 3.0  # plug-in: inf or >= 12 nats/unit
+
+
+def test_gaussian_tc_per_unit_finite_with_fewer_tokens_than_units():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 512))
+    assert not gaussian_total_correlation(x)["tc"] < 1000  # the plug-in: inf, or rounding noise
+    out = gaussian_tc_per_unit(x)
+    assert out["num_units_used"] == 255 and out["num_live_units"] == 512
+    assert math.isfinite(out["tc_per_unit"]) and abs(out["tc_per_unit"]) < 0.05
+    # A subset of 255 of 512 units in blocks of 4 (rho = 0.5): a lower bound of the layer's
+    # per-unit TC (Han 1978); a random subset keeps few whole blocks, so well below it.
+    blocks = _block_units(256, 512, 4, 0.5, rng)
+    out = gaussian_tc_per_unit(blocks)
+    assert out["num_units_used"] == 255
+    assert 0.02 < out["tc_per_unit"] < _floored_tc(_equicorrelated_eigenvalues(4, 0.5), TC_NOISE_FLOOR) / 4
+    assert gaussian_tc_per_unit(blocks) == out  # seeded: the same subset and noise
+
+
+def test_gaussian_tc_per_unit_dead_units_do_not_move_it():
+    rng = np.random.default_rng(4)
+    x = _block_units(2048, 64, 4, 0.5, rng)
+    base = gaussian_tc_per_unit(x)
+    dead = np.concatenate([x, np.zeros((2048, 20)), np.full((2048, 5), 3.0)], axis=1)
+    assert gaussian_tc_per_unit(dead) == {**base}  # appended: bit-identical
+    # Interleaved: live units are the same, each with its own noise (by unit index).
+    mixed = np.zeros((2048, 96))
+    live = np.sort(rng.choice(96, size=64, replace=False))
+    mixed[:, live] = x
+    mixed[:, np.setdiff1d(np.arange(96), live)[0]] = 1.5  # a constant unit, not 0
+    got = gaussian_tc_per_unit(mixed)
+    assert got["num_units_used"] == 64 and got["num_live_units"] == 64
+    assert got["tc_per_unit"] == pytest.approx(base["tc_per_unit"], abs=0.003)
+    assert gaussian_tc_per_unit(mixed, noise_floor=0.0)["tc_per_unit"] == pytest.approx(
+        gaussian_tc_per_unit(x, noise_floor=0.0)["tc_per_unit"], rel=1e-9)
+    # Degenerate inputs.
+    assert math.isnan(gaussian_tc_per_unit(np.ones((1, 4)))["tc_per_unit"])
+    one = gaussian_tc_per_unit(np.stack([x[:, 0], np.zeros(2048)], axis=1))
+    assert one["tc_per_unit"] == 0.0 and one["num_units_used"] == 1
+    with pytest.raises(ValueError, match="noise_floor"):
+        gaussian_tc_per_unit(x, noise_floor=-0.1)
+
+
 def test_direction_cosines():
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
     out = direction_cosines(q[:4])  # 4 orthonormal rows in 6 dims
@@ -123,7 +291,28 @@ def test_direction_cosines():
     assert out["mean_abs_cos"] == pytest.approx(2 * s / 3)
     assert out["max_abs_cos"] == pytest.approx(s)
     assert out["mean_max_abs_cos"] == pytest.approx(s)
+    # cos^2: 1/2, 0, 1/2 -> mean 1/3 over the 6 ordered pairs; x D = 2.
+    assert out["mean_sq_cos"] == pytest.approx(1 / 3)
+    assert out["mean_sq_cos_rel"] == pytest.approx(2 / 3)
     assert math.isnan(direction_cosines(np.ones((1, 3)))["mean_abs_cos"])
+    assert math.isnan(direction_cosines(np.ones((1, 3)))["mean_sq_cos_rel"])
+    assert direction_cosines(q[:4])["mean_sq_cos_rel"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_direction_cosines_width_normalised():
+    """mean_sq_cos_rel = D mean cos^2: 1 for random directions at any D, (K - D)/(K - 1) for a
+    tight frame (Welch's bound); mean_abs_cos of random directions falls as sqrt(2/(pi D))."""
+    # Two orthonormal bases of R^4 (identity, Hadamard / 2): |cos| = 1/2 across, 0 within.
+    hadamard = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2.0
+    out = direction_cosines(np.concatenate([np.eye(4), hadamard]))
+    assert out["mean_sq_cos_rel"] == pytest.approx((8 - 4) / (8 - 1), rel=1e-12)
+    assert out["mean_abs_cos"] == pytest.approx(32 * 0.5 / 56, rel=1e-12)
+    rng = np.random.default_rng(0)
+    for dim in (32, 256):
+        out = direction_cosines(rng.standard_normal((4 * dim, dim)))
+        e_abs = math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)  # E|cos|
+        assert out["mean_abs_cos"] == pytest.approx(e_abs, rel=0.02)
+        assert out["mean_sq_cos_rel"] == pytest.approx(1.0, abs=0.03)
 
 
 def test_direction_cosines_chunked_matches_dense():
@@ -135,6 +324,7 @@ def test_direction_cosines_chunked_matches_dense():
     assert out["mean_abs_cos"] == pytest.approx(g.sum() / (1500 * 1499), rel=1e-10)
     assert out["max_abs_cos"] == pytest.approx(g.max(), rel=1e-12)
     assert out["mean_max_abs_cos"] == pytest.approx(g.max(axis=1).mean(), rel=1e-10)
+    assert out["mean_sq_cos_rel"] == pytest.approx(8 * (g**2).sum() / (1500 * 1499), rel=1e-10)
 
 
 # ---------------------------------------------------------------- mutual information, MIG
@@ -184,6 +374,22 @@ def test_mig_copy_code_is_one_and_duplicate_is_zero():
     assert out["skipped"] == ["a"] and math.isnan(out["mig"])
     with pytest.raises(ValueError, match="estimator"):
         mig(codes, f, estimator="kde")
+
+
+def test_mig_hist20_does_not_drift_with_width():
+    """Two informative units among D - 2 independent ones: the histogram MIG is the same
+    at D = 8 and D = 256 (the second-best unit's histogram noise is small, and its bias,
+    common to all units, cancels in the gap)."""
+    rng = np.random.default_rng(0)
+    n = 4096
+    f = {"a": rng.integers(0, 5, n), "b": rng.integers(0, 3, n)}
+    signal = np.stack([0.6 * f["a"] + rng.standard_normal(n), 0.8 * (f["b"] == 1) + rng.standard_normal(n)], axis=1)
+    noise = rng.standard_normal((n, 254))
+    narrow = mig(np.concatenate([signal, noise[:, :6]], axis=1), f)
+    wide = mig(np.concatenate([signal, noise], axis=1), f)
+    assert narrow["per_factor_unit"] == wide["per_factor_unit"] == {"a": 0, "b": 1}
+    assert narrow["mig"] > 0.05
+    assert wide["mig"] == pytest.approx(narrow["mig"], abs=0.003)
 
 
 def test_mig_undefined_positions_excluded():
@@ -244,7 +450,14 @@ def test_monosemanticity():
     assert out["factor_names"] == ["a", "b"]
     assert out["per_unit_factor"][[0, 2, 3]].tolist() == [1, -1, 0]
     assert out["num_live_units"] == 3
+    assert out["per_unit_live"].tolist() == [True, True, False, True]
     assert out["share_above"] == pytest.approx(2 / 3)  # the dead unit is not counted
+    # tti eval's mono_mean averages over the live units, as documented (not over all 4).
+    from tti_dist.eval.report import _unit_metrics
+
+    got = _unit_metrics("p/", codes, {"a": a, "b": b})
+    assert got["p/mono_mean"] == pytest.approx((2.0 + score[1]) / 3, abs=1e-12)
+    assert got["p/mono_share"] == pytest.approx(2 / 3)
 
 
 def test_monosemanticity_uses_defined_positions():

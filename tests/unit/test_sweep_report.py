@@ -14,6 +14,11 @@ Each seed's frontier is its two points. m* = the least of the per-seed best l0s 
     xs: 0.4*4/20 = 0.08, 0.4*4/16 = 0.10            mean 0.09,  std 0.02/sqrt(2)
     s : 0.2*14/20 = 0.14, 0.3*14/25 = 0.168          mean 0.154, std 0.028/sqrt(2)
     m : 0.4*24/32 = 0.30, 0.2 (36 is exactly a point) mean 0.25,  std 0.1/sqrt(2)
+
+l0 is a count of units, so that tax compares different things at different widths: the
+module fixture asks for it with --metric. The default headline metric is width-independent;
+`test_default_headline_is_width_independent` gives the sizes widths (num_units) and checks
+the tax on l0_frac = l0 / num_units.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import pytest
 from tti_dist.cli import main
 from tti_dist.errors import ConfigError
 from tti_dist.orchestrate.report import (collect_trials, frontier_loss_at, headline_metrics, interp_metrics,
-                                         interpretability_tax, metric_direction, pareto_frontier, write_report)
+                                         interpretability_tax, metric_direction, pareto_frontier, pareto_metrics,
+                                         width_independent, write_report)
 
 L0 = "interp/blocks.1.mlp.act/l0"
 L0_BLOCK0 = "interp/blocks.0.mlp.act/l0"
@@ -44,13 +50,16 @@ POINTS = {
 EXPECTED_TAX = {"xs": [0.08, 0.10], "s": [0.14, 0.168], "m": [0.30, 0.20]}
 
 
-def _trial(name, size, coeff, seed, l0=None, loss=None, status="completed"):
+def _trial(name, size, coeff, seed, l0=None, loss=None, status="completed", units=None):
     final = {}
     if status == "completed":
         final = {"eval/loss": loss, L0: l0, L0_BLOCK0: l0 + 5, MONO: 1.0 / l0,
                  "interp/blocks.1.mlp.act/probe_topic_chance": 0.25}
         if seed == 1:
             final["train/task_loss"] = loss - 0.1
+        if units is not None:
+            final["interp/blocks.1.mlp.act/num_units"] = units[size]
+            final["interp/blocks.1.mlp.fc1/mean_sq_cos_rel"] = 0.9
     return {
         "trial": name,
         "axes": {"model_size": size, "regularizers.0.coeff": coeff, "train.seed": seed},
@@ -66,7 +75,7 @@ def _trial(name, size, coeff, seed, l0=None, loss=None, status="completed"):
     }
 
 
-def make_sweep(root: Path, sizes=tuple(PARAMS)) -> Path:
+def make_sweep(root: Path, sizes=tuple(PARAMS), units=None) -> Path:
     runs = root / "runs"
     runs.mkdir(parents=True)
     n = 0
@@ -76,7 +85,7 @@ def make_sweep(root: Path, sizes=tuple(PARAMS)) -> Path:
         for coeff, (l0, loss) in ((0.0, base), (0.01, reg)):
             name = f"t{n:03d}-{size}-{coeff}-seed{seed}"
             (runs / name).mkdir()
-            (runs / name / "trial.json").write_text(json.dumps(_trial(name, size, coeff, seed, l0, loss)))
+            (runs / name / "trial.json").write_text(json.dumps(_trial(name, size, coeff, seed, l0, loss, units=units)))
             n += 1
     name = f"t{n:03d}-xs-0.1-seed1"
     (runs / name).mkdir()
@@ -88,7 +97,7 @@ def make_sweep(root: Path, sizes=tuple(PARAMS)) -> Path:
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
     root = make_sweep(tmp_path_factory.mktemp("sweep"))
-    code = main(["report", str(root)])
+    code = main(["report", str(root), "--metric", L0])
     assert code == 0
     return root
 
@@ -124,12 +133,32 @@ def test_metric_directions_and_headline():
     assert metric_direction("interp/blocks.1.resid_post/probe_topic_chance") is None
     assert metric_direction("interp/blocks.1.mlp.act/log10_density") is None
     assert metric_direction("eval/loss") is None
+    assert metric_direction("interp/blocks.1.mlp.act/gaussian_tc_per_unit_bc") == "lower"
+    assert metric_direction("interp/blocks.1.mlp.fc1/mean_sq_cos_rel") == "lower"
+    assert metric_direction("interp/blocks.1.mlp.act/gaussian_tc") is None  # the uncorrected plug-in: gone
+    assert metric_direction("interp/blocks.1.mlp.act/gaussian_tc_num_units") is None
+    # Width-independent: shares, per-unit TC, d-normalised cos^2, MIG (histogram), k-sparse probes.
+    for suffix in ("l0_frac", "dead_frac", "gaussian_tc_per_unit_bc", "mean_sq_cos_rel", "mono_share", "mig_hist20",
+                   "probe_k1_topic"):
+        assert width_independent(f"interp/blocks.1.mlp.act/{suffix}"), suffix
+    for suffix in ("l0", "mean_abs_cos", "max_abs_cos", "mig_ksg", "probe_topic", "probe_topic_chance", "num_units"):
+        assert not width_independent(f"interp/blocks.1.mlp.act/{suffix}"), suffix
+    # The default headline metric is width-independent: l0_frac of the deepest block's MLP...
+    fracs = [f"{m}_frac" for m in (L0_BLOCK0, "interp/blocks.10.mlp.act/l0", "interp/blocks.2.mlp.act/l0")]
+    assert headline_metrics(fracs + [MONO]) == ["interp/blocks.10.mlp.act/l0_frac"]
+    assert headline_metrics(["interp/blocks.0.attn.out/l0_frac", MONO]) == ["interp/blocks.0.attn.out/l0_frac"]
+    # ...never a raw l0 (a count of units): without l0_frac, another width-independent metric...
     available = [L0_BLOCK0, "interp/blocks.10.mlp.act/l0", "interp/blocks.2.mlp.act/l0", MONO]
-    assert headline_metrics(available) == ["interp/blocks.10.mlp.act/l0"]
-    assert headline_metrics(["interp/blocks.0.attn.out/l0", MONO]) == ["interp/blocks.0.attn.out/l0"]
+    assert headline_metrics(available) == [MONO]
+    assert headline_metrics(["interp/blocks.0.attn.out/l0", MONO]) == [MONO]
+    last = "interp/blocks.last.mlp.act/"
+    assert headline_metrics([MONO, last + "mono_mean", last + "mig_hist20"]) == [last + "mig_hist20"]
+    # ...or none (the user chooses with --metric).
+    assert headline_metrics(["interp/blocks.0.attn.out/l0", "interp/blocks.0.mlp.act/mig_ksg"]) == []
     assert headline_metrics([MONO]) == [MONO]
     assert headline_metrics([]) == []
     assert headline_metrics(available, [MONO]) == [MONO]
+    assert headline_metrics(available, [L0_BLOCK0]) == [L0_BLOCK0]
 
 
 def test_pareto_frontier_ties_and_dominated():
@@ -177,6 +206,7 @@ def test_tax_matches_hand_computation(tmp_path):
         assert r["mean"] == pytest.approx(np.mean(values))
         assert r["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     assert rows["xs"]["mean"] == pytest.approx(0.09) and rows["s"]["mean"] == pytest.approx(0.154)
+    assert any("depends on the model's width" in n for n in tax["notes"])  # l0 across 3 sizes
 
     # target l0 <= 30: m seed 2 (best 36) does not reach it and is left out
     tax = interpretability_tax(table, L0, target=30.0)
@@ -247,6 +277,21 @@ def test_no_baseline_skips_tax(tmp_path):
                                                     "interp/blocks.last.mlp.act/mono_share"]
 
 
+def test_no_width_independent_metric_no_default_tax(tmp_path):
+    """Trials with a raw l0 only (no num_units, so no l0_frac): no default headline metric and
+    no tax, and report.md says to choose one; --metric still works."""
+    root = tmp_path / "sweep"
+    for i, (coeff, l0, loss) in enumerate([(0.0, 40, 3.0), (0.01, 20, 3.4)]):
+        record = _trial(f"t{i}", "xs", coeff, 1, l0, loss)
+        record["final"] = {"eval/loss": loss, L0: l0}
+        (root / "runs" / f"t{i}").mkdir(parents=True)
+        (root / "runs" / f"t{i}" / "trial.json").write_text(json.dumps(record))
+    result = write_report(root)
+    assert result["metrics"] == [] and result["taxes"] == []
+    assert "no width-independent interpretability metric to default to" in (root / "report.md").read_text()
+    assert write_report(root, metrics=[L0])["taxes"][0]["rows"][0]["per_seed"] == {1: pytest.approx(0.4)}  # m* = 20
+
+
 def test_derived_metrics_compare_across_depth_and_width():
     from tti_dist.orchestrate.report import derived_metrics
 
@@ -260,6 +305,42 @@ def test_derived_metrics_compare_across_depth_and_width():
     assert "interp/embed/l0_frac" not in got  # no num_units: no share
     assert derived_metrics({"eval/loss": 3.0}) == {}
     assert headline_metrics(sorted({**two_blocks, **got})) == ["interp/blocks.last.mlp.act/l0_frac"]
+
+
+def test_default_headline_is_width_independent(tmp_path):
+    """The same sweep with MLP widths xs 64, s 128, m 256 units: the default headline metric
+    is interp/blocks.last.mlp.act/l0_frac = l0 / num_units. Per (size, seed), (l0_frac, loss):
+
+        xs seed 1: (0.625, 3.0) (0.3125, 3.4)       xs seed 2: (0.625, 3.1) (0.375, 3.5)
+        s  seed 1: (0.390625, 2.5) (0.234375, 2.7)  s  seed 2: (0.390625, 2.6) (0.1953125, 2.9)
+        m  seed 1: (0.234375, 2.0) (0.109375, 2.4)  m  seed 2: (0.234375, 2.1) (0.140625, 2.3)
+
+    m* = max(0.3125, 0.375, 0.234375, 0.1953125, 0.109375, 0.140625) = 0.375; the tax:
+
+        xs: 0.4 * 0.25/0.3125 = 0.32, 0.4 (a point)                 mean 0.36
+        s : 0.2 * 0.015625/0.15625 = 0.02, 0.3 * 0.08 = 0.024      mean 0.022
+        m : 0, 0 (the baselines already reach it)                  mean 0
+
+    The raw l0 tax (module docstring: 0.09, 0.154, 0.25) ranks the sizes the other way round:
+    37.5% of 256 units is more than 36 active units."""
+    root = make_sweep(tmp_path / "sweep", units={"xs": 64, "s": 128, "m": 256})
+    result = write_report(root)
+    headline = "interp/blocks.last.mlp.act/l0_frac"
+    assert result["metrics"] == [headline]
+    (tax,) = result["taxes"]
+    assert tax["metric"] == headline and tax["direction"] == "lower" and tax["m_star"] == pytest.approx(0.375)
+    rows = {r["size"]: r for r in tax["rows"]}
+    for size, values in {"xs": [0.32, 0.4], "s": [0.02, 0.024], "m": [0.0, 0.0]}.items():
+        assert [rows[size]["per_seed"][1], rows[size]["per_seed"][2]] == pytest.approx(values, abs=1e-12), size
+    assert rows["xs"]["mean"] == pytest.approx(0.36) and rows["s"]["mean"] == pytest.approx(0.022)
+    assert not any("depends on the model's width" in n for n in tax["notes"])
+    # The default plots: the headline site's width-independent metrics and its block's cos^2.
+    available = interp_metrics(collect_trials(root))
+    assert pareto_metrics(available, [headline]) == [headline, "interp/blocks.last.mlp.act/mono_share",
+                                                     "interp/blocks.last.mlp.fc1/mean_sq_cos_rel"]
+    text = (root / "report.md").read_text()
+    assert f"| xs | 1000 | {headline} | <= 0.375 | 0.36 |" in text
+    assert f"| {headline} | lower | comparable |" in text
 
 
 def _error(capsys, argv) -> str:

@@ -3,15 +3,19 @@
 Tags (docs/evaluation.md has every formula):
 
     eval/loss, eval/ppl                      the run's validation split (eval/<name>/* for --data)
-    interp/<site>/l0, dead_frac, dense_1pct_frac, dense_10pct_frac, gaussian_tc
+    interp/<site>/l0, l0_frac, num_units, dead_frac, dense_1pct_frac, dense_10pct_frac,
+                  gaussian_tc_per_unit_bc, gaussian_tc_num_units
                                              every float hookpoint (activation statistics)
     interp/<site>/log10_density              TensorBoard histogram of the units' firing densities
-    interp/blocks.{i}.mlp.fc1/mean_abs_cos, max_abs_cos   (and .fc2): neuron directions
+    interp/blocks.{i}.mlp.fc1/mean_abs_cos, max_abs_cos, mean_sq_cos_rel   (and .fc2): neuron directions
     interp/<site>/probe_<factor>, probe_<factor>_chance, probe_k{1,2,5}_<factor>
                                              linear / k-sparse probes (probe sites)
     interp/<site>/mig_hist20, mig_ksg, mono_mean, mono_share
                                              MIG (two estimators) and per-unit monosemanticity (unit sites)
     moe/blocks.{i}/*                         MoE routing (tti_dist/metrics/routing_probe.py)
+
+Which tags compare across model widths and eval sizes: docs/evaluation.md, "Width and
+sample size".
 
 Outputs under RUN/eval/: <STEP>.parquet (one row: step, tokens, one column per tag) and
 <STEP>.json, tb/ (TensorBoard scalars and histograms at the checkpoint's step), and the
@@ -44,8 +48,8 @@ def _matches(name: str, patterns) -> bool:
 def compute_metrics(plan, acts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
                     weights: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(scalars, histograms of log10 density) for the collected activations."""
-    from tti_dist.metrics.activation_stats import (dead_and_dense, direction_cosines, gaussian_total_correlation,
-                                                   l0, unit_density)
+    from tti_dist.metrics.activation_stats import (dead_and_dense, direction_cosines, gaussian_tc_per_unit, l0,
+                                                   unit_density)
 
     scalars: dict[str, float] = {}
     histograms: dict[str, np.ndarray] = {}
@@ -55,8 +59,11 @@ def compute_metrics(plan, acts: dict[str, torch.Tensor], labels: dict[str, torch
         prefix = f"interp/{site}/"
         density = unit_density(x)
         scalars[prefix + "l0"] = float(l0(x))
+        scalars[prefix + "l0_frac"] = scalars[prefix + "l0"] / x.shape[1] if x.shape[1] else float("nan")
         scalars.update({prefix + k: float(v) for k, v in dead_and_dense(density).items()})
-        scalars[prefix + "gaussian_tc"] = float(gaussian_total_correlation(x)["tc"])
+        tc = gaussian_tc_per_unit(x)
+        scalars[prefix + "gaussian_tc_per_unit_bc"] = float(tc["tc_per_unit"])
+        scalars[prefix + "gaussian_tc_num_units"] = float(tc["num_units_used"])
         histograms[prefix + "log10_density"] = np.log10(np.clip(density, 1e-6, None))
         if factors and _matches(site, plan.probe_sites):
             scalars.update(_probe_metrics(prefix, x, factors))
@@ -66,6 +73,7 @@ def compute_metrics(plan, acts: dict[str, torch.Tensor], labels: dict[str, torch
         cos = direction_cosines(w.numpy())
         scalars[f"interp/{name}/mean_abs_cos"] = float(cos["mean_abs_cos"])
         scalars[f"interp/{name}/max_abs_cos"] = float(cos["max_abs_cos"])
+        scalars[f"interp/{name}/mean_sq_cos_rel"] = float(cos["mean_sq_cos_rel"])
     return scalars, histograms
 
 
@@ -97,8 +105,9 @@ def _unit_metrics(prefix: str, x: np.ndarray, factors: dict[str, np.ndarray]) ->
     ksg = mig(x, factors, estimator="ksg", max_tokens=KSG_MAX_TOKENS, seed=0)
     out[prefix + "mig_ksg"] = float(ksg["mig"])
     mono = monosemanticity(x, factors, num_bins=20, threshold=MONOSEMANTIC_THRESHOLD)
-    scores = np.asarray(mono["per_unit_score"])
-    out[prefix + "mono_mean"] = float(scores.mean()) if scores.size else float("nan")
+    live_scores = np.asarray(mono["per_unit_score"])[np.asarray(mono["per_unit_live"], dtype=bool)]
+    # Mean over live units (dead ones score 0 and would pull it down by dead_frac).
+    out[prefix + "mono_mean"] = float(live_scores.mean()) if live_scores.size else float("nan")
     out[prefix + "mono_share"] = float(mono["share_above"])
     return out
 
@@ -144,7 +153,8 @@ def summary_markdown(plan, scalars: dict[str, float]) -> str:
         prefix = "eval/" if name == "val" else f"eval/{name}/"
         lines.append(f"| {name} | {scalars[prefix + 'loss']:.4f} | {scalars[prefix + 'ppl']:.3f} |")
     sites = sorted({k.split("/")[1] for k in scalars if k.startswith("interp/")})
-    cols = ("l0", "dead_frac", "dense_10pct_frac", "gaussian_tc", "mig_hist20", "mono_share", "mean_abs_cos")
+    cols = ("l0", "l0_frac", "dead_frac", "dense_10pct_frac", "gaussian_tc_per_unit_bc", "mig_hist20", "mono_share",
+            "mean_sq_cos_rel")
     lines += ["", "## Interpretability (per site)", "", "| site | " + " | ".join(cols) + " |",
               "|---" * (len(cols) + 1) + "|"]
     for site in sites:

@@ -21,6 +21,16 @@ Conventions (all functions):
   the probe predicts that class everywhere (no fit).
 - Tokens of one document share their topic, so a token-level random split (below) lets a
   probe recognize documents; split by document when that matters.
+
+Width and sample size: the dense probe has D x classes weights fitted on a fixed number of
+tokens, so at a fixed signal its held-out accuracy falls as D grows (overfitting): measured
+0.375, 0.364, 0.360, 0.320, 0.280 for D = 8, 32, 128, 512, 1024 (a 5-valued factor carried
+by one unit among D - 1 independent Gaussian units, 2867 train tokens; chance 0.2).
+Choosing C in {0.01, 0.1, 1} on a held-out quarter of the train split does not remove it
+(three weakly informative units: 0.435 at D = 4, 0.291 with C = 1 and 0.293 with the chosen
+C at D = 1024). The k-sparse probes fit k units at every width and did not drift (k = 1: 0.389 at every D;
+k = 5: 0.372 to 0.389): compare those across widths, the dense probe within one width and
+one eval size.
 """
 
 from __future__ import annotations

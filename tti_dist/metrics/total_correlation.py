@@ -109,6 +109,8 @@ def gaussian_total_correlation(cov: torch.Tensor) -> torch.Tensor:
         TC = 1/2 (sum_d log S_dd - log det S),
 
     the KL from N(0, S) to N(0, diag S); 0 iff S is diagonal. For D = 2 with correlation
-    rho it is -1/2 log(1 - rho^2).
+    rho it is -1/2 log(1 - rho^2). Exact for a known S; on a sample covariance of N tokens
+    it is biased upward by `tti_dist.metrics.activation_stats.gaussian_tc_bias(D, N)`
+    (~D(D-1)/(4N) nats), which `gaussian_tc_per_unit` there removes.
     """
     return 0.5 * (torch.log(torch.diagonal(cov)).sum() - torch.logdet(cov))

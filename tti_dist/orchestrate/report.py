@@ -12,6 +12,11 @@ Definitions (docs/report.md has the long form):
 - Metric orientation: each interpretability metric has a direction (`METRIC_DIRECTIONS`);
   o = m for "higher is better" metrics and o = -m for "lower is better" ones, so higher o is
   always more interpretable.
+- Width: the tax compares model sizes at one level o*, so its default (headline) metrics are
+  width-independent ones (`width_independent`: l0_frac, gaussian_tc_per_unit_bc, mono_*,
+  mig_hist20, k-sparse probes, ...; docs/evaluation.md, "Width and sample size"). A
+  width-dependent metric (l0, mig_ksg, dense probes, |cos|) can still be chosen with
+  --metric; the tax then notes that it depends on width.
 - Pareto frontier: trial i is dominated when some trial j is no worse in both objectives
   (o_j >= o_i and L_j <= L_i) and strictly better in one (o_j > o_i or L_j < L_i), with L the
   validation loss `eval/loss`; the frontier is the set of trials nobody dominates.
@@ -52,9 +57,11 @@ METRIC_DIRECTIONS: dict[str, tuple[str, str]] = {
     "dead_frac": ("lower", "dead units carry nothing to interpret and waste width"),
     "dense_1pct_frac": ("lower", "units firing on >1% of tokens respond to too much to be specific"),
     "dense_10pct_frac": ("lower", "units firing on >10% of tokens respond to too much to be specific"),
-    "gaussian_tc": ("lower", "less redundancy (total correlation) between units"),
+    "gaussian_tc_per_unit_bc": ("lower", "less redundancy (Gaussian total correlation per unit, bias-corrected) "
+                                "between units"),
     "mean_abs_cos": ("lower", "neuron directions closer to orthogonal: less superposition"),
     "max_abs_cos": ("lower", "no pair of neurons shares a direction: less superposition"),
+    "mean_sq_cos_rel": ("lower", "d * mean cos^2 of neuron directions (1 = random): less superposition"),
     "mono_mean": ("higher", "units' entropy explained by their best ground-truth factor"),
     "mono_share": ("higher", "more units respond to a single ground-truth factor"),
     "mig_hist20": ("higher", "each factor has one dedicated unit (MIG, binned MI)"),
@@ -63,7 +70,20 @@ METRIC_DIRECTIONS: dict[str, tuple[str, str]] = {
 PROBE_DIRECTION = ("higher", "a ground-truth factor is (k-sparsely) linearly decodable from the site")
 """Every interp/<site>/probe_* metric except probe_<factor>_chance (a reference level, no direction)."""
 
-_BLOCK_L0 = re.compile(r"^interp/blocks\.(\d+)\.mlp\.act/l0$")
+WIDTH_INDEPENDENT = frozenset({
+    "l0_frac", "dead_frac", "dense_1pct_frac", "dense_10pct_frac", "gaussian_tc_per_unit_bc", "mean_sq_cos_rel",
+    "mono_mean", "mono_share", "mig_hist20",
+})
+"""Suffixes of the metrics that compare across model widths at a fixed eval size (plus the
+k-sparse probes, probe_k<k>_<factor>). The others with a direction depend on the number of
+units: l0 (a count), mean/max_abs_cos (random directions: sqrt(2/(pi d))), mig_ksg (the
+second-best of more noisy estimates) and the dense probes (more weights, same tokens).
+docs/evaluation.md, "Width and sample size", has the measurements."""
+
+_SPARSE_PROBE = re.compile(r"^probe_k\d+_")
+_BLOCK_L0_FRAC = re.compile(r"^interp/blocks\.(\d+)\.mlp\.act/l0_frac$")
+HEADLINE_FALLBACK = ("mono_share", "mig_hist20", "gaussian_tc_per_unit_bc", "mono_mean")
+"""Default headline suffixes, in order, when the trials have no l0_frac."""
 
 
 def metric_direction(tag: str) -> str | None:
@@ -81,6 +101,15 @@ def metric_direction(tag: str) -> str | None:
 def metric_reason(tag: str) -> str:
     suffix = tag.rsplit("/", 1)[1]
     return METRIC_DIRECTIONS[suffix][1] if suffix in METRIC_DIRECTIONS else PROBE_DIRECTION[1]
+
+
+def width_independent(tag: str) -> bool:
+    """Whether an `interp/<site>/<suffix>` metric with a direction compares across model
+    widths (`WIDTH_INDEPENDENT`, or a k-sparse probe)."""
+    if metric_direction(tag) is None:
+        return False
+    suffix = tag.rsplit("/", 1)[1]
+    return suffix in WIDTH_INDEPENDENT or bool(_SPARSE_PROBE.match(suffix))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +243,14 @@ def interp_metrics(table: pa.Table) -> list[str]:
 def headline_metrics(available: list[str], metrics: list[str] | None = None) -> list[str]:
     """The metrics the trials table and the tax report on.
 
-    Default: interp/blocks.last.mlp.act/l0_frac (the active share of the MLP units of each
+    Default, always a width-independent metric (the tax compares model sizes at one level of
+    it): interp/blocks.last.mlp.act/l0_frac (the active share of the MLP units of each
     trial's deepest block: comparable across depths and widths), else
-    interp/blocks.<i>.mlp.act/l0 with the highest i, else the first interp/*/l0,
-    else the first metric with a known direction ([] when there is none). `metrics` chooses;
-    each must be one of `available`.
+    interp/blocks.<i>.mlp.act/l0_frac with the highest i, else the first interp/*/l0_frac,
+    else the first width-independent metric (`width_independent`), those of
+    blocks.last.mlp.act first and the HEADLINE_FALLBACK suffixes in order first; [] when
+    there is none (raw l0, mig_ksg, dense probes only: choose with --metric). `metrics`
+    chooses; each must be one of `available`.
     """
     if metrics:
         for m in metrics:
@@ -230,17 +262,23 @@ def headline_metrics(available: list[str], metrics: list[str] | None = None) -> 
     preferred = f"interp/{LAST_BLOCK}.mlp.act/l0_frac"
     if preferred in available:
         return [preferred]
-    blocks = [(int(mt.group(1)), m) for m in available if (mt := _BLOCK_L0.match(m))]
+    blocks = [(int(mt.group(1)), m) for m in available if (mt := _BLOCK_L0_FRAC.match(m))]
     if blocks:
         return [max(blocks)[1]]
-    l0s = [m for m in available if m.endswith("/l0")]
-    if l0s:
-        return [l0s[0]]
-    return available[:1]
+    fracs = [m for m in available if m.endswith("/l0_frac")]
+    if fracs:
+        return [fracs[0]]
+    comparable = [m for m in available if width_independent(m)]
+    rank = {suffix: i for i, suffix in enumerate(HEADLINE_FALLBACK)}
+    comparable.sort(key=lambda m: (not m.startswith(f"interp/{LAST_BLOCK}.mlp.act/"),
+                                   rank.get(m.rsplit("/", 1)[1], len(rank)), m))
+    return comparable[:1]
 
 
-PARETO_SUFFIXES = ("l0", "dead_frac", "gaussian_tc", "mono_mean", "mono_share", "mig_hist20", "mig_ksg")
-"""Per-unit metrics of the headline metric's site that the Pareto plots show by default."""
+PARETO_SUFFIXES = ("l0_frac", "dead_frac", "gaussian_tc_per_unit_bc", "mono_mean", "mono_share", "mig_hist20")
+"""Metrics of the headline metric's site that the Pareto plots show by default: all
+width-independent (`WIDTH_INDEPENDENT`), so that the panels of different model sizes share
+their scale."""
 
 
 def pareto_metrics(available: list[str], headline: list[str], chosen: list[str] | None = None) -> list[str]:
@@ -248,16 +286,17 @@ def pareto_metrics(available: list[str], headline: list[str], chosen: list[str] 
 
     A full evaluation reports hundreds of interp/* tags; by default the plots show the
     headline metrics, the unit metrics (PARETO_SUFFIXES) of each headline metric's site, and
-    the direction cosines of that block's MLP input weights. `--metric` chooses instead."""
+    the width-normalised direction cosines (mean_sq_cos_rel) of that block's MLP input
+    weights. `--metric` chooses instead."""
     if chosen:
         return list(dict.fromkeys(chosen))
     picked = list(headline)
     for metric in headline:
         site = metric[len("interp/"):].rsplit("/", 1)[0]
         picked += [f"interp/{site}/{suffix}" for suffix in PARETO_SUFFIXES]
-        block = re.match(r"(blocks\.\d+)\.", site)
+        block = re.match(r"(blocks\.(?:\d+|last))\.", site)  # blocks.last: LAST_BLOCK
         if block:
-            picked.append(f"interp/{block.group(1)}.mlp.fc1/mean_abs_cos")
+            picked.append(f"interp/{block.group(1)}.mlp.fc1/mean_sq_cos_rel")
     return [m for m in dict.fromkeys(picked) if m in available]
 
 
@@ -384,6 +423,10 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
             notes.append(f"size {size_label(size)} seed {seed}: {len(base)} baseline trials; "
                          "the lowest loss is the baseline")
         usable[(size, seed)] = (min(base), points)
+    if len({size for size, _ in usable}) > 1 and not width_independent(metric):
+        notes.append(f"{metric} depends on the model's width (docs/evaluation.md, \"Width and sample size\"), "
+                     "so one level of it means different things at different sizes; prefer a width-independent "
+                     "metric (l0_frac, gaussian_tc_per_unit_bc, mono_share, mig_hist20, probe_k*)")
     if target is not None:
         o_star = sign * float(target)
     elif usable:
@@ -564,7 +607,8 @@ def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target
     if target is not None and not math.isfinite(target):
         raise ConfigError(f"--target: {target} must be a finite number")
     if target is not None and not headline:
-        raise ConfigError("--target: the trials hold no interpretability metric to apply it to")
+        raise ConfigError("--target: the trials hold no width-independent interpretability metric to apply it "
+                          "to; choose one with --metric")
 
     import pyarrow.parquet as pq
 
@@ -610,6 +654,10 @@ def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target
 
     taxes: list[dict] = []
     tax_skip = None
+    if rows and available and not headline:
+        tax_skip = ("the trials hold no width-independent interpretability metric to default to "
+                    f"({', '.join(sorted(WIDTH_INDEPENDENT))}, probe_k*); choose one with --metric")
+        logger.info("interpretability tax skipped: %s", tax_skip)
     if rows and headline:
         if not any(r["baseline"] for r in rows):
             tax_skip = ("the sweep has no completed baseline trial (all regularizer coefficients 0), so there "
@@ -688,8 +736,9 @@ def _markdown(root: Path, table: pa.Table, headline: list[str], frontiers: dict,
     used = sorted({m for per_metric in frontiers.values() for m in per_metric} | set(headline))
     if used:
         lines += ["## Metric directions", ""]
-        lines += _table(["metric", "more interpretable", "why"],
-                        [[m, metric_direction(m), metric_reason(m)] for m in used]) + [""]
+        lines += _table(["metric", "more interpretable", "across widths", "why"],
+                        [[m, metric_direction(m), "comparable" if width_independent(m) else "width-dependent",
+                          metric_reason(m)] for m in used]) + [""]
     return "\n".join(lines)
 
 
