@@ -297,15 +297,13 @@ def _one_line(exc: BaseException) -> str:
 def final_scalars(run_dir: str | Path) -> tuple[dict[str, float], int, int]:
     """(the last logged value of every training scalar merged with the final evaluation's,
     tokens trained and optimizer steps at the last logged step)."""
-    import pyarrow.parquet as pq
-
-    from tti_dist.metrics.sinks import metrics_path
+    from tti_dist.metrics.sinks import metrics_path, read_metrics
 
     out: dict[str, float] = {}
     tokens = step = 0
-    path = metrics_path(run_dir)
-    if path.is_file():
-        table = pq.read_table(path).to_pylist()
+    # A directory of Parquet parts (a single file for runs written by older versions).
+    if metrics_path(run_dir).exists():
+        table = read_metrics(run_dir).to_pylist()
         for row in table:  # rows are in step order; later rows win
             tokens = max(tokens, int(row.get("tokens") or 0))
             step = max(step, int(row.get("step") or 0))
