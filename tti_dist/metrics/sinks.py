@@ -76,6 +76,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 logger = logging.getLogger(__name__)
 
@@ -596,9 +597,14 @@ class MetricsWriter(_ClosableWriter):
 
         if self._parquet:
             self._record(step, tokens, values)
-        if self._tb is not None:
-            for tag, value in values.items():
-                self._tb.add_scalar(tag, value, global_step=step)
+        if self._tb is not None and values:
+            # One event holding every scalar of the call, exactly what add_scalar writes per
+            # tag (a simple_value per tag) but built once: 30 add_scalar calls cost ~2 ms of
+            # rank-0 CPU per logged step, this ~0.25 ms. TensorBoard's reader splits the
+            # values back into per-tag series. The file writer is SummaryWriter's own (it
+            # carries the purge_step of a resumed run).
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+            self._tb._get_file_writer().add_summary(summary, step)
 
         self._logs_since_flush += 1
         if self._logs_since_flush >= self.flush_every:
