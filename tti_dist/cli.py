@@ -2,7 +2,7 @@
 
     tti train CONFIG [--set k=v ...] [--run-dir RUN] [--nproc N] [--resume]
     tti export RUN --out model.safetensors [--checkpoint STEP|TAG]
-    tti data build SOURCE --out DIR [--tokenizer byte|bpe] [--vocab-size N] [...]
+    tti data build SOURCE --out DIR [--tokenizer byte|bpe|FILE.json] [--vocab-size N] [--workers N] [...]
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
     tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
@@ -60,8 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     build = data.add_parser("build", help="tokenize a text source into an Arrow dataset")
     build.add_argument("source", help="'stdlib', a text file, a directory, a .jsonl, .parquet or .arrow file")
     build.add_argument("--out", required=True, help="dataset directory to create")
-    build.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    build.add_argument("--tokenizer", default="byte", metavar="byte|bpe|FILE.json",
+                       help="byte (257 ids), bpe (trained on a sample of the train split), or a HuggingFace "
+                            "tokenizers .json file used as is (default byte)")
     build.add_argument("--vocab-size", type=int, help="BPE vocabulary size (required with --tokenizer bpe)")
+    build.add_argument("--eos-token", metavar="TEXT",
+                       help="end-of-document token of a --tokenizer .json file (default: the first of "
+                            "<|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|> among its special tokens)")
+    build.add_argument("--bpe-sample-bytes", type=int, default=DataConfig.bpe_sample_bytes,
+                       help="bytes of train text BPE is trained on, the first in source order "
+                            f"(default {DataConfig.bpe_sample_bytes:,}, as data.bpe_sample_bytes)")
+    build.add_argument("--workers", type=int, default=1,
+                       help="tokenizing processes (default 1: tokenize in this process); the dataset is "
+                            "byte-identical for any number")
+    build.add_argument("--buffer-bytes", type=int,
+                       help="document text read ahead of the shard writer, the build's memory bound besides "
+                            "two shard buffers (default 8 MiB)")
     build.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
                        help=f"share of documents held out (default {DataConfig.val_fraction}, as data.val_fraction)")
     build.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
@@ -284,12 +298,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "build":
-        from tti_dist.data.build import build_dataset
+        from tti_dist.data.build import DEFAULT_BUFFER_BYTES, build_dataset
 
         manifest = build_dataset(
             args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, text_field=args.text_field, max_bytes=args.max_bytes,
-            shard_tokens=args.shard_tokens, overwrite=args.overwrite,
+            shard_tokens=args.shard_tokens, overwrite=args.overwrite, eos_token=args.eos_token,
+            bpe_sample_bytes=args.bpe_sample_bytes, workers=args.workers,
+            buffer_bytes=DEFAULT_BUFFER_BYTES if args.buffer_bytes is None else args.buffer_bytes,
         )
     elif args.data_command == "synth":
         from tti_dist.data.synthetic import write_synthetic_dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,52 @@ def test_synth_and_its_errors(tmp_path):
     bad_value = tti("data", "synth", "factored", "--out", str(tmp_path / "y"), "--set", "p_noise=1.5")
     assert bad_value.returncode == 2 and "synth.p_noise: 1.5" in error_lines(bad_value)[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _tokenizer_file(path: Path, special_tokens: list[str]) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([f"line {i} of some text" for i in range(200)], trainer=trainer)
+    hf.save(str(path))
+    return path
+
+
+def test_build_with_workers_and_a_tokenizer_file(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "words and more words " * (i % 7 + 1)}) + "\n"
+                              for i in range(300)))
+    tok = _tokenizer_file(tmp_path / "tok.json", ["<|endoftext|>"])
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"ds{workers}"
+        proc = tti("data", "build", str(corpus), "--out", str(out), "--tokenizer", str(tok), "--workers", workers,
+                   "--val-fraction", "0.1", "--shard-tokens", "2000")
+        assert proc.returncode == 0, proc.stderr
+        assert "tokenizer pretrained (vocab 300, eos 0)" in proc.stdout
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1] and len(outs[0]) > 4  # manifest, tokenizer.json, shards: byte-identical
+
+    no_eos = _tokenizer_file(tmp_path / "no-eos.json", ["[PAD]", "[SEP]"])
+    cases = [
+        (["--workers", "0"], "tti: error: --workers: 0 is not allowed; use a positive number of processes"),
+        (["--workers", "-1"], "tti: error: --workers: -1 is not allowed"),
+        (["--tokenizer", "wordpiece"], "tti: error: --tokenizer: 'wordpiece' is not allowed; use one of byte, bpe"),
+        (["--tokenizer", str(tmp_path / "none.json")],
+         f"tti: error: --tokenizer: '{tmp_path / 'none.json'}' does not exist"),
+        (["--tokenizer", str(no_eos)], f"tti: error: --tokenizer: '{no_eos}' has no end-of-document token"),
+        (["--tokenizer", str(tok), "--eos-token", "</s>"], "tti: error: --eos-token: '</s>' is not a token of"),
+        (["--tokenizer", "bpe", "--vocab-size", "300", "--bpe-sample-bytes", "0"],
+         "tti: error: --bpe-sample-bytes: 0 is not allowed"),
+    ]
+    for args, start in cases:
+        bad = tti("data", "build", str(corpus), "--out", str(tmp_path / "bad"), *args)
+        assert bad.returncode == 2, (args, bad.stderr)
+        (line,) = error_lines(bad)
+        assert line.startswith(start), (args, line)
+        assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()

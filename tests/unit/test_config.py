@@ -460,3 +460,53 @@ def test_ffn_size_default_and_explicit():
     assert ModelConfig().ffn_size == 512
     assert ModelConfig(hidden_size=32).ffn_size == 128
     assert ModelConfig(hidden_size=32, ffn_hidden_size=40).ffn_size == 40
+
+
+# --------------------------------------------------------------------------- data.tokenizer
+
+
+def _tokenizer_json(path: Path, special_tokens: list[str]) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([f"line {i} of text" for i in range(100)], trainer=trainer)
+    hf.save(str(path))
+    return path
+
+
+def test_data_tokenizer_is_byte_bpe_or_a_json_file(tmp_path):
+    tok = _tokenizer_json(tmp_path / "tok.json", ["<pad>", "</s>"])
+    no_eos = _tokenizer_json(tmp_path / "no-eos.json", ["<sep>"])
+    missing = tmp_path / "missing.json"
+    assert validation_error(["data.tokenizer=wordpiece"]) == (
+        "data.tokenizer: 'wordpiece' is not allowed; use byte, bpe or a path to a HuggingFace tokenizer .json file"
+    )
+    assert validation_error(["data.eos_token=</s>"]) == (
+        "data.eos_token: '</s>' is not allowed with data.tokenizer 'byte', whose end-of-document token is "
+        "fixed; set it only with a tokenizer .json file, or remove it"
+    )
+    assert validation_error([f"data.tokenizer={missing}"]).startswith(
+        f"data.tokenizer: '{missing}' does not exist or is not a file; use byte, bpe or a path"
+    )
+    assert validation_error([f"data.tokenizer={no_eos}", "model.vocab_size=300"]) == (
+        f"data.tokenizer: '{no_eos}' has no end-of-document token: none of its special tokens (<sep>) is one of "
+        "<|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|>; name one with data.eos_token"
+    )
+    assert validation_error([f"data.tokenizer={tok}", "data.eos_token=<eos>", "model.vocab_size=300"]) == (
+        f"data.eos_token: '<eos>' is not a token of '{tok}'; its special tokens: <pad>, </s>"
+    )
+    # The model must hold the file's vocabulary (300 tokens); checked before any build.
+    assert validation_error([f"data.tokenizer={tok}"]) == (
+        f"model.vocab_size: 257 is smaller than the 300 tokens of data.tokenizer '{tok}'; "
+        "set model.vocab_size: 300 or more"
+    )
+    assert validation_error(["data.tokenizer=bpe"]).startswith(
+        "model.vocab_size: 257 is not allowed with data.tokenizer bpe"
+    )
+    assert validation_error(["data.bpe_sample_bytes=0"]) == "data.bpe_sample_bytes: 0 must be > 0"
+    validate_config(load_config(None, [f"data.tokenizer={tok}", "model.vocab_size=300"]))
+    validate_config(load_config(None, [f"data.tokenizer={no_eos}", "data.eos_token=<sep>", "model.vocab_size=300"]))
+    validate_config(load_config(None, ["data.tokenizer=bpe", "model.vocab_size=512", "data.bpe_sample_bytes=1000"]))

@@ -17,13 +17,14 @@ import pytest
 
 from tti_dist.data import arrow_dataset
 from tti_dist.data.arrow_dataset import open_dataset, write_dataset
-from tti_dist.data.build import build_dataset, split_documents
+from tti_dist.data.build import BuildStats, build_dataset, split_documents
 from tti_dist.data.sources import Document, describe_source, iter_documents
 from tti_dist.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     SyntheticTokenizer,
     Tokenizer,
+    PretrainedTokenizer,
     load_tokenizer,
     train_bpe,
 )
@@ -89,8 +90,8 @@ def test_byte_build_round_trip(text_dir: Path, tmp_path: Path) -> None:
         assert [d.astype(np.uint8).tobytes() for d in decoded] == [d.text for d in docs]
         assert [ds.tokenizer.decode(d) for d in decoded] == [d.text.decode() for d in docs]
     assert manifest["build"] == {
-        "max_bytes": None, "shard_tokens": 16_777_216, "text_field": "text",
-        "tokenizer": "byte", "val_fraction": 0.3, "vocab_size": None,
+        "bpe_sample_bytes": None, "eos_token": None, "max_bytes": None, "shard_tokens": 16_777_216,
+        "text_field": "text", "tokenizer": "byte", "val_fraction": 0.3, "vocab_size": None,
     }
     assert manifest["tokenizer"] == {
         "eos_id": 256, "file": None, "name": "byte", "sha256": None, "vocab_size": 257,
@@ -487,6 +488,14 @@ def test_overwrite_refusal(text_dir: Path, tmp_path: Path) -> None:
         (dict(val_fraction=1.0), r"^--val-fraction: 1.0 is not allowed; use a number in \(0, 1\)"),
         (dict(shard_tokens=0), r"^--shard-tokens: 0 is not allowed"),
         (dict(max_bytes=0), r"^data.max_bytes: 0 is not allowed"),
+        (dict(workers=0), r"^--workers: 0 is not allowed; use a positive number of processes$"),
+        (dict(workers=-2), r"^--workers: -2 is not allowed"),
+        (dict(workers=1.5), r"^--workers: 1.5 is not allowed"),
+        (dict(buffer_bytes=0), r"^--buffer-bytes: 0 is not allowed; use a positive number of bytes$"),
+        (dict(tokenizer="bpe", vocab_size=300, bpe_sample_bytes=0), r"^--bpe-sample-bytes: 0 is not allowed"),
+        (dict(eos_token="</s>"), r"^--eos-token: '</s>' is not allowed with --tokenizer byte"),
+        (dict(tokenizer="missing/tokenizer.json"),
+         r"^--tokenizer: 'missing/tokenizer.json' does not exist or is not a file; use byte, bpe or a path"),
     ],
 )
 def test_bad_build_arguments(kw: dict, message: str, text_dir: Path, tmp_path: Path) -> None:
@@ -510,3 +519,229 @@ def test_failed_write_leaves_nothing(text_dir: Path, tmp_path: Path, monkeypatch
         build_dataset(str(text_dir), tmp_path / "ds")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     shutil.rmtree(text_dir)
+
+
+# ---------------------------------------------------------------- streaming build
+
+
+def _jsonl_corpus(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def _corpus_texts(num_documents: int, seed: int = 0) -> list[str]:
+    """Varied documents of 50..400 bytes (some non-ASCII), deterministic."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "model", "token", "def", "return", "naïve", "café", "日本", "layer", "x", "=", "(", ")",
+             "sparse", "feature", "unit", "\n", "    "]
+    return [" ".join(rng.choice(words, size=int(rng.integers(10, 80)))) for _ in range(num_documents)]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_workers_give_byte_identical_datasets(tokenizer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--workers 2 (a real spawned pool, many small batches) writes the same bytes as 1."""
+    src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(600))
+    kw = dict(tokenizer=tokenizer, vocab_size=320 if tokenizer == "bpe" else None, val_fraction=0.1,
+              shard_tokens=5_000, bpe_sample_bytes=30_000)
+    one = build_dataset(str(src), tmp_path / "one", workers=1, **kw)
+    # The second build's shard buffers start small and grow (the path of a huge --shard-tokens).
+    monkeypatch.setattr(arrow_dataset, "_LAZY_BUFFER_BYTES", 0)
+    monkeypatch.setattr(arrow_dataset, "_MIN_SHARD_BUFFER", 64)
+    stats = BuildStats()
+    two = build_dataset(str(src), tmp_path / "two", workers=2, buffer_bytes=8_000, stats=stats, **kw)
+    assert stats.num_batches >= 20  # many batches, in flight together
+    assert os.getpid() not in stats.tokenizing_pids and 1 <= len(stats.tokenizing_pids) <= 2  # other processes
+    assert one == two
+    assert sorted(one["build"]) == ["bpe_sample_bytes", "eos_token", "max_bytes", "shard_tokens", "text_field",
+                                    "tokenizer", "val_fraction", "vocab_size"]  # no workers, no buffer size
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")  # manifest, tokenizer, every shard
+    assert len(one["splits"]["train"]["shards"]) > 3
+    assert one["splits"]["train"]["num_documents"] + one["splits"]["val"]["num_documents"] == 600
+
+
+def test_streaming_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
+    """What a build holds between source and shard buffers stays under --buffer-bytes (plus the
+    document just read) for a corpus 100x larger, and does not grow with the corpus."""
+    texts = _corpus_texts(4_000, seed=1)
+    longest = max(len(t.encode()) for t in texts)
+    buffer_bytes = 8_192
+    peaks = []
+    for n, name in ((400, "small"), (4_000, "large")):
+        src = _jsonl_corpus(tmp_path / f"{name}.jsonl", texts[:n])
+        stats = BuildStats()
+        manifest = build_dataset(str(src), tmp_path / name, buffer_bytes=buffer_bytes, shard_tokens=20_000,
+                                 stats=stats)
+        assert manifest["source"]["num_bytes"] > (10 if n == 400 else 100) * buffer_bytes
+        assert stats.peak_buffered_bytes <= buffer_bytes + longest
+        assert stats.peak_shard_buffer_tokens <= 20_000
+        assert stats.tokenizing_pids == {os.getpid()}  # --workers 1 tokenizes in this process
+        peaks.append((stats.peak_buffered_bytes, stats.peak_shard_buffer_tokens))
+    # Ten times the corpus, no more held: both runs fill the same bounded buffers.
+    assert peaks[1][0] <= buffer_bytes + longest and peaks[1][1] == peaks[0][1] == 20_000
+
+
+def test_bpe_is_trained_on_the_sample_only(tmp_path: Path) -> None:
+    """Documents after the first bpe_sample_bytes of train text cannot change the vocabulary."""
+    texts = _corpus_texts(300, seed=2)
+    sample = 6_000  # about the first 30 documents
+    later = ["zqvx" * 40 + " " + "zqvx" * 40] * 270  # would dominate the merges if it were seen
+    a = _jsonl_corpus(tmp_path / "a" / "c.jsonl", texts)
+    b = _jsonl_corpus(tmp_path / "b" / "c.jsonl", texts[:30] + later)  # same names, same split
+    kw = dict(tokenizer="bpe", vocab_size=400, bpe_sample_bytes=sample, val_fraction=0.1)
+    stats = BuildStats()
+    ma = build_dataset(str(a), tmp_path / "da", stats=stats, **kw)
+    mb = build_dataset(str(b), tmp_path / "db", **kw)
+    train, _ = split_documents(list(iter_documents(str(a))), 0.1)
+    assert stats.bpe_sample_bytes == sample  # the document crossing the limit is cut there
+    assert sum(len(d.text) for d in train[:stats.bpe_sample_documents - 1]) < sample
+    assert train[stats.bpe_sample_documents - 1].name in {f"c.jsonl:{i}" for i in range(1, 31)}  # before `later`
+    assert (tmp_path / "da" / "tokenizer.json").read_bytes() == (tmp_path / "db" / "tokenizer.json").read_bytes()
+    assert ma["build"]["bpe_sample_bytes"] == sample and ma["tokenizer"]["sha256"] == mb["tokenizer"]["sha256"]
+    assert ma["source"]["num_documents"] == mb["source"]["num_documents"] == 300  # both read in full
+    # The test has teeth: with a sample that reaches the later documents, they do shape it.
+    mc = build_dataset(str(b), tmp_path / "dc", **{**kw, "bpe_sample_bytes": 10**8})
+    assert mc["tokenizer"]["sha256"] != mb["tokenizer"]["sha256"]
+    assert open_dataset(tmp_path / "dc").tokenizer.hf_tokenizer.token_to_id("zqvxzqvx") is not None
+    assert open_dataset(tmp_path / "db").tokenizer.hf_tokenizer.token_to_id("zqvxzqvx") is None
+
+
+def _save_hf_tokenizer(path: Path, special_tokens: list[str]) -> Path:
+    """A small BPE trained and saved with the tokenizers library itself, as a user's file is."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(_corpus_texts(200, seed=3), trainer=trainer)
+    hf.save(str(path))
+    return path
+
+
+def test_pretrained_tokenizer_json(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tj = _save_hf_tokenizer(tmp_path / "my-tokenizer.json", ["<pad>", "<|endoftext|>", "<unk>"])
+    src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(300, seed=4))
+    manifest = build_dataset(str(src), tmp_path / "ds", tokenizer=str(tj), val_fraction=0.1, shard_tokens=4_000)
+    lib = HFTokenizer.from_file(str(tj))
+    assert manifest["tokenizer"] == {
+        "name": "pretrained", "file": "tokenizer.json", "eos_token": "<|endoftext|>", "eos_id": 1,
+        "sha256": hashlib.sha256(tj.read_bytes()).hexdigest(), "vocab_size": lib.get_vocab_size(),
+    }
+    assert manifest["build"]["tokenizer"] == str(tj) and manifest["build"]["vocab_size"] is None
+    assert (tmp_path / "ds" / "tokenizer.json").read_bytes() == tj.read_bytes()  # a verbatim copy
+    ds = open_dataset(tmp_path / "ds")
+    assert isinstance(ds.tokenizer, PretrainedTokenizer) and ds.eos_id == 1
+    train, val = _expected_split(str(src), 0.1)
+    for split, docs in (("train", train), ("val", val)):
+        got = [d.tolist() for d in _split_docs(_all_tokens(ds, split).astype(np.int64), 1)]
+        assert got == [lib.encode(d.text.decode()).ids for d in docs]  # exactly the library's ids
+    # Two workers, same bytes.
+    build_dataset(str(src), tmp_path / "ds2", tokenizer=str(tj), val_fraction=0.1, shard_tokens=4_000, workers=2)
+    assert _files(tmp_path / "ds") == _files(tmp_path / "ds2")
+
+
+def test_pretrained_tokenizer_eos_rule_and_errors(tmp_path: Path) -> None:
+    src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(50, seed=5))
+    llama_like = _save_hf_tokenizer(tmp_path / "a.json", ["<unk>", "<s>", "</s>"])
+    m = build_dataset(str(src), tmp_path / "a", tokenizer=str(llama_like))
+    assert m["tokenizer"]["eos_token"] == "</s>" and m["tokenizer"]["eos_id"] == 2
+    m = build_dataset(str(src), tmp_path / "b", tokenizer=str(llama_like), eos_token="<s>")
+    assert m["tokenizer"]["eos_id"] == 1 and m["build"]["eos_token"] == "<s>"
+    bert_like = _save_hf_tokenizer(tmp_path / "bert.json", ["[PAD]", "[CLS]", "[SEP]"])
+    cases = [
+        (dict(tokenizer=str(bert_like)),
+         rf"^--tokenizer: '{bert_like}' has no end-of-document token: none of its special tokens "
+         r"\(\[PAD\], \[CLS\], \[SEP\]\) is one of <\|endoftext\|>, <\|end_of_text\|>, </s>, <eos>, "
+         r"<\|eos\|>; name one with --eos-token$"),
+        (dict(tokenizer=str(llama_like), eos_token="<|endoftext|>"),
+         rf"^--eos-token: '<\|endoftext\|>' is not a token of '{llama_like}'; its special tokens: <unk>, <s>, </s>$"),
+        (dict(tokenizer=str(llama_like), vocab_size=420),
+         r"^--vocab-size: 420 is not allowed with --tokenizer '.*a.json', whose vocabulary comes from the file"),
+    ]
+    (tmp_path / "garbled.json").write_text('{"model": 5}')
+    cases.append((dict(tokenizer=str(tmp_path / "garbled.json")),
+                  r"^--tokenizer: '.*garbled.json' is not a HuggingFace tokenizers JSON file \("))
+    for kw, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            build_dataset(str(src), tmp_path / "bad", **kw)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "bad").exists()
+    # A build with --eos-token of a special token round-trips through open_dataset.
+    assert open_dataset(tmp_path / "b").tokenizer.eos_id == 1
+
+
+def test_failed_streaming_build_keeps_the_old_dataset(tmp_path: Path) -> None:
+    """An error after shards were written (a bad record near the end) leaves the dataset at
+    the output path exactly as it was, and no temporary directory."""
+    texts = _corpus_texts(400, seed=6)
+    good = _jsonl_corpus(tmp_path / "good.jsonl", texts)
+    build_dataset(str(good), tmp_path / "ds", shard_tokens=3_000)
+    before = _files(tmp_path / "ds")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + '{"text": 5}\n')
+    for workers in (1, 2):
+        with pytest.raises(ConfigError, match=r"data.text_field: 'text' in '.*bad.jsonl' line 401 is a JSON int"):
+            build_dataset(str(bad), tmp_path / "ds", shard_tokens=3_000, buffer_bytes=4_096, overwrite=True,
+                          workers=workers)
+        assert _files(tmp_path / "ds") == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "ds", "good.jsonl"]
+
+
+def test_run_dataset_with_a_tokenizer_file(tmp_path: Path) -> None:
+    """`tti train` with data.tokenizer: FILE.json builds RUN/dataset with it, reuses it, and
+    refuses it once the file at that path has changed."""
+    from tti_dist.config import load_config
+    from tti_dist.data.prepare import resolve_dataset
+
+    tj = _save_hf_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"])
+    src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(100, seed=7))
+    cfg = load_config(None, [f"data.source={src}", f"data.tokenizer={tj}", "model.vocab_size=512"])
+    resolved, ds = resolve_dataset(cfg, tmp_path / "run")
+    assert resolved.data.path == str(tmp_path / "run" / "dataset") and ds.tokenizer.name == "pretrained"
+    assert ds.manifest["tokenizer"]["sha256"] == hashlib.sha256(tj.read_bytes()).hexdigest()
+    assert resolve_dataset(cfg, tmp_path / "run")[1].manifest == ds.manifest  # reused as is
+    _save_hf_tokenizer(tj, ["<pad>", "<|endoftext|>"])  # another file at the same path
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: '.*tok.json' is not the file .*run/dataset was built "
+                                          r"with \(sha256 [0-9a-f]{64}\); use a new --run-dir or set data.path$"):
+        resolve_dataset(cfg, tmp_path / "run")
+
+
+def _rss_file_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def test_record_files_are_read_in_bounded_memory(tmp_path: Path) -> None:
+    """Reading a Parquet/Arrow source holds about one batch, not what was read before: no
+    pre-buffered column chunks (Arrow allocations) and no memory map (resident file pages)."""
+    row = "x" * 1000
+    table = pa.table({"text": [f"{i} {row}" for i in range(16_000)]})  # 16 MB of text
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=500, compression="none")
+    with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=500):
+            writer.write_batch(batch)
+    del table
+    for name in ("d.parquet", "d.arrow"):
+        base_alloc, base_file = pa.total_allocated_bytes(), _rss_file_kb()
+        peak_alloc = peak_file = 0
+        for i, doc in enumerate(iter_documents(str(tmp_path / name))):
+            if i % 500 == 0:
+                peak_alloc = max(peak_alloc, pa.total_allocated_bytes() - base_alloc)
+                if base_file is not None:
+                    peak_file = max(peak_file, _rss_file_kb() - base_file)
+        assert i == 15_999
+        assert peak_alloc < 4_000_000, (name, peak_alloc)  # a few 0.5 MB batches, not 16 MB
+        assert peak_file < 4_000, (name, peak_file)  # kB of newly resident file pages

@@ -232,15 +232,26 @@ class DataConfig:
 
     path: str | None = None
     """A dataset directory written by `tti data build` or `tti data synth`. When null, the
-    dataset is built from `source` (with `tokenizer`, `max_bytes`, `val_fraction`,
-    `text_field`) into RUN/dataset, and the resolved config records that path."""
+    dataset is built from `source` (with `tokenizer`, `eos_token`, `bpe_sample_bytes`,
+    `max_bytes`, `val_fraction`, `text_field`) into RUN/dataset, and the resolved config
+    records that path."""
     source: str = "stdlib"
     """'stdlib' (the running interpreter's standard-library sources), 'synthetic:factored'
     (the synthetic language with ground-truth factors, docs/data.md), a text file, a
     directory, a .jsonl file, or a Parquet/Arrow file with a text column."""
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer: str = "byte"
     """byte: 256 byte values + end-of-document (257 ids). bpe: byte-level BPE trained on the
-    train split with model.vocab_size tokens (HuggingFace tokenizers)."""
+    first `bpe_sample_bytes` of the train split with model.vocab_size tokens (HuggingFace
+    tokenizers). Or a path ending in .json: a HuggingFace tokenizers file (e.g. GPT-2's
+    tokenizer.json) used as is and copied into the dataset; its end-of-document token is
+    `eos_token`, and model.vocab_size must be at least its vocabulary size."""
+    eos_token: str | None = None
+    """With a tokenizer .json file: the text of its end-of-document token. Null picks the
+    first of <|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|> that the file declares as a
+    special token. Only allowed with a tokenizer .json file."""
+    bpe_sample_bytes: int = 100_000_000
+    """With tokenizer bpe: bytes of train text the tokenizer is trained on, the first ones in
+    source order (the rest of the corpus is only tokenized). Recorded in the manifest."""
     text_field: str = "text"
     """Field (JSONL) or column (Parquet/Arrow) holding the text."""
     max_bytes: int = 8_000_000

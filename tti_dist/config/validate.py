@@ -220,6 +220,18 @@ def _validate_data(cfg: RunConfig) -> None:
     d = cfg.data
     _positive(d.seq_len, "data.seq_len")
     _positive(d.max_bytes, "data.max_bytes")
+    _positive(d.bpe_sample_bytes, "data.bpe_sample_bytes")
+    is_file = d.tokenizer.endswith(".json")
+    if d.tokenizer not in ("byte", "bpe") and not is_file:
+        raise ConfigError(
+            f"data.tokenizer: {d.tokenizer!r} is not allowed; use byte, bpe or a path to a HuggingFace "
+            "tokenizer .json file"
+        )
+    if d.eos_token is not None and not is_file:
+        raise ConfigError(
+            f"data.eos_token: {d.eos_token!r} is not allowed with data.tokenizer {d.tokenizer!r}, whose "
+            "end-of-document token is fixed; set it only with a tokenizer .json file, or remove it"
+        )
     if d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len: {d.seq_len} exceeds model.max_seq_len = {cfg.model.max_seq_len}"
@@ -244,6 +256,22 @@ def _validate_data(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte-level tokenizer's 257 tokens"
         )
+    from tti_dist.data.tokenizer import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, load_pretrained_tokenizer
+
+    if d.tokenizer == "bpe" and not MIN_BPE_VOCAB_SIZE <= cfg.model.vocab_size <= MAX_BPE_VOCAB_SIZE:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is not allowed with data.tokenizer bpe, which trains "
+            f"that many tokens; use an integer in [{MIN_BPE_VOCAB_SIZE}, {MAX_BPE_VOCAB_SIZE}]"
+        )
+    if is_file:
+        # Loaded here so a bad file, an undeterminable end-of-document token or a too-small
+        # model fail before the dataset build, not after it.
+        tok = load_pretrained_tokenizer(d.tokenizer, d.eos_token, field="data.tokenizer", eos_field="data.eos_token")
+        if cfg.model.vocab_size < tok.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the {tok.vocab_size} tokens of "
+                f"data.tokenizer {d.tokenizer!r}; set model.vocab_size: {tok.vocab_size} or more"
+            )
 
 
 def _validate_logging_and_checkpoint(cfg: RunConfig) -> None:

@@ -19,10 +19,13 @@ document longer than a shard spans shards. The manifest is a pure function of th
 (sorted keys, no timestamps, no paths of the temporary directory), so two builds of the same
 input give byte-identical manifests; shards and tokenizer files are byte-identical too.
 
-`write_dataset` writes into `<out>.tmp-<pid>` and renames it into place, so a reader never
-sees a half-written dataset. `open_dataset` checks every shard's sha256 (streamed, 8 MiB
-blocks), then memory-maps the shards: the numpy arrays it hands out are zero-copy views of
-the mapped files, so opening a dataset costs no RAM beyond the page cache.
+`write_dataset` (whole arrays) and `DatasetWriter` (documents streamed in, each shard written
+as soon as it is full, so memory holds at most about one shard per split) both write into
+`<out>.tmp-<pid>` and rename it into place, so a reader never sees a half-written dataset
+and a failed or interrupted build never replaces a good one. `open_dataset` checks every
+shard's sha256 (streamed, 1 MiB blocks), then memory-maps the shards: the numpy arrays it
+hands out are zero-copy views of the mapped files, so opening a dataset costs no RAM beyond
+the page cache.
 """
 
 from __future__ import annotations
@@ -105,10 +108,16 @@ def _shard_bounds(tokens: np.ndarray, eos_id: int, shard_tokens: int) -> list[tu
     return bounds
 
 
+def _arrow_array(a: np.ndarray) -> pa.Array:
+    """A zero-copy Arrow view of an integer numpy array. (`pa.array`/`pa.record_batch` would
+    also do, but they import pandas, about 40 MB of RSS in a build process that needs none.)"""
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
+
+
 def _write_shard(path: Path, columns: dict[str, np.ndarray]) -> None:
     # One record batch per file, so each column is one contiguous chunk that numpy can view.
-    batch = pa.record_batch([pa.array(np.ascontiguousarray(a)) for a in columns.values()],
-                            names=list(columns))
+    batch = pa.RecordBatch.from_arrays([_arrow_array(a) for a in columns.values()], names=list(columns))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
 
@@ -214,10 +223,7 @@ def write_dataset(
     }
     manifest_bytes(manifest)  # fail on a non-serialisable `source`/`build` before writing anything
 
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crashed earlier build in a process with the same pid
-    tmp.mkdir(parents=True)
+    tmp = _make_tmp(out)
     try:
         manifest["tokenizer"] = tokenizer.save(tmp)
         for split in sorted(splits):
@@ -235,23 +241,185 @@ def write_dataset(
                 "num_documents": int(num_documents[split]),
                 "shards": shards,
             }
-        (tmp / MANIFEST_FILE).write_bytes(manifest_bytes(manifest))
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        _publish(tmp, out, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def _make_tmp(out: Path) -> Path:
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crashed earlier build in a process with the same pid
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out: Path, manifest: dict) -> None:
+    """Write the manifest last, then rename `tmp` to `out` (replacing a previous dataset)."""
+    (tmp / MANIFEST_FILE).write_bytes(manifest_bytes(manifest))
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
     logger.info(
         "wrote dataset %s: %s", out,
         ", ".join(f"{s} {v['num_tokens']} tokens in {len(v['shards'])} shards"
                   for s, v in manifest["splits"].items()),
     )
-    return manifest
+
+
+_LAZY_BUFFER_BYTES = 256 * 1024 * 1024
+"""A split's shard buffer up to this size is allocated whole at the start: pages numpy has
+not written cost no RAM, and a full-size buffer is never copied to grow. A larger one (a
+huge --shard-tokens) starts at `_MIN_SHARD_BUFFER` tokens and doubles."""
+_MIN_SHARD_BUFFER = 1 << 20
+
+
+class _SplitWriter:
+    """Packs one split's documents into shard files of at most `shard_tokens` tokens.
+
+    The cut rule is `_shard_bounds`' applied to the stream: when the buffer holds
+    `shard_tokens` tokens, the shard ends after the last complete document in it, or at
+    `shard_tokens` when a single document fills it (that document spans shards). So the
+    shards are those `write_dataset` would write for the whole split at once.
+    """
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.directory = directory
+        self.split = split
+        self.shard_tokens = shard_tokens
+        lazy = shard_tokens * np.dtype(dtype).itemsize <= _LAZY_BUFFER_BYTES
+        self._buf = np.empty(shard_tokens if lazy else min(shard_tokens, _MIN_SHARD_BUFFER), dtype=dtype)
+        self._fill = 0
+        self._last_doc_end = 0  # buffer position just after the last complete document; 0 = none
+        self.shards: list[dict] = []
+        self.num_tokens = 0
+        self.num_documents = 0
+        self.peak_buffer_tokens = 0
+
+    def append(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Add whole documents: `tokens` packed (each document ends with EOS), `doc_lengths`
+        their lengths in tokens."""
+        doc_ends = np.cumsum(doc_lengths)
+        assert (doc_ends[-1] if len(doc_ends) else 0) == len(tokens), "doc_lengths must sum to len(tokens)"
+        pos, n = 0, len(tokens)
+        while pos < n:
+            take = min(n - pos, self.shard_tokens - self._fill)
+            self._reserve(self._fill + take)
+            self._buf[self._fill:self._fill + take] = tokens[pos:pos + take]
+            i = int(np.searchsorted(doc_ends, pos + take, side="right")) - 1
+            if i >= 0 and doc_ends[i] > pos:
+                self._last_doc_end = self._fill + int(doc_ends[i]) - pos
+            self._fill += take
+            pos += take
+            self.peak_buffer_tokens = max(self.peak_buffer_tokens, self._fill)
+            if self._fill == self.shard_tokens:
+                self._flush(self._last_doc_end or self._fill)
+        self.num_tokens += n
+        self.num_documents += len(doc_lengths)
+
+    def finish(self) -> dict:
+        """Write the last shard; return the manifest's entry for the split."""
+        if self._fill:
+            self._flush(self._fill)
+        self._buf = np.empty(0, dtype=self._buf.dtype)
+        return {"num_tokens": self.num_tokens, "num_documents": self.num_documents, "shards": self.shards}
+
+    def _reserve(self, size: int) -> None:
+        if size > len(self._buf):  # only with a buffer over _LAZY_BUFFER_BYTES
+            grown = np.empty(min(self.shard_tokens, max(size, 2 * len(self._buf))), dtype=self._buf.dtype)
+            grown[:self._fill] = self._buf[:self._fill]
+            self._buf = grown
+
+    def _flush(self, end: int) -> None:
+        file = f"{self.split}-{len(self.shards):05d}.arrow"
+        _write_shard(self.directory / file, {TOKENS_COLUMN: self._buf[:end]})
+        self.shards.append({"file": file, "num_tokens": end, "sha256": sha256_file(self.directory / file)})
+        rest = self._fill - end
+        # The rest holds no document end (the cut is after the last one), only the start of
+        # a document that continues.
+        self._buf[:rest] = self._buf[end:self._fill].copy()
+        self._fill = rest
+        self._last_doc_end = 0
+
+
+class DatasetWriter:
+    """Write a dataset directory from documents streamed in order, one shard at a time.
+
+    Usage::
+
+        with DatasetWriter(out, tokenizer, shard_tokens=..., overwrite=...) as writer:
+            writer.append("train", tokens, doc_lengths)   # repeatedly, in document order
+            manifest = writer.commit(source=..., build=...)
+
+    Everything goes to `<out>.tmp-<pid>`; `commit` writes the manifest and renames the
+    directory into place. Leaving the `with` block without committing (an exception, a
+    KeyboardInterrupt) deletes the temporary directory and leaves `out` as it was. Memory:
+    per split one shard buffer of at most `shard_tokens` tokens.
+    """
+
+    def __init__(self, out_dir: str | Path, tokenizer: Tokenizer, *, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 overwrite: bool = False, splits: tuple[str, ...] = ("train", "val")) -> None:
+        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+            raise ConfigError(f"--shard-tokens: {shard_tokens!r} is not allowed; use a positive number of tokens")
+        self.out = check_out_dir(out_dir, overwrite)
+        self.tokenizer = tokenizer
+        self.shard_tokens = shard_tokens
+        self.dtype = tokens_dtype(tokenizer.vocab_size)
+        self._tmp: Path | None = _make_tmp(self.out)
+        try:
+            self._tokenizer_info = tokenizer.save(self._tmp)
+        except BaseException:
+            self.abort()
+            raise
+        self._splits = {s: _SplitWriter(self._tmp, s, self.dtype, shard_tokens) for s in splits}
+
+    def append(self, split: str, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Append whole documents to `split` (see `_SplitWriter.append`)."""
+        assert self._tmp is not None, "the writer is closed"
+        self._splits[split].append(tokens, doc_lengths)
+
+    def num_documents(self, split: str) -> int:
+        return self._splits[split].num_documents
+
+    @property
+    def peak_buffer_tokens(self) -> int:
+        """The most tokens any split's shard buffer has held."""
+        return max(w.peak_buffer_tokens for w in self._splits.values())
+
+    def commit(self, *, source: dict, build: dict | None = None) -> dict:
+        """Write the last shards and the manifest, move the dataset into place; return the manifest."""
+        assert self._tmp is not None, "the writer is closed"
+        manifest: dict = {
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "build": build or {},
+            "dtype": self.dtype.name,
+            "shard_tokens": self.shard_tokens,
+            "columns": {TOKENS_COLUMN: {"dtype": self.dtype.name, "description": _TOKENS_DESCRIPTION}},
+            "tokenizer": self._tokenizer_info,
+            "splits": {split: self._splits[split].finish() for split in sorted(self._splits)},
+        }
+        _publish(self._tmp, self.out, manifest)
+        self._tmp = None
+        return manifest
+
+    def abort(self) -> None:
+        """Delete the temporary directory (nothing at `out` changes)."""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # a no-op after commit
 
 
 class TokenDataset:

@@ -26,14 +26,15 @@ RUN_DATASET_DIR = "dataset"
 SYNTHETIC_FACTORED = "synthetic:factored"
 
 # Build settings in the manifest that must match the config when RUN/dataset is reused.
-_BUILD_KEYS = ("tokenizer", "val_fraction", "text_field", "max_bytes")
+_BUILD_KEYS = ("tokenizer", "eos_token", "bpe_sample_bytes", "val_fraction", "text_field", "max_bytes")
 
 
 def _build_settings(cfg: RunConfig) -> dict:
     d = cfg.data
     return {
         "source": d.source, "tokenizer": d.tokenizer, "val_fraction": d.val_fraction,
-        "text_field": d.text_field, "max_bytes": d.max_bytes,
+        "text_field": d.text_field, "max_bytes": d.max_bytes, "eos_token": d.eos_token,
+        "bpe_sample_bytes": d.bpe_sample_bytes if d.tokenizer == "bpe" else None,
         "vocab_size": cfg.model.vocab_size if d.tokenizer == "bpe" else None,
     }
 
@@ -52,6 +53,17 @@ def _check_reused(cfg: RunConfig, manifest: dict, where: Path) -> None:
             raise ConfigError(
                 f"data.{key if key != 'vocab_size' else 'tokenizer'}: {wanted[key]!r} differs from the "
                 f"{built[key]!r} that {where} was built with; use a new --run-dir or set data.path"
+            )
+    tokenizer_file = Path(cfg.data.tokenizer)
+    if cfg.data.tokenizer.endswith(".json") and tokenizer_file.is_file():
+        from tti_dist.data.sources import sha256_file
+
+        # The same path may hold another file now; the dataset's copy is what it was built with.
+        recorded = manifest.get("tokenizer", {}).get("sha256")
+        if sha256_file(tokenizer_file) != recorded:
+            raise ConfigError(
+                f"data.tokenizer: {cfg.data.tokenizer!r} is not the file {where} was built with (sha256 "
+                f"{recorded}); use a new --run-dir or set data.path"
             )
 
 
@@ -80,7 +92,8 @@ def resolve_dataset(cfg: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Tok
             build_dataset(
                 cfg.data.source, out, tokenizer=cfg.data.tokenizer, vocab_size=settings["vocab_size"],
                 val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                max_bytes=cfg.data.max_bytes,
+                max_bytes=cfg.data.max_bytes, eos_token=cfg.data.eos_token,
+                bpe_sample_bytes=cfg.data.bpe_sample_bytes,
             )
             dataset = open_dataset(out, verify=False)  # just written and hashed
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(out)))

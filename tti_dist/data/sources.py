@@ -8,8 +8,10 @@ A *source* is one of:
 - a ``*.jsonl`` file: one JSON object per line, the document is ``obj[text_field]``;
 - a ``*.parquet`` file or a ``*.arrow`` file (Arrow IPC file *or* stream format, which is what
   HuggingFace ``datasets`` writes with ``save_to_disk``): one document per row of the string
-  column ``text_field``; read batch by batch (Parquet by row groups, Arrow memory-mapped), so
-  a large file is never loaded whole;
+  column ``text_field``; read batch by batch (Parquet by row groups), so a large file is
+  never loaded whole. Both are read with plain file reads, not memory maps: the pages of a
+  map that has been read stay in the process's resident set, which would then grow with the
+  file (a dataset build's memory must not);
 - a directory: every regular non-hidden file under it, recursively, sorted by relative POSIX
   path; files ending ``.jsonl``/``.parquet``/``.arrow`` are read as above, any other file is
   one text document.
@@ -19,7 +21,7 @@ lone end-of-document token. With ``max_bytes``, reading stops once that many byt
 read; the last document is cut there, backed off to a UTF-8 character boundary (at most 3
 bytes fewer) so a subword tokenizer can round-trip it exactly.
 
-`describe_source` / `read_source` also return what a dataset manifest records about the
+`describe_source` also returns what a dataset manifest records about the
 source: its kind, the path as given, and every file read with its size and sha256, so a
 build can be reproduced and checked.
 """
@@ -98,7 +100,7 @@ ARROW_SUFFIX = ".arrow"
 STRUCTURED_SUFFIXES = (JSONL_SUFFIX, PARQUET_SUFFIX, ARROW_SUFFIX)
 """File suffixes read as records with a text field rather than as one text document."""
 
-_HASH_BLOCK_BYTES = 8 * 1024 * 1024
+_HASH_BLOCK_BYTES = 1024 * 1024
 _ROWS_PER_BATCH = 1024
 _ARROW_FILE_MAGIC = b"ARROW1"
 
@@ -125,11 +127,14 @@ class _SourceFile:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed in 8 MiB blocks (never loads the file whole)."""
+    """Hex sha256 of a file, streamed through one reused 1 MiB buffer (never loads the file
+    whole, and allocates nothing per block: `f.read` would hold two fresh blocks at once)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK_BYTES):
-            digest.update(block)
+    block = bytearray(_HASH_BLOCK_BYTES)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
@@ -140,7 +145,7 @@ def _file_kind(name: str) -> str:
     return "text"
 
 
-def _plan(source: str) -> tuple[str, list[_SourceFile]]:
+def _plan(source: str, warn: bool = True) -> tuple[str, list[_SourceFile]]:
     """(source kind, files to read in order); raises ConfigError for a missing path."""
     if source == STDLIB_SOURCE:
         return "stdlib", [_SourceFile(rel, path, "text") for rel, path in stdlib_files()]
@@ -153,7 +158,7 @@ def _plan(source: str) -> tuple[str, list[_SourceFile]]:
     if root.is_dir():
         files = [_SourceFile(rel, path, _file_kind(rel)) for rel, path in directory_files(root)]
         num_structured = sum(f.kind != "text" for f in files)
-        if 0 < num_structured < len(files):
+        if warn and 0 < num_structured < len(files):
             # E.g. a HuggingFace `save_to_disk` folder: its dataset_info.json/state.json would
             # become text documents. Not an error (a folder of mixed files is legitimate).
             logger.warning(
@@ -205,7 +210,7 @@ def _string_cells(column: pa.Array) -> list[bytes | None]:
 class _Reader:
     """Reads a source's documents once, remembering which files it read."""
 
-    def __init__(self, source: str, text_field: str, max_bytes: int | None) -> None:
+    def __init__(self, source: str, text_field: str, max_bytes: int | None, *, warn: bool = True) -> None:
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
                                       or max_bytes < 1):
             raise ConfigError(
@@ -214,9 +219,10 @@ class _Reader:
         if not isinstance(text_field, str) or not text_field:
             raise ConfigError(f"data.text_field: {text_field!r} is not allowed; use a column/field name")
         self.source = source
+        self.warn = warn  # False for a pass that re-reads what another pass warns about
         self.text_field = text_field
         self.max_bytes = max_bytes
-        self.kind, self._files = _plan(source)
+        self.kind, self._files = _plan(source, warn)
         self.files_read: list[_SourceFile] = []
         self.num_documents = 0
         self.num_bytes = 0
@@ -252,7 +258,7 @@ class _Reader:
                 self.num_bytes += len(text)
                 self.num_documents += 1
                 yield Document(name, text)
-        if self._num_null:
+        if self._num_null and self.warn:
             logger.warning(
                 "data.source=%r: skipped %d null %r cells", self.source, self._num_null, self.text_field
             )
@@ -311,7 +317,9 @@ class _Reader:
 
     def _parquet(self, file: _SourceFile) -> Iterator[tuple[str, bytes]]:
         try:
-            pf = pq.ParquetFile(file.path, memory_map=True)
+            # Not memory-mapped (see the module docstring), and without pre_buffer, which keeps
+            # every column chunk read so far cached until the file is closed.
+            pf = pq.ParquetFile(file.path, memory_map=False, pre_buffer=False)
         except (pa.ArrowException, OSError) as exc:
             raise ConfigError(f"data.source: {str(file.path)!r} is not a readable Parquet file ({exc})") from None
         _check_column(pf.schema_arrow, self.text_field, file.path)
@@ -322,19 +330,19 @@ class _Reader:
     def _arrow(self, file: _SourceFile) -> Iterator[tuple[str, bytes]]:
         with open(file.path, "rb") as f:
             is_file_format = f.read(len(_ARROW_FILE_MAGIC)) == _ARROW_FILE_MAGIC
-        source = pa.memory_map(str(file.path))
-        try:
-            reader = pa.ipc.open_file(source) if is_file_format else pa.ipc.open_stream(source)
-        except (pa.ArrowException, OSError) as exc:
-            raise ConfigError(
-                f"data.source: {str(file.path)!r} is not a readable Arrow IPC file or stream ({exc})"
-            ) from None
-        _check_column(reader.schema, self.text_field, file.path)
-        if is_file_format:
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        else:
-            batches = iter(reader)
-        yield from self._cells(file, (b.column(self.text_field) for b in batches))
+        with pa.OSFile(str(file.path)) as source:  # not memory-mapped: see the module docstring
+            try:
+                reader = pa.ipc.open_file(source) if is_file_format else pa.ipc.open_stream(source)
+            except (pa.ArrowException, OSError) as exc:
+                raise ConfigError(
+                    f"data.source: {str(file.path)!r} is not a readable Arrow IPC file or stream ({exc})"
+                ) from None
+            _check_column(reader.schema, self.text_field, file.path)
+            if is_file_format:
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                batches = iter(reader)
+            yield from self._cells(file, (b.column(self.text_field) for b in batches))
 
     def describe(self) -> dict:
         """The manifest's `source` entry; call after iterating."""
@@ -368,15 +376,6 @@ def iter_documents(
             positive, or the source holds no text (raised when the iteration ends).
     """
     yield from _Reader(source, text_field, max_bytes)
-
-
-def read_source(
-    source: str, *, text_field: str = "text", max_bytes: int | None = None
-) -> tuple[list[Document], dict]:
-    """All documents of `source` and its `describe_source` entry, in one pass over the data."""
-    reader = _Reader(source, text_field, max_bytes)
-    docs = list(reader)
-    return docs, reader.describe()
 
 
 def describe_source(source: str, text_field: str = "text", *, max_bytes: int | None = None) -> dict:

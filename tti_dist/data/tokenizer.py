@@ -1,6 +1,6 @@
 """Tokenizers behind one small interface: byte-level, locally trained byte-level BPE, synthetic.
 
-Every tokenizer has a `name` ("byte" | "bpe" | "synthetic"), a `vocab_size`, an `eos_id`
+Every tokenizer has a `name` ("byte" | "bpe" | "pretrained" | "synthetic"), a `vocab_size`, an `eos_id`
 (the end-of-document token the dataset writer appends after each document), `encode(bytes)`
 returning uint32 ids (without EOS), `decode(ids)` returning text, and `save(dir)` writing
 what is needed to rebuild it into a dataset directory and returning the manifest's
@@ -13,6 +13,12 @@ with.
 - `BPETokenizer`: byte-level BPE trained locally with HuggingFace `tokenizers` (`train_bpe`);
   saved as `tokenizer.json`. The special token `<|endoftext|>` is EOS. Text that happens to
   contain the string "<|endoftext|>" is encoded as ordinary bytes, never as EOS.
+- `PretrainedTokenizer`: any HuggingFace `tokenizers` JSON file (e.g. GPT-2's), loaded with
+  `load_pretrained_tokenizer`; saved as `tokenizer.json`, a verbatim copy of the file, so the
+  manifest's sha256 is the original file's. EOS is `eos_token` if given, else the first of
+  `EOS_TOKEN_CANDIDATES` that the file declares as a special token. Documents are encoded
+  without the file's post-processor (no BOS/EOS templates: the writer adds EOS) and with
+  special-token text kept as ordinary text; otherwise ids are exactly the library's.
 - `SyntheticTokenizer`: a given list of token strings (for generated corpora); saved as
   `vocab.json`.
 """
@@ -79,7 +85,7 @@ class Tokenizer(Protocol):
     """What the dataset layer needs from a tokenizer."""
 
     name: str
-    """"byte", "bpe" or "synthetic"."""
+    """"byte", "bpe", "pretrained" or "synthetic"."""
     vocab_size: int
     """Number of token ids (all ids are in [0, vocab_size))."""
     eos_id: int
@@ -141,16 +147,18 @@ class BPETokenizer:
 
     name = "bpe"
 
-    def __init__(self, hf_tokenizer) -> None:
-        """Wrap a `tokenizers.Tokenizer` built by `train_bpe` or loaded from `tokenizer.json`."""
-        eos_id = hf_tokenizer.token_to_id(BPE_EOS_TEXT)
+    def __init__(self, hf_tokenizer, eos_token: str = BPE_EOS_TEXT) -> None:
+        """Wrap a `tokenizers.Tokenizer` built by `train_bpe` or loaded from `tokenizer.json`;
+        `eos_token` is the text of its end-of-document token."""
+        eos_id = hf_tokenizer.token_to_id(eos_token)
         if eos_id is None:
-            raise ValueError(f"the BPE tokenizer has no {BPE_EOS_TEXT!r} special token")
+            raise ValueError(f"the tokenizer has no {eos_token!r} token")
         # Document text containing "<|endoftext|>" must stay ordinary bytes; the writer adds EOS.
         hf_tokenizer.encode_special_tokens = True
         self._hf = hf_tokenizer
-        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.vocab_size: int = _hf_vocab_size(hf_tokenizer)
         self.eos_id: int = eos_id
+        self.eos_token: str = eos_token
 
     @property
     def hf_tokenizer(self):
@@ -191,6 +199,94 @@ class BPETokenizer:
 
     def save(self, directory: str | Path) -> dict:
         return _info(self, BPE_FILE, _write_bytes(directory, BPE_FILE, self.to_bytes()))
+
+
+class PretrainedTokenizer(BPETokenizer):
+    """A HuggingFace `tokenizers` JSON file used as is; see `load_pretrained_tokenizer`."""
+
+    name = "pretrained"
+
+    def __init__(self, raw: bytes, eos_token: str) -> None:
+        """`raw`: the tokenizer.json bytes; `eos_token`: the text of its end-of-document token."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        super().__init__(HFTokenizer.from_str(raw.decode("utf-8")), eos_token)
+        self._raw = raw
+
+    def to_bytes(self) -> bytes:
+        """The file exactly as given (not re-serialised), so its sha256 identifies it."""
+        return self._raw
+
+    def save(self, directory: str | Path) -> dict:
+        info = _info(self, BPE_FILE, _write_bytes(directory, BPE_FILE, self._raw))
+        info["eos_token"] = self.eos_token
+        return info
+
+
+def _hf_vocab_size(hf_tokenizer) -> int:
+    """One past the largest id: a file may number added tokens past its base vocabulary."""
+    ids = hf_tokenizer.get_vocab(with_added_tokens=True).values()
+    return max(hf_tokenizer.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+
+
+EOS_TOKEN_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+"""End-of-document tokens recognised in a pretrained tokenizer.json, in order of preference:
+the first one the file declares as a *special* added token is EOS (GPT-2/GPT-NeoX,
+Llama 3, Llama 2/Mistral/T5, Gemma). A plain vocabulary entry never qualifies, because
+document text could produce it."""
+
+
+def _special_tokens(hf_tokenizer) -> list[str]:
+    decoder = hf_tokenizer.get_added_tokens_decoder()
+    return [decoder[i].content for i in sorted(decoder) if decoder[i].special]
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit]) or "none"
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def load_pretrained_tokenizer(path: str | Path, eos_token: str | None = None, *,
+                              field: str = "--tokenizer", eos_field: str = "--eos-token") -> PretrainedTokenizer:
+    """A HuggingFace `tokenizers` JSON file as a dataset tokenizer.
+
+    The end-of-document token is `eos_token` when given (any token of the file), else the
+    first of `EOS_TOKEN_CANDIDATES` among the file's special tokens.
+
+    Raises:
+        ConfigError (naming `field`, or `eos_field` for the EOS token): the file is missing
+            or not a tokenizers JSON file, `eos_token` is not one of its tokens, or no EOS
+            token can be determined.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: {str(path)!r} does not exist or is not a file; "
+                          "use byte, bpe or a path to a HuggingFace tokenizer .json file")
+    raw = path.read_bytes()
+    try:
+        hf = HFTokenizer.from_str(raw.decode("utf-8"))
+    except Exception as exc:  # the library raises a bare Exception for a malformed file
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"{field}: {str(path)!r} is not a HuggingFace tokenizers JSON file ({first})"
+        ) from None
+    specials = _special_tokens(hf)
+    if eos_token is not None:
+        if not isinstance(eos_token, str) or not eos_token or hf.token_to_id(eos_token) is None:
+            raise ConfigError(
+                f"{eos_field}: {eos_token!r} is not a token of {str(path)!r}; "
+                f"its special tokens: {_listing(specials)}"
+            )
+    else:
+        eos_token = next((t for t in EOS_TOKEN_CANDIDATES if t in specials), None)
+        if eos_token is None:
+            raise ConfigError(
+                f"{field}: {str(path)!r} has no end-of-document token: none of its special tokens "
+                f"({_listing(specials)}) is one of {', '.join(EOS_TOKEN_CANDIDATES)}; name one with {eos_field}"
+            )
+    return PretrainedTokenizer(raw, eos_token)
 
 
 def check_bpe_vocab_size(vocab_size) -> int:
@@ -296,7 +392,7 @@ def load_tokenizer(dataset_dir: str | Path, info: dict) -> Tokenizer:
     name = info.get("name")
     if name == "byte":
         tok: Tokenizer = ByteTokenizer()
-    elif name in ("bpe", "synthetic"):
+    elif name in ("bpe", "pretrained", "synthetic"):
         file = info.get("file")
         path = dataset_dir / str(file)
         if not file or not path.is_file():
@@ -315,13 +411,21 @@ def load_tokenizer(dataset_dir: str | Path, info: dict) -> Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             tok = BPETokenizer(HFTokenizer.from_str(data.decode("utf-8")))
+        elif name == "pretrained":
+            try:
+                tok = PretrainedTokenizer(data, str(info.get("eos_token")))
+            except ValueError:
+                raise ConfigError(
+                    f"data.path: manifest tokenizer.eos_token={info.get('eos_token')!r} is not a token of "
+                    f"{str(path)!r}; the dataset is corrupt or was modified"
+                ) from None
         else:
             saved = json.loads(data)
             tok = SyntheticTokenizer(saved["vocab"], saved["eos_id"])
     else:
         raise ConfigError(
             f"data.path: tokenizer {name!r} in {str(dataset_dir / 'manifest.json')!r} is unknown; "
-            "known: byte, bpe, synthetic"
+            "known: byte, bpe, pretrained, synthetic"
         )
     for key in ("vocab_size", "eos_id"):
         if getattr(tok, key) != info.get(key):
