@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("sweep_dir", metavar="DIR", help="output directory of tti sweep (--out)")
     report.add_argument("--metric", dest="metrics", action="append", default=[], metavar="TAG",
                         help="headline interpretability metric, e.g. interp/blocks.1.mlp.act/l0 (repeatable; "
-                             "default: the last block's mlp.act l0)")
+                             "default: the last block's mlp.act l0_frac, or another width-independent metric; docs/report.md)")
     report.add_argument("--target", type=float, metavar="VALUE",
                         help="interpretability level of the tax, in the metric's units (default: the most "
                              "interpretable level every model size reaches with every seed)")
@@ -236,9 +236,12 @@ def _prepare_data(cfg, run_dir: Path):
 
 def _check_resume_compatible(cfg, run_dir: Path) -> None:
     """The model, layout and ZeRO stage must match the checkpointed run's."""
+    import json
+
     import yaml
 
     from tti_dist.config import config_from_dict, config_to_dict
+    from tti_dist.distributed.zero_config import engine_zero_stage
 
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
@@ -255,6 +258,17 @@ def _check_resume_compatible(cfg, run_dir: Path) -> None:
         raise ConfigError(
             f"zero.stage: {cfg.zero.stage} differs from the checkpointed run's {saved.zero.stage}; resume needs the same value"
         )
+    # The checkpoint files follow the stage DeepSpeed ran, recorded next to them; a run from
+    # before stages 1-2 ran as stage 0 at dp_size 1 cannot be read by this engine.
+    ds_file = run_dir / "deepspeed_config.json"
+    if ds_file.is_file():
+        ran = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage")
+        if ran is not None and ran != engine_zero_stage(cfg):
+            raise ConfigError(
+                f"zero.stage: this run's checkpoints were written by a ZeRO stage-{ran} engine, and zero.stage "
+                f"{cfg.zero.stage} at parallel.dp_size {cfg.parallel.dp_size} runs stage {engine_zero_stage(cfg)}; "
+                "resume is not possible across that change: start a new run (tti export keeps the weights)"
+            )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

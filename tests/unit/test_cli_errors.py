@@ -238,3 +238,23 @@ def test_resume_with_changed_model_is_rejected(tmp_path):
     # Settings outside model/parallel/zero.stage may change on resume.
     cfg, run_dir, nproc = prepare(["train", SMOKE, "--resume", "--run-dir", str(run), "--set", "train.steps=80"])
     assert cfg.train.steps == 80 and run_dir == run and nproc == 2
+
+
+def test_resume_refuses_checkpoints_of_another_engine_stage(tmp_path):
+    """SMOKE is ZeRO-1 at dp_size 1, which runs as stage 0; checkpoints written by a stage-1
+    engine (before that change) cannot be read by it: one line, not DeepSpeed's traceback."""
+    import json
+
+    from tti_dist.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    fake_checkpoint(run)
+    dump_config(load_config(SMOKE), run / "config.yaml")
+    (run / "deepspeed_config.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    msg = prepare_error(["train", SMOKE, "--resume", "--run-dir", str(run)])
+    assert msg == ("zero.stage: this run's checkpoints were written by a ZeRO stage-1 engine, and zero.stage 1 at "
+                   "parallel.dp_size 1 runs stage 0; resume is not possible across that change: start a new run "
+                   "(tti export keeps the weights)")
+    (run / "deepspeed_config.json").write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    cfg, run_dir, _ = prepare(["train", SMOKE, "--resume", "--run-dir", str(run)])
+    assert run_dir == run

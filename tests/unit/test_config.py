@@ -22,7 +22,7 @@ from tti_dist.config import (
     load_config,
     validate_config,
 )
-from tti_dist.distributed.zero_config import deepspeed_config
+from tti_dist.distributed.zero_config import deepspeed_config, engine_zero_stage
 from tti_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -427,15 +427,26 @@ def test_deepspeed_config_batch_and_optimizer():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("on_cuda, bf16", [(False, False), (True, True), (True, False)])
 def test_deepspeed_config_stage_precision_and_adam(stage, on_cuda, bf16):
-    cfg = load_config(None, [f"zero.stage={stage}"])
-    ds = deepspeed_config(cfg, dp_size=1, bf16=bf16, on_cuda=on_cuda)
+    cfg = load_config(None, [f"zero.stage={stage}", "parallel.dp_size=2"])
+    ds = deepspeed_config(cfg, dp_size=2, bf16=bf16, on_cuda=on_cuda)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] is bf16
     # torch's AdamW everywhere (DeepSpeed's FusedAdam needs nvcc at first use), fused on CUDA.
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["optimizer"]["params"]["fused"] is on_cuda
-    assert ds["train_batch_size"] == 8
+    assert ds["train_batch_size"] == 16
     assert ("allgather_bucket_size" in ds["zero_optimization"]) is (stage in (1, 2))
+
+
+@pytest.mark.parametrize("stage, dp_size, engine_stage", [(0, 1, 0), (1, 1, 0), (2, 1, 0), (3, 1, 3),
+                                                          (1, 2, 1), (2, 4, 2), (3, 2, 3)])
+def test_zero_1_and_2_over_one_data_parallel_rank_run_as_stage_0(stage, dp_size, engine_stage):
+    """Nothing to shard over one rank: DeepSpeed runs stage 0 (same update, no flat-buffer
+    copies), and the DeepSpeed JSON (RUN/deepspeed_config.json) records the stage that ran."""
+    cfg = load_config(None, [f"zero.stage={stage}", f"parallel.dp_size={dp_size}"])
+    assert engine_zero_stage(cfg) == engine_stage
+    ds = deepspeed_config(cfg, dp_size=dp_size, bf16=False, on_cuda=False)
+    assert ds["zero_optimization"]["stage"] == engine_stage
 
 
 def test_deepspeed_config_uses_dp_size_argument():

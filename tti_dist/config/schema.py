@@ -159,7 +159,10 @@ class ZeroConfig:
     """DeepSpeed ZeRO settings (the generated DeepSpeed JSON's zero_optimization block)."""
 
     stage: int = 1
-    """0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters."""
+    """0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters.
+    Stages 1 and 2 over a single data-parallel rank (parallel.dp_size 1) shard nothing and
+    run as DeepSpeed stage 0: the same update without ZeRO's flat-buffer copies (recorded in
+    RUN/deepspeed_config.json)."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (worth it on GPU, not with gloo)."""
     reduce_bucket_size: int = 50_000_000

@@ -292,7 +292,7 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
 
     Compared against the schema defaults, so only values a user actually set are reported.
     """
-    from tti_dist.config.schema import ModelConfig, TrainConfig, ZeroConfig
+    from tti_dist.config.schema import DataConfig, ModelConfig, TrainConfig, ZeroConfig
 
     notes = []
     if cfg.model.position_embedding != "rope" and cfg.model.rope_base != ModelConfig.rope_base:
@@ -321,12 +321,14 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
     if cfg.train.eval_every == 0 and cfg.train.eval_batches != TrainConfig.eval_batches:
         notes.append(f"train.eval_batches: {cfg.train.eval_batches} is ignored with train.eval_every 0")
     if cfg.data.path is not None:
-        from tti_dist.config.schema import DataConfig
-
-        for name in ("source", "tokenizer", "text_field", "max_bytes", "val_fraction"):
+        for name in ("source", "tokenizer", "eos_token", "bpe_sample_bytes", "text_field", "max_bytes",
+                     "val_fraction"):
             if getattr(cfg.data, name) != getattr(DataConfig, name):
                 notes.append(f"data.{name}: {getattr(cfg.data, name)!r} is ignored when data.path is set "
                              "(the dataset was built already)")
+    elif cfg.data.tokenizer != "bpe" and cfg.data.bpe_sample_bytes != DataConfig.bpe_sample_bytes:
+        notes.append(f"data.bpe_sample_bytes: {cfg.data.bpe_sample_bytes} is ignored with data.tokenizer "
+                     f"{cfg.data.tokenizer!r} (it sizes the BPE training sample)")
     if cfg.checkpoint.every == 0 and not cfg.checkpoint.save_final:
         notes.append("checkpoint: every 0 and save_final false: this run saves no checkpoint")
     return notes

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from tti_dist.config.schema import RunConfig
+from tti_dist.distributed.zero_config import engine_zero_stage
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def load_eval_model(plan: EvalPlan, groups):
         _, state = load_exported(plan.weights)  # its model was checked by prepare_eval
     else:
         # MoE: the export path returns every expert under its global id = its id at EP=1.
-        state = tp_rank_state_dict(Path(plan.ckpt_dir), plan.tag, groups.tp_rank, plan.cfg.zero.stage)
+        state = tp_rank_state_dict(Path(plan.ckpt_dir), plan.tag, groups.tp_rank, engine_zero_stage(plan.cfg))
     model.load_state_dict(state, strict=True)
     model.to(groups.device).eval().requires_grad_(False)
     return model

@@ -76,7 +76,9 @@ class ParallelAttention(nn.Module):
         qkv, _ = self.qkv(x_BTD)
         # [B, T, heads_local, 3, head_dim] -> three [B, heads_local, T, head_dim]
         qkv = qkv.view(B, T, self.num_heads_local, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # unbind, not qkv[0], qkv[1], qkv[2]: indexing backpropagates through three zero-filled
+        # copies of the whole [3, ...] tensor, unbind through one stack.
+        q, k, v = qkv.unbind(0)
         if self.use_rope:
             q, k = apply_rope(q, k, base=self.rope_base)
         z = F.scaled_dot_product_attention(

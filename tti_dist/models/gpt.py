@@ -30,6 +30,8 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
@@ -130,6 +132,12 @@ def lm_loss(logits_local_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.T
     all-reduced). Computed in fp32 whatever the logits' dtype, on a copy: megatron's
     kernel works in place, and callers may still read the logits afterwards.
     """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        # The whole vocabulary is here: the same cross entropy without megatron's three
+        # all-reduces over a one-rank group and its in-place work on a copy (~1 ms a step
+        # on the smoke model's CPU step of ~60 ms).
+        return F.cross_entropy(logits_local_BTV.flatten(0, 1).float(), targets_BT.flatten(),
+                               reduction="none").view_as(targets_BT)
     return vocab_parallel_cross_entropy(logits_local_BTV.to(torch.float32, copy=True), targets_BT)
 
 

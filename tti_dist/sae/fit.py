@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from tti_dist.config.schema import RunConfig
+from tti_dist.distributed.zero_config import engine_zero_stage
 from tti_dist.errors import ConfigError
 from tti_dist.sae.model import SAEConfig
 
@@ -164,7 +165,7 @@ def load_frozen_model(plan: FitPlan, groups):
 
     seed_weights(plan.cfg.train.seed)
     model = GPT(plan.cfg.model, groups.tp_group, plan.cfg.parallel.ep_size)
-    state = tp_rank_state_dict(Path(plan.ckpt_dir), plan.tag, groups.tp_rank, plan.cfg.zero.stage)
+    state = tp_rank_state_dict(Path(plan.ckpt_dir), plan.tag, groups.tp_rank, engine_zero_stage(plan.cfg))
     model.load_state_dict(state, strict=True)
     model.to(groups.device).eval().requires_grad_(False)
     return model

@@ -17,7 +17,7 @@ from torch import nn
 from tti_dist.config.schema import RunConfig
 from tti_dist.distributed.mpu import MegatronMpu
 from tti_dist.distributed.runtime import ParallelGroups
-from tti_dist.distributed.zero_config import deepspeed_config
+from tti_dist.distributed.zero_config import deepspeed_config, engine_zero_stage
 from tti_dist.models.parallel_linear import synchronous_input_grad_allreduce
 from tti_dist.train.lr_schedule import warmup_cosine_scheduler
 
@@ -70,8 +70,11 @@ def build_engine(model: nn.Module, cfg: RunConfig, groups: ParallelGroups):
     deepspeed = import_deepspeed()
     bf16 = resolve_bf16(cfg, groups.device)
     ds_config = deepspeed_config(cfg, dp_size=groups.dp_size, bf16=bf16, on_cuda=groups.device.type == "cuda")
+    if ds_config["zero_optimization"]["stage"] != cfg.zero.stage and groups.rank == 0:
+        logger.info("zero.stage %d over one data-parallel rank shards nothing: DeepSpeed runs stage 0 "
+                    "(the same update, without ZeRO's flat-buffer copies)", cfg.zero.stage)
     model = model.to(groups.device)
-    if cfg.zero.stage == 3 and getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+    if engine_zero_stage(cfg, groups.dp_size) == 3 and getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
         # The output layer reads the embedding's weight outside the embedding module's own
         # forward; ZeRO-3 must keep that partitioned parameter gathered for it.
         deepspeed.zero.register_external_parameter(model, model.embedding.weight)
@@ -92,6 +95,10 @@ def build_engine(model: nn.Module, cfg: RunConfig, groups: ParallelGroups):
         config=ds_config,
         dist_init_required=False,
     )
+    if groups.dp_size == 1 and engine.zero_optimization_stage() == 0:
+        # An all-reduce over one rank is the identity, but DeepSpeed's stage-0 path still
+        # flattens every gradient into buckets, reduces and copies them back each step.
+        engine.enable_backward_allreduce = False
     if cfg.train.compile:
         synchronous_input_grad_allreduce(engine.module)
         # DeepSpeed's own entry point: nn.Module.compile in place on the wrapped module, so

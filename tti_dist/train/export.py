@@ -32,6 +32,7 @@ import yaml
 
 from tti_dist.config.load import config_from_dict
 from tti_dist.config.schema import RunConfig
+from tti_dist.distributed.zero_config import engine_zero_stage
 from tti_dist.errors import ConfigError
 from tti_dist.train import checkpoint as ckpt
 
@@ -144,7 +145,7 @@ def consolidated_state_dict(run_dir: str | Path, checkpoint: str | None = None) 
     """The whole model's fp32 weights from a checkpoint, any TP/ZeRO layout."""
     cfg, ckpt_dir, tag = resolve_checkpoint(run_dir, checkpoint)
     layout = json.loads((ckpt_dir / tag / "tp_layout.json").read_text())
-    shards = [tp_rank_state_dict(ckpt_dir, tag, r, cfg.zero.stage) for r in range(cfg.parallel.tp_size)]
+    shards = [tp_rank_state_dict(ckpt_dir, tag, r, engine_zero_stage(cfg)) for r in range(cfg.parallel.tp_size)]
     if cfg.model.moe_num_experts:
         layout = global_expert_layout(layout, shards[0])
     return cfg, merge_tp_shards(shards, layout), tag

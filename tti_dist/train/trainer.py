@@ -191,7 +191,8 @@ class Trainer:
             total_sum += total
             for k, v in reg_metrics.items():
                 reg_sums[k] = reg_sums.get(k, 0.0) + v.float().to(self.groups.device)
-            if micro == gas - 1 and need_norm and self.cfg.zero.stage == 0 and not self.engine.bfloat16_enabled():
+            if (micro == gas - 1 and need_norm and self.engine.zero_optimization_stage() == 0
+                    and not self.engine.bfloat16_enabled()):
                 norm = grad_norm_now(self.engine)
             self.engine.step()
             if micro == gas - 1:  # DeepSpeed stepped at this gradient-accumulation boundary
