@@ -12,6 +12,13 @@ DeepSpeed config: AdamW, gradient clipping, bf16 when asked), and the trainer's 
 on random int64 tokens [batch, seq + 1]. No data loader, eval, metrics or checkpoints:
 the figure is the model + engine step alone.
 
+Side by side (default; `--no-baseline` skips it): the same GPT shape in plain PyTorch
+(bench/plain_gpt.py: nn.Linear blocks, SDPA, F.cross_entropy, torch.optim.AdamW with the
+same settings, clip_grad_norm_, the same precision and compile flag), built in the same
+process and timed round-robin with tti's step (one tti step, one plain step, ...), so a
+drift of a shared machine hits both alike. `ratio` = plain median step / tti median step =
+tti tokens/s over plain tokens/s: 1.0 means the framework costs nothing per step.
+
 FLOPs per trained token (PaLM, Chowdhery et al. 2022, appendix B; the convention of
 nanoGPT's estimate_mfu):
 
@@ -37,8 +44,8 @@ mean (all timed tokens / all timed time, as `perf/tokens_per_sec` in `tti train`
 median-based value is printed too. `--breakdown` also times forward+loss, backward and
 optimizer step (with a device sync between them). The 1-minute load average before and
 after the timed steps is reported: CPU figures taken while other processes compete for
-the cores are not throughput figures. With `--compile`, the number of Dynamo graph breaks
-is reported (megatron-core's RowParallelLinear causes some, see docs/performance.md).
+the cores are not throughput figures. With `--compile` (train.compile), the number of Dynamo graph breaks
+is reported (0 on our GPT at ZeRO 0-2; ZeRO-3 with compile is refused by config validation).
 
 Examples:
     python bench/throughput.py --preset smoke --steps 20                  # CPU, seconds
@@ -102,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1, help="DeepSpeed ZeRO stage (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="train.precision (default: %(default)s = bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model before wrapping it")
+    parser.add_argument("--compile", action="store_true", help="train.compile: compile the model inside the engine (DeepSpeed engine.compile), as tti train does")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="default: %(default)s = cuda when available, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -111,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="weight and token seed (default: %(default)s)")
     parser.add_argument("--timeout-s", type=int, default=600, help="process-group timeout in seconds (default: %(default)s)")
     parser.add_argument("--per-step", action="store_true", help="also print every timed step's time")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the plain-PyTorch baseline (bench/plain_gpt.py) timed side by side")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time forward+loss, engine.backward and engine.step separately "
                         "(adds a device sync between them on CUDA)")
@@ -119,11 +128,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--steps: {args.steps} must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup: {args.warmup} must be >= 0")
-    if args.compile and args.zero == 3:
-        # Measured: DeepSpeed 0.19.8 ZeRO-3's forward pre-hook sets `_parameters._in_forward` on
-        # the wrapped module, which fails on a torch.compile wrapper (plain dict _parameters).
-        parser.error("--compile with --zero 3: DeepSpeed ZeRO-3 cannot wrap a torch.compile'd "
-                     "module (AttributeError on _parameters._in_forward); use --zero 0, 1 or 2")
     return args
 
 
@@ -155,6 +159,7 @@ def config_overrides(shape: Shape, args: argparse.Namespace) -> list[str]:
         f"train.seed={args.seed}",
         f"train.device={args.device}",
         f"train.precision={args.precision}",
+        f"train.compile={'true' if args.compile else 'false'}",
         "train.eval_every=0",
         f"train.dist_timeout_s={args.timeout_s}",
         f"optim.warmup_steps={min(10, total_steps - 1)}",  # validation: < train.steps
@@ -238,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         n_flops = flops_params(model)
         flops_per_token = 6 * n_flops + 12 * shape.layers * shape.seq * shape.hidden
         seed_runtime(cfg.train.seed, groups.dp_rank)  # as the Trainer does
-        if args.compile:
-            model = torch.compile(model)
-        engine, ds_config = build_engine(model, cfg, groups)
+        engine, ds_config = build_engine(model, cfg, groups)  # train.compile: engine.compile()
         opt_params = ds_config["optimizer"]["params"]
         optimizer_name = "torch.optim.AdamW" + (" (fused)" if opt_params.get("fused") else "")
         if not opt_params["torch_adam"]:
@@ -277,10 +280,23 @@ def main(argv: list[str] | None = None) -> int:
                     phase_times[name].append(dt)
             return loss.detach()
 
+        plain_step = None
+        if args.baseline:
+            import plain_gpt
+
+            plain_model, plain_opt, plain_sched = plain_gpt.build(
+                plain_gpt.PlainShape(shape.layers, shape.hidden, shape.heads, shape.vocab, shape.seq, shape.batch),
+                device, lr=cfg.optim.lr, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
+                compile_model=args.compile, seed=cfg.train.seed)
+            plain_step = plain_gpt.make_step(plain_model, plain_opt, plain_sched, bf16=resolve_bf16(cfg, device),
+                                             device=device, grad_clip=cfg.optim.grad_clip)
+
         engine.train()
         t_warm = time.perf_counter()
         for _ in range(args.warmup):
             loss = train_step()
+            if plain_step is not None:
+                plain_step(tokens)
         sync()
         warmup_s = time.perf_counter() - t_warm
         if on_cuda:
@@ -288,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
 
         load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         step_times: list[float] = []
+        plain_times: list[float] = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
             loss = train_step(args.breakdown)
             sync()
             step_times.append(time.perf_counter() - t0)
+            if plain_step is not None:  # round-robin: one plain step after each tti step
+                t0 = time.perf_counter()
+                plain_loss = plain_step(tokens)
+                sync()
+                plain_times.append(time.perf_counter() - t0)
         final_loss = float(loss.item())
         graph_breaks = None
         if args.compile:
@@ -314,6 +336,16 @@ def main(argv: list[str] | None = None) -> int:
             peak = H100_SXM_BF16_DENSE_TFLOPS
         mfu = tflops / peak if peak else None
         bf16 = resolve_bf16(cfg, device)
+        plain = None
+        if plain_times:
+            plain_median = statistics.median(plain_times)
+            plain = {
+                "step_time_median_s": round(plain_median, 6),
+                "step_time_mean_s": round(statistics.fmean(plain_times), 6),
+                "tokens_per_s_median": round(tokens_per_step / plain_median, 1),
+                "final_loss": round(float(plain_loss.item()), 4),
+                "ratio": round(plain_median / median_s, 4),  # tti tokens/s over plain tokens/s
+            }
         summary = {
             "bench": "throughput",
             "date": date.today().isoformat(),
@@ -337,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_cuda else None,
             "phase_median_s": {k: round(statistics.median(v), 6) for k, v in phase_times.items()}
             if args.breakdown else None,
+            "plain": plain,
             "loadavg_1m": [load_before, load_after],
             "setup_s": round(setup_s, 2), "warmup_s": round(warmup_s, 2), "final_loss": round(final_loss, 4),
             "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -368,6 +401,11 @@ def print_table(s: dict) -> None:
         ("MFU", mfu),
         ("final loss", f"{s['final_loss']}"),
     ]
+    if s["plain"] is not None:
+        p = s["plain"]
+        rows.append(("plain PyTorch (same shape)", f"median {1000 * p['step_time_median_s']:.1f} ms, "
+                     f"{p['tokens_per_s_median']:,.0f} tokens/s (median-based)"))
+        rows.append(("tti / plain", f"{p['ratio']:.3f}x tokens/s (plain median step / tti median step)"))
     if s["phase_median_s"] is not None:
         rows.append(("median by phase", ", ".join(
             f"{k} {1000 * v:.1f} ms" for k, v in s["phase_median_s"].items())))

@@ -1,0 +1,99 @@
+"""Soak: a long run of a small model, checking that per-step cost and memory stay flat.
+
+Runs `tti train` (the real command, one process per rank under the elastic launcher) for
+`--steps` optimizer steps (default 20,000) of a small GPT with `logging.log_every: 1`, so
+every step writes TensorBoard and Parquet rows, plus periodic evaluation and checkpoints.
+It then reads the run's own metrics table and compares two windows of `--window` steps
+(default 1,000): the first after `--warmup` steps (default 500) and the last:
+
+- step time: median `perf/step_time_s` (which includes the metrics writes and any flush);
+- resident memory: median `perf/rss_gib` (the maximum over ranks of their RSS at that step).
+
+The goal is last / first <= 1.10 for both. Any cost that grows with the number of steps
+(a table rewritten whole, a list that is never trimmed, an ever-growing autograd graph)
+shows up as a ratio above it. Prints a table and a one-line JSON summary.
+
+    python bench/soak.py --out /tmp/soak                  # 20,000 steps (~10 min on 2 cores)
+    python bench/soak.py --out /tmp/soak --steps 3000 --window 500   # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.max_seq_len=64",
+         "data.seq_len=64", "train.micro_batch_size=4", "data.max_bytes=2000000"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="run directory to create (must not hold a run)")
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--window", type=int, default=1_000)
+    parser.add_argument("--nproc", type=int, default=1, help="ranks (TP=nproc)")
+    parser.add_argument("--eval-every", type=int, default=2_000)
+    parser.add_argument("--checkpoint-every", type=int, default=2_000)
+    args = parser.parse_args(argv)
+    if args.warmup + 2 * args.window > args.steps:
+        parser.error("--steps must be at least --warmup + 2 x --window")
+    run_dir = Path(args.out)
+    tti = str(Path(sys.executable).with_name("tti"))
+    sets = MODEL + [f"train.steps={args.steps}", f"parallel.tp_size={args.nproc}", "parallel.dp_size=1",
+                    "logging.log_every=1", "logging.progress_bar=false", "optim.warmup_steps=50",
+                    f"train.eval_every={args.eval_every}", "train.eval_batches=2",
+                    f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep_last=2"]
+    cmd = [tti, "train", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(run_dir), "--nproc", str(args.nproc)]
+    for s in sets:
+        cmd += ["--set", s]
+    load_before = round(os.getloadavg()[0], 2)
+    start = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"tti train exited {code}; see {run_dir.parent / (run_dir.name + '.log')}")
+
+    from tti_dist.metrics import read_metrics
+
+    table = read_metrics(run_dir).to_pydict()
+    rows = dict(zip(table["step"], zip(table["perf/step_time_s"], table["perf/rss_gib"])))
+    first = range(args.warmup + 1, args.warmup + args.window + 1)
+    last = range(args.steps - args.window + 1, args.steps + 1)
+
+    def window(steps: range, i: int) -> float:
+        return statistics.median(rows[s][i] for s in steps)
+
+    summary = {
+        "bench": "soak", "date": date.today().isoformat(), "steps": args.steps, "rows": len(table["step"]),
+        "nproc": args.nproc, "window": args.window, "warmup": args.warmup,
+        "first_window": [first.start, first.stop - 1], "last_window": [last.start, last.stop - 1],
+        "step_time_first_ms": round(1000 * window(first, 0), 3), "step_time_last_ms": round(1000 * window(last, 0), 3),
+        "rss_first_gib": round(window(first, 1), 4), "rss_last_gib": round(window(last, 1), 4),
+        "wall_s": round(wall, 1), "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
+        "command": "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    summary["step_time_ratio"] = round(summary["step_time_last_ms"] / summary["step_time_first_ms"], 3)
+    summary["rss_ratio"] = round(summary["rss_last_gib"] / summary["rss_first_gib"], 3)
+    print(f"steps {args.steps} ({summary['rows']} metric rows), {wall:.0f} s")
+    print(f"median step time: steps {first.start}-{first.stop - 1}: {summary['step_time_first_ms']} ms, "
+          f"steps {last.start}-{last.stop - 1}: {summary['step_time_last_ms']} ms, ratio {summary['step_time_ratio']}")
+    print(f"median RSS (max over ranks): {summary['rss_first_gib']} GiB -> {summary['rss_last_gib']} GiB, "
+          f"ratio {summary['rss_ratio']}")
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
