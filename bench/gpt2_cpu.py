@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,24 +77,26 @@ def _status_kib(pid: int, key: str) -> int | None:
     return None
 
 
-def _rank_of(pid: int) -> int | None:
+def _cmdline(pid: int) -> str:
     try:
-        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return None
-    for item in env:
-        if item.startswith(b"RANK="):
-            return int(item[5:])
-    return None
+        return ""
 
 
 class TreeMemory:
-    """Peak resident memory (VmHWM) of every process under a root pid, sampled."""
+    """Peak resident memory (VmHWM) of every process under a root pid, sampled.
+
+    The root is the command (with `--nproc 1` it is the rank itself; otherwise it runs the
+    elastic agent); the ranks are its children started by multiprocessing's spawn (their
+    environment is set after exec, so /proc does not show RANK: they are numbered in start
+    order, which is rank order); other helpers (multiprocessing's resource tracker) are left out.
+    """
 
     def __init__(self, root: int, interval_s: float = 0.2):
         self.root, self.interval_s = root, interval_s
         self.peak_kib: dict[int, int] = {}
-        self.rank: dict[int, int | None] = {}
+        self.cmd: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -109,23 +112,20 @@ class TreeMemory:
                 hwm = _status_kib(pid, "VmHWM")
                 if hwm is not None:
                     self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), hwm)
-                if self.rank.get(pid) is None:
-                    self.rank[pid] = _rank_of(pid)
+                if pid not in self.cmd:
+                    self.cmd[pid] = _cmdline(pid)
             self._stop.wait(self.interval_s)
 
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        ranks: dict[int, float] = {}
-        other = 0
-        for pid, kib in self.peak_kib.items():
-            rank = self.rank.get(pid)
-            if rank is None:
-                other = max(other, kib)
-            else:
-                ranks[rank] = max(ranks.get(rank, 0), kib / 2**20)
-        return {"rank_peak_rss_gib": {r: round(v, 2) for r, v in sorted(ranks.items())},
-                "launcher_peak_rss_gib": round(other / 2**20, 2)}
+        gib = {pid: round(kib / 2**20, 2) for pid, kib in self.peak_kib.items()}
+        ranks = [pid for pid in sorted(gib) if pid != self.root and "spawn_main" in self.cmd.get(pid, "")
+                 and "resource_tracker" not in self.cmd.get(pid, "")]
+        if not ranks:  # one process: `--nproc 1` runs its rank in the command itself
+            return {"rank_peak_rss_gib": {0: gib.get(self.root)}, "launcher_peak_rss_gib": None}
+        return {"rank_peak_rss_gib": {r: gib[pid] for r, pid in enumerate(ranks)},
+                "launcher_peak_rss_gib": gib.get(self.root)}
 
 
 def run(cmd: list[str], log: Path) -> dict:
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.layouts.split(","):
         layout = LAYOUTS[name]
         run_dir = out / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own run from an earlier invocation
         sets = common + [f"{k}={v}" for k, v in layout.items()]
         nproc = layout["parallel.tp_size"] * layout["parallel.dp_size"]
         cmd = [tti, "train", config, "--run-dir", str(run_dir), "--nproc", str(nproc)]

@@ -9,9 +9,11 @@ It then reads the run's own metrics table and compares two windows of `--window`
 - step time: median `perf/step_time_s` (which includes the metrics writes and any flush);
 - resident memory: median `perf/rss_gib` (the maximum over ranks of their RSS at that step).
 
-The goal is last / first <= 1.10 for both. Any cost that grows with the number of steps
+The goal is last / first within 10% for both. Any cost that grows with the number of steps
 (a table rewritten whole, a list that is never trimmed, an ever-growing autograd graph)
-shows up as a ratio above it. Prints a table and a one-line JSON summary.
+shows up as a ratio above it, and as a positive trend: the bench also fits a line through
+the medians of all consecutive windows and reports its slope with a standard error, which
+single windows on a shared machine (+-15%) cannot fake. Prints a summary and a JSON line.
 
     python bench/soak.py --out /tmp/soak                  # 20,000 steps (~10 min on 2 cores)
     python bench/soak.py --out /tmp/soak --steps 3000 --window 500   # a quicker look
@@ -36,6 +38,18 @@ MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "mod
          "data.seq_len=64", "train.micro_batch_size=4", "data.max_bytes=2000000"]
 
 
+def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope of ys on xs and its standard error (nan with fewer than 3 points)."""
+    n = len(xs)
+    if n < 3:
+        return float("nan"), float("nan")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    return slope, (resid / (n - 2) / sxx) ** 0.5
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="run directory to create (must not hold a run)")
@@ -45,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="ranks (TP=nproc)")
     parser.add_argument("--eval-every", type=int, default=2_000)
     parser.add_argument("--checkpoint-every", type=int, default=2_000)
+    parser.add_argument("--analyze-only", action="store_true",
+                        help="read the metrics of an existing soak run at --out instead of training")
     args = parser.parse_args(argv)
     if args.warmup + 2 * args.window > args.steps:
         parser.error("--steps must be at least --warmup + 2 x --window")
@@ -59,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--set", s]
     load_before = round(os.getloadavg()[0], 2)
     start = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if not args.analyze_only:
+        with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code != 0:
+            raise SystemExit(f"tti train exited {code}; see {run_dir.parent / (run_dir.name + '.log')}")
     wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"tti train exited {code}; see {run_dir.parent / (run_dir.name + '.log')}")
 
     from tti_dist.metrics import read_metrics
 
@@ -84,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1), "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
         "command": "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    # The trend over the whole run, not just its two ends: medians of consecutive windows
+    # and their least-squares slope with its standard error. On a shared machine single
+    # windows move by +-15% with other load; a cost that grows with the step count shows
+    # as a slope many standard errors above 0.
+    starts = list(range(args.warmup + 1, args.steps - args.window + 2, args.window))
+    medians = [window(range(s0, s0 + args.window), 0) * 1000 for s0 in starts]
+    rss_medians = [window(range(s0, s0 + args.window), 1) for s0 in starts]
+    slope, slope_se = _slope([s0 + args.window / 2 for s0 in starts], medians)
+    rss_slope, rss_slope_se = _slope([s0 + args.window / 2 for s0 in starts], rss_medians)
+    summary["window_step_time_ms"] = [round(m, 2) for m in medians]
+    summary["step_time_slope_ms_per_10k_steps"] = [round(1e4 * slope, 3), round(1e4 * slope_se, 3)]
+    summary["rss_slope_gib_per_10k_steps"] = [round(1e4 * rss_slope, 5), round(1e4 * rss_slope_se, 5)]
     summary["step_time_ratio"] = round(summary["step_time_last_ms"] / summary["step_time_first_ms"], 3)
     summary["rss_ratio"] = round(summary["rss_last_gib"] / summary["rss_first_gib"], 3)
     print(f"steps {args.steps} ({summary['rows']} metric rows), {wall:.0f} s")
@@ -91,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
           f"steps {last.start}-{last.stop - 1}: {summary['step_time_last_ms']} ms, ratio {summary['step_time_ratio']}")
     print(f"median RSS (max over ranks): {summary['rss_first_gib']} GiB -> {summary['rss_last_gib']} GiB, "
           f"ratio {summary['rss_ratio']}")
+    print("median step time per window of %d steps (ms): %s" % (args.window, " ".join(
+        f"{m:.1f}" for m in medians)))
+    print(f"trend: {summary['step_time_slope_ms_per_10k_steps'][0]} +- "
+          f"{summary['step_time_slope_ms_per_10k_steps'][1]} ms per 10,000 steps; RSS "
+          f"{summary['rss_slope_gib_per_10k_steps'][0]} +- {summary['rss_slope_gib_per_10k_steps'][1]} GiB per 10,000 steps")
     print(json.dumps(summary, separators=(",", ":")))
     return 0
 

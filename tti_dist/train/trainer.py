@@ -41,6 +41,12 @@ from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
 logger = logging.getLogger(__name__)
 
 
+RESULT_HISTORY = 10_000
+"""Logged steps a TrainResult keeps (the most recent): a record of every step would grow by
+~100 bytes per step for the whole run (1 MB per 10,000 steps, measured by bench/soak.py).
+The complete curves are in RUN/metrics.parquet."""
+
+
 @dataclass
 class TrainResult:
     """What a finished run reports (identical on every rank)."""
@@ -48,11 +54,17 @@ class TrainResult:
     final_step: int
     """Optimizer steps completed."""
     losses: dict[int, float] = field(default_factory=dict)
-    """train/task_loss at every logged step of this process's lifetime."""
+    """train/task_loss at the most recent RESULT_HISTORY logged steps of this process."""
     eval_losses: dict[int, float] = field(default_factory=dict)
-    """eval/loss at every eval step."""
+    """eval/loss at the most recent RESULT_HISTORY eval steps."""
     last_checkpoint: str | None = None
     """Tag of the last checkpoint saved."""
+
+    def record(self, history: dict[int, float], step: int, value: float) -> None:
+        """history[step] = value, dropping the oldest entry beyond RESULT_HISTORY."""
+        history[step] = value
+        if len(history) > RESULT_HISTORY:
+            del history[next(iter(history))]  # dicts keep insertion (= step) order
 
 
 def build_data(cfg: RunConfig, groups: ParallelGroups) -> tuple[DistributedBatchLoader, list[dict[str, torch.Tensor]]]:
@@ -267,7 +279,7 @@ class Trainer:
                         "perf/tokens_per_sec": self.tokens_per_step * interval_steps / elapsed,
                     }
                     scalars.update(self._memory_scalars())
-                    result.losses[self.step] = loss_value
+                    result.record(result.losses, self.step, loss_value)
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss_value:.4f}")
                     # The next interval starts now, so the metrics write below (and a flush
@@ -277,7 +289,7 @@ class Trainer:
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == total):
                     eval_start = time.perf_counter()
                     scalars["eval/loss"] = self.evaluate()
-                    result.eval_losses[self.step] = scalars["eval/loss"]
+                    result.record(result.eval_losses, self.step, scalars["eval/loss"])
                     for reg in self.regularizers:  # e.g. sae/<site>/* splice metrics
                         scalars.update(reg.eval_metrics(self.engine.module, self.val_batches))
                     if self.routing_probe is not None:  # moe/*: stability, specialization (NMI)
