@@ -23,28 +23,21 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import PRESETS, Shape  # noqa: E402  (the benchmarked shape, shared with throughput.py)
+
 VOCAB_PAD_MULTIPLE = 128
+"""tti_dist's model.vocab_pad_multiple default: the embedding has this many rows more or less."""
 
 
-@dataclass(frozen=True)
-class PlainShape:
-    layers: int
-    hidden: int
-    heads: int
-    vocab: int
-    seq: int
-    batch: int
-
-    @property
-    def padded_vocab(self) -> int:
-        return -(-self.vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+def padded_vocab(shape: Shape) -> int:
+    return -(-shape.vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
 
 class Block(nn.Module):
@@ -71,9 +64,9 @@ class Block(nn.Module):
 
 
 class PlainGPT(nn.Module):
-    def __init__(self, shape: PlainShape, std: float = 0.02):
+    def __init__(self, shape: Shape, std: float = 0.02):
         super().__init__()
-        self.wte = nn.Embedding(shape.padded_vocab, shape.hidden)
+        self.wte = nn.Embedding(padded_vocab(shape), shape.hidden)
         self.wpe = nn.Embedding(shape.seq, shape.hidden)
         nn.init.normal_(self.wte.weight, 0.0, std)
         nn.init.normal_(self.wpe.weight, 0.0, std)
@@ -87,7 +80,7 @@ class PlainGPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()  # tied output projection
 
 
-def build(shape: PlainShape, device: torch.device, *, lr: float = 3e-3, total_steps: int = 1000,
+def build(shape: Shape, device: torch.device, *, lr: float = 3e-3, total_steps: int = 1000,
           warmup_steps: int = 10, compile_model: bool = False, seed: int = 1234):
     """(model, optimizer, scheduler) as nanoGPT-style code sets them up."""
     torch.manual_seed(seed)
@@ -128,9 +121,6 @@ def make_step(model: nn.Module, opt, sched, *, bf16: bool, device: torch.device,
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import PRESETS
-
     parser = argparse.ArgumentParser(description="Plain-PyTorch GPT training throughput (the baseline).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--steps", type=int, default=20)
@@ -139,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = PlainShape(**PRESETS[args.preset])
+    shape = Shape(**PRESETS[args.preset])
     model, opt, sched = build(shape, device, compile_model=args.compile)
     step = make_step(model, opt, sched, bf16=args.bf16, device=device)
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1), generator=torch.Generator().manual_seed(0))

@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             import plain_gpt
 
             plain_model, plain_opt, plain_sched = plain_gpt.build(
-                plain_gpt.PlainShape(shape.layers, shape.hidden, shape.heads, shape.vocab, shape.seq, shape.batch),
-                device, lr=cfg.optim.lr, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
+                shape, device, lr=cfg.optim.lr, total_steps=cfg.train.steps, warmup_steps=cfg.optim.warmup_steps,
                 compile_model=args.compile, seed=cfg.train.seed)
             plain_step = plain_gpt.make_step(plain_model, plain_opt, plain_sched, bf16=resolve_bf16(cfg, device),
                                              device=device, grad_clip=cfg.optim.grad_clip)

@@ -56,24 +56,11 @@ def test_synth_and_its_errors(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def _tokenizer_file(path: Path, special_tokens: list[str]) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([f"line {i} of some text" for i in range(200)], trainer=trainer)
-    hf.save(str(path))
-    return path
-
-
-def test_build_with_workers_and_a_tokenizer_file(tmp_path):
+def test_build_with_workers_and_a_tokenizer_file(tmp_path, tokenizer_json):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "words and more words " * (i % 7 + 1)}) + "\n"
                               for i in range(300)))
-    tok = _tokenizer_file(tmp_path / "tok.json", ["<|endoftext|>"])
+    tok = tokenizer_json(tmp_path / "tok.json", ["<|endoftext|>"], vocab_size=300)
     outs = []
     for workers in ("1", "2"):
         out = tmp_path / f"ds{workers}"
@@ -84,7 +71,7 @@ def test_build_with_workers_and_a_tokenizer_file(tmp_path):
         outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outs[0] == outs[1] and len(outs[0]) > 4  # manifest, tokenizer.json, shards: byte-identical
 
-    no_eos = _tokenizer_file(tmp_path / "no-eos.json", ["[PAD]", "[SEP]"])
+    no_eos = tokenizer_json(tmp_path / "no-eos.json", ["[PAD]", "[SEP]"], vocab_size=300)
     cases = [
         (["--workers", "0"], "tti: error: --workers: 0 is not allowed; use a positive number of processes"),
         (["--workers", "-1"], "tti: error: --workers: -1 is not allowed"),

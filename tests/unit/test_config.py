@@ -476,21 +476,9 @@ def test_ffn_size_default_and_explicit():
 # --------------------------------------------------------------------------- data.tokenizer
 
 
-def _tokenizer_json(path: Path, special_tokens: list[str]) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([f"line {i} of text" for i in range(100)], trainer=trainer)
-    hf.save(str(path))
-    return path
-
-
-def test_data_tokenizer_is_byte_bpe_or_a_json_file(tmp_path):
-    tok = _tokenizer_json(tmp_path / "tok.json", ["<pad>", "</s>"])
-    no_eos = _tokenizer_json(tmp_path / "no-eos.json", ["<sep>"])
+def test_data_tokenizer_is_byte_bpe_or_a_json_file(tmp_path, tokenizer_json):
+    tok = tokenizer_json(tmp_path / "tok.json", ["<pad>", "</s>"], vocab_size=300)
+    no_eos = tokenizer_json(tmp_path / "no-eos.json", ["<sep>"], vocab_size=300)
     missing = tmp_path / "missing.json"
     assert validation_error(["data.tokenizer=wordpiece"]) == (
         "data.tokenizer: 'wordpiece' is not allowed; use byte, bpe or a path to a HuggingFace tokenizer .json file"
@@ -521,3 +509,15 @@ def test_data_tokenizer_is_byte_bpe_or_a_json_file(tmp_path):
     validate_config(load_config(None, [f"data.tokenizer={tok}", "model.vocab_size=300"]))
     validate_config(load_config(None, [f"data.tokenizer={no_eos}", "data.eos_token=<sep>", "model.vocab_size=300"]))
     validate_config(load_config(None, ["data.tokenizer=bpe", "model.vocab_size=512", "data.bpe_sample_bytes=1000"]))
+
+
+def test_train_compile_refuses_zero3_and_moe_before_launch():
+    assert validation_error(["train.compile=true", "zero.stage=3"]) == (
+        "train.compile: true is not supported with zero.stage 3 (DeepSpeed's ZeRO-3 parameter hooks split the "
+        "compiled graph at every module); use zero.stage 0, 1 or 2, or train.compile false")
+    assert validation_error(["train.compile=true", "model.moe_num_experts=2"]) == (
+        "train.compile: true is not supported with model.moe_num_experts > 0 (DeepSpeed's MoE gate syncs with "
+        "the host inside the forward); use train.compile false")
+    for stage in (0, 1, 2):
+        load = load_config(None, ["train.compile=true", f"zero.stage={stage}", "train.activation_checkpointing=true"])
+        validate_config(load)

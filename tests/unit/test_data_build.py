@@ -610,26 +610,10 @@ def test_bpe_is_trained_on_the_sample_only(tmp_path: Path) -> None:
     assert open_dataset(tmp_path / "db").tokenizer.hf_tokenizer.token_to_id("zqvxzqvx") is None
 
 
-def _save_hf_tokenizer(path: Path, special_tokens: list[str]) -> Path:
-    """A small BPE trained and saved with the tokenizers library itself, as a user's file is."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    hf.normalizer = normalizers.NFC()
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(_corpus_texts(200, seed=3), trainer=trainer)
-    hf.save(str(path))
-    return path
-
-
-def test_pretrained_tokenizer_json(tmp_path: Path) -> None:
+def test_pretrained_tokenizer_json(tmp_path: Path, tokenizer_json) -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
-    tj = _save_hf_tokenizer(tmp_path / "my-tokenizer.json", ["<pad>", "<|endoftext|>", "<unk>"])
+    tj = tokenizer_json(tmp_path / "my-tokenizer.json", ["<pad>", "<|endoftext|>", "<unk>"], _corpus_texts(200, seed=3))
     src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(300, seed=4))
     manifest = build_dataset(str(src), tmp_path / "ds", tokenizer=str(tj), val_fraction=0.1, shard_tokens=4_000)
     lib = HFTokenizer.from_file(str(tj))
@@ -650,14 +634,14 @@ def test_pretrained_tokenizer_json(tmp_path: Path) -> None:
     assert _files(tmp_path / "ds") == _files(tmp_path / "ds2")
 
 
-def test_pretrained_tokenizer_eos_rule_and_errors(tmp_path: Path) -> None:
+def test_pretrained_tokenizer_eos_rule_and_errors(tmp_path: Path, tokenizer_json) -> None:
     src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(50, seed=5))
-    llama_like = _save_hf_tokenizer(tmp_path / "a.json", ["<unk>", "<s>", "</s>"])
+    llama_like = tokenizer_json(tmp_path / "a.json", ["<unk>", "<s>", "</s>"], _corpus_texts(200, seed=3))
     m = build_dataset(str(src), tmp_path / "a", tokenizer=str(llama_like))
     assert m["tokenizer"]["eos_token"] == "</s>" and m["tokenizer"]["eos_id"] == 2
     m = build_dataset(str(src), tmp_path / "b", tokenizer=str(llama_like), eos_token="<s>")
     assert m["tokenizer"]["eos_id"] == 1 and m["build"]["eos_token"] == "<s>"
-    bert_like = _save_hf_tokenizer(tmp_path / "bert.json", ["[PAD]", "[CLS]", "[SEP]"])
+    bert_like = tokenizer_json(tmp_path / "bert.json", ["[PAD]", "[CLS]", "[SEP]"], _corpus_texts(200, seed=3))
     cases = [
         (dict(tokenizer=str(bert_like)),
          rf"^--tokenizer: '{bert_like}' has no end-of-document token: none of its special tokens "
@@ -697,20 +681,20 @@ def test_failed_streaming_build_keeps_the_old_dataset(tmp_path: Path) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "ds", "good.jsonl"]
 
 
-def test_run_dataset_with_a_tokenizer_file(tmp_path: Path) -> None:
+def test_run_dataset_with_a_tokenizer_file(tmp_path: Path, tokenizer_json) -> None:
     """`tti train` with data.tokenizer: FILE.json builds RUN/dataset with it, reuses it, and
     refuses it once the file at that path has changed."""
     from tti_dist.config import load_config
     from tti_dist.data.prepare import resolve_dataset
 
-    tj = _save_hf_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"])
+    tj = tokenizer_json(tmp_path / "tok.json", ["<|endoftext|>"], _corpus_texts(200, seed=3))
     src = _jsonl_corpus(tmp_path / "c.jsonl", _corpus_texts(100, seed=7))
     cfg = load_config(None, [f"data.source={src}", f"data.tokenizer={tj}", "model.vocab_size=512"])
     resolved, ds = resolve_dataset(cfg, tmp_path / "run")
     assert resolved.data.path == str(tmp_path / "run" / "dataset") and ds.tokenizer.name == "pretrained"
     assert ds.manifest["tokenizer"]["sha256"] == hashlib.sha256(tj.read_bytes()).hexdigest()
     assert resolve_dataset(cfg, tmp_path / "run")[1].manifest == ds.manifest  # reused as is
-    _save_hf_tokenizer(tj, ["<pad>", "<|endoftext|>"])  # another file at the same path
+    tokenizer_json(tj, ["<pad>", "<|endoftext|>"], _corpus_texts(200, seed=3))  # another file at the same path
     with pytest.raises(ConfigError, match=r"^data.tokenizer: '.*tok.json' is not the file .*run/dataset was built "
                                           r"with \(sha256 [0-9a-f]{64}\); use a new --run-dir or set data.path$"):
         resolve_dataset(cfg, tmp_path / "run")
