@@ -24,13 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
 from tti_dist.models.bottleneck import ParallelBottleneck
-from tti_dist.models.parallel_linear import RowParallelLinearWithGroup
+from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
 from tti_dist.models.rope import apply_rope
 from tti_dist.models.sparsity import hard_mask_units, topk_mask
 
@@ -60,12 +59,12 @@ class ParallelAttention(nn.Module):
         self.rope_base = cfg.rope_base
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         # Modules are registered in data-flow order, so list_hookpoints follows the forward.
-        self.qkv = ColumnParallelLinear(
+        self.qkv = ColumnLinear(
             cfg.hidden_size, 3 * cfg.hidden_size, config=mp_config, init_method=normal_init(cfg.init_std),
             bias=cfg.bias, gather_output=False, tp_group=tp_group,
         )
         self.hook_z = HookPoint(cfg.hidden_size, tp_sharded=True)
-        self.proj = RowParallelLinearWithGroup(
+        self.proj = RowLinear(
             cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
@@ -128,13 +127,13 @@ class ParallelMLP(nn.Module):
             self.register_buffer("unit_mask", full[self.tp_rank * local:(self.tp_rank + 1) * local].clone(),
                                  persistent=False)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.fc1 = ColumnParallelLinear(
+        self.fc1 = ColumnLinear(
             cfg.hidden_size, cfg.ffn_size, config=mp_config, init_method=normal_init(cfg.init_std),
             bias=cfg.bias, gather_output=False, tp_group=tp_group,
         )
         self.hook_pre = HookPoint(cfg.ffn_size, tp_sharded=True)
         self.hook_act = HookPoint(cfg.ffn_size, tp_sharded=True)
-        self.fc2 = RowParallelLinearWithGroup(
+        self.fc2 = RowLinear(
             cfg.ffn_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )

@@ -45,12 +45,11 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
-from tti_dist.models.parallel_linear import RowParallelLinearWithGroup
+from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
 
 LOGVAR_BIAS_INIT = -4.0
 """Initial bias of the logvar layer (its weight starts at 0): posterior std exp(-2) at init."""
@@ -84,12 +83,12 @@ class ParallelBottleneck(nn.Module):
         self.dim_local = dim // self.tp_size
         # Modules are registered in data-flow order, so list_hookpoints follows the forward.
         self.ln = nn.LayerNorm(d, eps=cfg.layernorm_eps, bias=cfg.bias)
-        self.enc_mu = ColumnParallelLinear(
+        self.enc_mu = ColumnLinear(
             d, dim, config=mp_config, init_method=_init(1.0 / math.sqrt(d)),
             bias=cfg.bias, gather_output=False, tp_group=tp_group,
         )
         self.hook_mu = HookPoint(dim, tp_sharded=True)
-        self.enc_logvar = ColumnParallelLinear(
+        self.enc_logvar = ColumnLinear(
             d, dim, config=mp_config, init_method=_init(0.0),
             bias=True, gather_output=False, tp_group=tp_group,
         )
@@ -97,7 +96,7 @@ class ParallelBottleneck(nn.Module):
             self.enc_logvar.bias.fill_(LOGVAR_BIAS_INIT)
         self.hook_logvar = HookPoint(dim, tp_sharded=True)
         self.hook_z = HookPoint(dim, tp_sharded=True)
-        self.dec = RowParallelLinearWithGroup(
+        self.dec = RowLinear(
             dim, d, config=mp_config, init_method=_init(cfg.init_std / math.sqrt(dim)),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )

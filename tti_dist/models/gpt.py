@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -41,6 +41,7 @@ from tti_dist.capture.hookpoints import HookPoint, recomputation
 from tti_dist.config.schema import ModelConfig
 from tti_dist.models.blocks import Block, normal_init
 from tti_dist.models.bottleneck import count_bottleneck_parameters
+from tti_dist.models.parallel_linear import ColumnLinear
 
 
 def megatron_config(tp_size: int) -> ModelParallelConfig:
@@ -86,7 +87,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size, i, ep_size) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.hook_final_norm = HookPoint(cfg.hidden_size, tp_sharded=False)
-        self.output_layer = ColumnParallelLinear(
+        self.output_layer = ColumnLinear(
             cfg.hidden_size, cfg.padded_vocab_size, config=mp_config, init_method=normal_init(cfg.init_std),
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             tp_group=tp_group,

@@ -36,12 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
-from tti_dist.models.parallel_linear import RowParallelLinearWithGroup
+from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
 
 _EXPERT_SEED_STRIDE = 1_000_003
 """Distance between the init seeds of consecutive global experts of one layer."""
@@ -72,14 +71,14 @@ def _empty_extra_state(self) -> torch.Tensor:
     return torch.empty(0)
 
 
-class _ExpertColumnParallelLinear(ColumnParallelLinear):
-    """megatron's ColumnParallelLinear with a tensor (empty) as its extra state."""
+class _ExpertColumnParallelLinear(ColumnLinear):
+    """ColumnLinear (megatron's ColumnParallelLinear, models/parallel_linear.py) with a tensor (empty) as its extra state."""
 
     get_extra_state = _empty_extra_state
 
 
-class _ExpertRowParallelLinear(RowParallelLinearWithGroup):
-    """megatron's RowParallelLinear (told its TP group) with a tensor (empty) as its extra state."""
+class _ExpertRowParallelLinear(RowLinear):
+    """RowLinear (megatron's RowParallelLinear, models/parallel_linear.py) with a tensor (empty) as its extra state."""
 
     get_extra_state = _empty_extra_state
 
