@@ -97,3 +97,54 @@ def test_gradients_of_matching_shards(tp_results, variant):
             expected = _shard(ref["grads"][name], dim, r["tp_rank"], 2)
             torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert sharded > 0  # the comparison covered TP-sharded parameters, not only replicated ones
+
+
+def _linear_paths() -> dict:
+    """ColumnLinear/RowLinear on this rank: which path they take, and at TP=1 their output and
+    gradients against megatron-core's own forward (the parent class's) on the same weights."""
+    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.models.blocks import normal_init
+    from tti_dist.models.gpt import megatron_config
+    from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
+
+    groups = init_parallel(_world(), torch.device("cpu"), 120)
+    try:
+        torch.manual_seed(3)
+        cfg = megatron_config(groups.tp_size)
+        col = ColumnLinear(32, 64, config=cfg, init_method=normal_init(0.5), bias=True, gather_output=False,
+                           tp_group=groups.tp_group)
+        row = RowLinear(64, 32, config=cfg, init_method=normal_init(0.5), bias=True, input_is_parallel=True,
+                        skip_bias_add=False, tp_group=groups.tp_group)
+        with torch.no_grad():  # megatron initialises biases to 0; make them matter
+            col.bias.normal_()
+            row.bias.normal_()
+        out = {"plain": (col.plain_linear, row.plain_linear)}
+        if groups.tp_size == 1:
+            x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(4))
+            results = []
+            for col_fwd, row_fwd in ((col.forward, row.forward),
+                                     (lambda t: super(ColumnLinear, col).forward(t),
+                                      lambda t: super(RowLinear, row).forward(t))):
+                xi = x.clone().requires_grad_(True)
+                y = row_fwd(torch.relu(col_fwd(xi)[0]))[0]
+                y.square().sum().backward()
+                results.append((y.detach(), xi.grad, [p.grad.clone() for p in (*col.parameters(), *row.parameters())]))
+                col.zero_grad(set_to_none=True)
+                row.zero_grad(set_to_none=True)
+            out["fast"], out["megatron"] = results
+        return out
+    finally:
+        shutdown_parallel()
+
+
+def test_tp1_linear_fast_path_equals_megatron_layers():
+    """At TP=1 the layers compute F.linear; values and gradients equal megatron-core's path."""
+    (tp1,) = run_ranks(1, _linear_paths)
+    assert tp1["plain"] == (True, True)
+    fast, megatron = tp1["fast"], tp1["megatron"]
+    torch.testing.assert_close(fast[0], megatron[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast[1], megatron[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(fast[2], megatron[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    tp2 = run_ranks(2, _linear_paths)
+    assert all(r["plain"] == (False, False) for r in tp2)  # TP=2 keeps megatron's communicating path
