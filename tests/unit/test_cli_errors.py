@@ -64,6 +64,13 @@ CASES: dict[str, Case] = {
          "--run-dir", "{run}"],
         "regularizers[0].k: 400 exceeds the local width 256 of blocks.0.mlp.fc1",
     ),
+    "orthogonality_on_moe_mlp": Case(
+        ["train", SMOKE, "--set", "model.moe_num_experts=2",
+         "--set", "regularizers=[{type: orthogonality, weights: [blocks.*.mlp.fc1]}]", "--run-dir", "{run}"],
+        "regularizers[0].weights[0]: 'blocks.*.mlp.fc1' matches no linear layer (blocks 0..3 are MoE blocks with "
+        "model.moe_num_experts 2: no mlp.fc1 / mlp.fc2, and their experts are not targetable); "
+        "available: blocks.{0..3}.attn.qkv, blocks.{0..3}.attn.proj",
+    ),
     "mlp_topk_above_width": Case(
         ["train", SMOKE, "--set", "model.mlp_topk=600", "--run-dir", "{run}"],
         "model.mlp_topk: 600 must be in 0..ffn_size (512)",

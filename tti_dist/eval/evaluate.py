@@ -36,6 +36,7 @@ import torch.distributed as dist
 from tti_dist.config.schema import RunConfig
 from tti_dist.distributed.zero_config import engine_zero_stage
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import model_layout
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,8 @@ def run_eval(plan: EvalPlan, groups) -> dict:
     from tti_dist.models.gpt import lm_loss
 
     model = load_eval_model(plan, groups)
-    sites = [hp for hp in list_hookpoints(model) if _is_float_site(hp.name)]
+    layout = model_layout(plan.cfg.model)
+    sites = [hp for hp in list_hookpoints(model) if layout.hookpoint(hp.name).is_float]
     scalars: dict[str, float] = {}
     collected = None
     for name, path in plan.datasets:
@@ -304,10 +306,6 @@ def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[torch.Tensor], g
     return out
 
 
-def _is_float_site(name: str) -> bool:
-    return name != "tokens" and not name.endswith("moe.expert")
-
-
 def _gather_last_dim(x: torch.Tensor, group, size: int) -> torch.Tensor:
     pieces = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(pieces, x.contiguous(), group=group)
@@ -317,18 +315,17 @@ def _gather_last_dim(x: torch.Tensor, group, size: int) -> torch.Tensor:
 def _direction_weights(model, groups) -> dict[str, torch.Tensor]:
     """Full neuron-direction matrices of each dense MLP, gathered over TP: `blocks.{i}.mlp.fc1`
     (rows of fc1.weight: each hidden unit's input direction, [ffn, d]) and `blocks.{i}.mlp.fc2`
-    (columns of fc2.weight, transposed: each unit's output direction, [ffn, d])."""
+    (columns of fc2.weight, transposed: each unit's output direction, [ffn, d]). Which layers
+    exist and where their directions lie comes from the model's layout (MoE blocks have none)."""
     out = {}
-    for i, block in enumerate(model.blocks):
-        if block.mlp is None:
+    for lin in model_layout(model.cfg).linears:
+        if lin.role not in ("mlp.fc1", "mlp.fc2"):
             continue
-        fc1 = block.mlp.fc1.weight.detach().float()  # [ffn/tp, d]
-        fc2 = block.mlp.fc2.weight.detach().float().t()  # [ffn/tp, d]
+        w = model.get_submodule(lin.name).weight.detach().float()
+        dirs = w.t() if lin.directions == "columns" else w  # [ffn/tp, d]
         if groups.tp_size > 1:
-            fc1 = _gather_rows(fc1, groups)
-            fc2 = _gather_rows(fc2, groups)
-        out[f"blocks.{i}.mlp.fc1"] = fc1.cpu()
-        out[f"blocks.{i}.mlp.fc2"] = fc2.cpu()
+            dirs = _gather_rows(dirs, groups)
+        out[lin.name] = dirs.cpu()
     return out
 
 

@@ -48,8 +48,8 @@ import torch.distributed as dist
 from torch import nn
 
 from tti_dist.capture.hookpoints import ActivationCapture, list_hookpoints, resolve_hookpoints
-from tti_dist.capture.names import is_moe_site, split_name
 from tti_dist.metrics.routing import _agreement_counts, _joint_counts, _nmi_tensor
+from tti_dist.models.layout import is_moe_site, split_name
 
 logger = logging.getLogger(__name__)
 

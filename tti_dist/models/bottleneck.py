@@ -123,8 +123,3 @@ class ParallelBottleneck(nn.Module):
         out, _ = self.dec(z)
         return self.hook_out(out)
 
-
-def count_bottleneck_parameters(cfg: ModelConfig) -> int:
-    """Parameters of one (unsharded) bottleneck: LayerNorm, mu and logvar encoders, decoder."""
-    d, dim, b = cfg.hidden_size, cfg.bottleneck_dim, int(cfg.bias)
-    return d * (1 + b) + (d * dim + b * dim) + (d * dim + dim) + (dim * d + b * d)

@@ -12,6 +12,10 @@ with megatron's `vocab_parallel_cross_entropy`, never materialising full logits.
 The model knows nothing about regularizers or DeepSpeed: parallelism and training are
 applied around it by plain functions (tti_dist.train).
 
+What a config builds (hookpoints, linear layers, parameters, their global shapes and TP
+sharding) is described without building it by tti_dist.models.layout; tests check that
+every variant built here has exactly that layout.
+
 Weights do not depend on tp_size: every rank seeds the global RNG identically before
 construction, megatron's CPU initialisation draws each full master weight and keeps the
 local slice, and the non-parallel modules draw the same numbers in the same order.
@@ -40,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from tti_dist.capture.hookpoints import HookPoint, recomputation
 from tti_dist.config.schema import ModelConfig
 from tti_dist.models.blocks import Block, normal_init
-from tti_dist.models.bottleneck import count_bottleneck_parameters
+from tti_dist.models.layout import model_layout
 from tti_dist.models.parallel_linear import ColumnLinear
 
 
@@ -156,20 +160,6 @@ def tp_partition_dims(model: nn.Module) -> dict[str, int | None]:
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Parameters of the whole (unsharded) model, padded vocabulary and bottleneck included."""
-    d, f, v, n = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab_size, cfg.num_layers
-    b = 1 if cfg.bias else 0
-    ln = d * (1 + b)
-    per_block = 2 * ln + (d * 3 * d + b * 3 * d) + (d * d + b * d) + (d * f + b * f) + (f * d + b * d)
-    total = v * d + n * per_block + ln
-    if cfg.moe_num_experts:
-        fe, e = cfg.expert_ffn_size, cfg.moe_num_experts
-        moe_mlp = d * e + e * ((d * fe + b * fe) + (fe * d + b * d))  # router + experts
-        total += len(cfg.moe_blocks) * (moe_mlp - ((d * f + b * f) + (f * d + b * d)))
-    if cfg.position_embedding == "learned":
-        total += cfg.max_seq_len * d
-    if not cfg.tie_embeddings:
-        total += v * d
-    if cfg.bottleneck_layer is not None:
-        total += count_bottleneck_parameters(cfg)
-    return total
+    """Parameters of the whole (unsharded) model, padded vocabulary and bottleneck included
+    (the sum over its layout, tti_dist.models.layout)."""
+    return model_layout(cfg).num_parameters

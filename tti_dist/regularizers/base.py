@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
-from tti_dist.capture.names import gpt_hookpoint_names
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import gpt_hookpoint_names
 from tti_dist.regularizers.schedule import ScheduleConfig
 
 COMMON_KEYS = ("type", "name", "coefficient", "hookpoints", "schedule")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tti_dist.capture.names import hookpoint_width
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import hookpoint_width
 from tti_dist.regularizers.base import Regularizer, register
 
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
-from tti_dist.capture.names import gpt_hookpoint_names, is_bottleneck_latent
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import gpt_hookpoint_names, is_bottleneck_latent
 from tti_dist.regularizers.base import Regularizer, register
 
 ACTIVE_KL_THRESHOLD = 0.01

@@ -11,51 +11,54 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tti_dist.capture.hookpoints import is_recomputing
+from tti_dist.capture.hookpoints import is_recomputing, summarize_names
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import Direction, Linear, model_layout
 from tti_dist.regularizers.base import Regularizer, register
 
-Direction = Literal["rows", "columns"]
 
+def targetable_layers(cfg: ModelConfig) -> dict[str, Linear]:
+    """The linear layers orthogonality can target, from the model's layout (tti_dist.models.layout).
 
-def gpt_linear_layers(cfg: ModelConfig) -> dict[str, tuple[Direction, int]]:
-    """Targetable linear layers of the GPT, derived from its config without building it.
-
-    Maps the module name (`blocks.{i}.attn.qkv`, `.attn.proj`, `.mlp.fc1`, `.mlp.fc2`) to
-    (direction, global number of directions). Column-parallel layers (qkv, fc1) hold one
-    direction per output row (the input direction of a unit), row-parallel layers (proj,
-    fc2) one per input column (the output direction of a unit); either way the directions
-    are split across TP ranks and each lives whole on one rank.
+    Every tensor-parallel linear layer outside the MoE layers: attn.qkv, attn.proj, the
+    dense MLP's mlp.fc1 and mlp.fc2, and the bottleneck's enc_mu, enc_logvar and dec.
+    Column-parallel layers (qkv, fc1, enc_*) hold one direction per output row (the input
+    direction of a unit), row-parallel layers (proj, fc2, dec) one per input column (the
+    output direction of a unit); either way the directions are split across TP ranks and
+    each lives whole on one rank. Not targetable: an MoE block's experts (each lives on one
+    expert-parallel rank only) and its router (replicated, not split over TP); an MoE block
+    has no mlp.fc1 / mlp.fc2.
     """
-    layers: dict[str, tuple[Direction, int]] = {}
-    for i in range(cfg.num_layers):
-        layers[f"blocks.{i}.attn.qkv"] = ("rows", 3 * cfg.hidden_size)
-        layers[f"blocks.{i}.attn.proj"] = ("columns", cfg.hidden_size)
-        layers[f"blocks.{i}.mlp.fc1"] = ("rows", cfg.ffn_size)
-        layers[f"blocks.{i}.mlp.fc2"] = ("columns", cfg.ffn_size)
-    return layers
-
-
-LINEAR_SITES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-"""Per-block linear layers that can be targeted, in model order."""
-
-
-def _summarize_layers(names: list[str]) -> str:
-    num_layers = len({n.split(".")[1] for n in names})
-    return ", ".join(f"blocks.{{0..{num_layers - 1}}}.{site}" for site in LINEAR_SITES)
+    return {lin.name: lin for lin in model_layout(cfg).linears if lin.parallel is not None and lin.expert is None}
 
 
 def _match_targets(patterns: tuple[str, ...], cfg: ModelConfig, where: str) -> list[str]:
     """Layer names matched by the globs, in model order; ConfigError for a glob matching nothing."""
-    layers = list(gpt_linear_layers(cfg))
+    layers = list(targetable_layers(cfg))
     if not patterns:
-        raise ConfigError(f"{where}.weights: needs at least one glob; available: {_summarize_layers(layers)}")
+        raise ConfigError(f"{where}.weights: needs at least one glob; available: {summarize_names(layers)}")
     for j, pattern in enumerate(patterns):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
-            raise ConfigError(f"{where}.weights[{j}]: {pattern!r} matches no linear layer; "
-                              f"available: {_summarize_layers(layers)}")
+            raise ConfigError(f"{where}.weights[{j}]: {pattern!r} matches no linear layer{_moe_hint(pattern, cfg)}; "
+                              f"available: {summarize_names(layers)}")
     return [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _moe_hint(pattern: str, cfg: ModelConfig) -> str:
+    """Why a glob naming a dense MLP layer of an MoE block matches nothing ('' otherwise)."""
+    moe_blocks = [i for i in cfg.moe_blocks
+                  if any(fnmatch.fnmatchcase(f"blocks.{i}.mlp.{fc}", pattern) for fc in ("fc1", "fc2"))]
+    if not moe_blocks:
+        return ""
+    if len(moe_blocks) == 1:
+        which, its = f"block {moe_blocks[0]} is an MoE block", "its"
+    else:
+        contiguous = moe_blocks == list(range(moe_blocks[0], moe_blocks[-1] + 1))
+        listed = f"{moe_blocks[0]}..{moe_blocks[-1]}" if contiguous else ", ".join(map(str, moe_blocks))
+        which, its = f"blocks {listed} are MoE blocks", "their"
+    return (f" ({which} with model.moe_num_experts {cfg.moe_num_experts}: no mlp.fc1 / mlp.fc2, and {its} experts "
+            f"are not targetable)")
 
 
 # torch 2.13 renamed these (the old names warn); older torch (2.11 on the GPU machines) lacks the new ones.
@@ -101,10 +104,12 @@ class OrthogonalityParams:
     """Settings of `type: orthogonality`."""
 
     weights: tuple[str, ...] = ("blocks.*.mlp.fc1",)
-    """Globs over linear layer names: blocks.{i}.attn.qkv, blocks.{i}.attn.proj,
-    blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2. The direction is inferred from the layer type:
-    column-parallel (qkv, fc1) -> rows of the weight (input directions of units),
-    row-parallel (proj, fc2) -> columns (output directions of units)."""
+    """Globs over linear layer names: blocks.{i}.attn.qkv, blocks.{i}.attn.proj, and in dense
+    blocks blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2; in the bottleneck's block also
+    blocks.{i}.bottleneck.enc_mu, .enc_logvar, .dec (`targetable_layers`; MoE blocks have no
+    mlp.* layers and their experts are not targetable). The direction is inferred from the
+    layer type: column-parallel (qkv, fc1, enc_*) -> rows of the weight (input directions of
+    units), row-parallel (proj, fc2, dec) -> columns (output directions of units)."""
     mode: Literal["full", "sampled_local", "sampled_global"] = "full"
     """full: exact penalty over all direction pairs (all-gathers the normalized directions
     over TP). sampled_local: k sampled directions per TP rank, within-shard pairs only
@@ -186,11 +191,11 @@ class Orthogonality(Regularizer):
             return
         if params.k is None:
             raise ConfigError(f"{where}.k: required for mode {params.mode}; an integer >= 2")
-        layers = gpt_linear_layers(model_cfg)
+        layers = targetable_layers(model_cfg)
         if params.k < 2:
             raise ConfigError(f"{where}.k: {params.k!r} must be >= 2 (pairs of distinct directions)")
         for name in names:
-            width = layers[name][1]
+            width = layers[name].num_directions
             if params.k > width // tp_size:
                 raise ConfigError(f"{where}.k: {params.k!r} exceeds the local width {width // tp_size} of {name} "
                                   f"(global width {width} / tp_size {tp_size}; k directions are sampled per TP rank)")
@@ -201,14 +206,14 @@ class Orthogonality(Regularizer):
         self.tp_group = groups.tp_group
         self.tp_size = groups.tp_size
         self.tp_rank = groups.tp_rank
-        layers = gpt_linear_layers(model.cfg)
+        layers = targetable_layers(model.cfg)
         names = _match_targets(p.weights, model.cfg, spec.where)
         self.targets: list[tuple[str, Direction, int]] = []  # (name, direction, local width)
         self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._forwards: dict[str, int] = {}
         self._handles = []
         for index, name in enumerate(names):
-            direction, width = layers[name]
+            direction, width = layers[name].directions, layers[name].num_directions
             module = model.get_submodule(name)
             assert module.weight is not None, name
             if width % self.tp_size:

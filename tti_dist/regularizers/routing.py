@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
-from tti_dist.capture.names import gpt_hookpoint_names, is_moe_site
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import gpt_hookpoint_names, is_moe_site
 from tti_dist.regularizers.base import Regularizer, register
 
 TOKENS_HOOKPOINT = "tokens"

@@ -18,9 +18,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from tti_dist.capture.names import hookpoint_width, is_tp_sharded
+from tti_dist.capture.hookpoints import summarize_names
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import hookpoint_width, is_tp_sharded, model_layout
 from tti_dist.regularizers.base import Regularizer, register
 from tti_dist.sae.metrics import decoder_redundancy, explained_variance, shrinkage
 from tti_dist.sae.model import FiringTracker, ParallelSAE, SAEConfig
@@ -83,7 +84,9 @@ class SAEParams:
         return SAEConfig(**{f: getattr(self, f) for f in _SAE_FIELDS})
 
 
-_REPLICATED_HINT = "blocks.N.{resid_pre,attn.out,resid_mid,mlp.out,resid_post}, embed, final_norm"
+def _replicated_hint(model_cfg: ModelConfig) -> str:
+    """The float hookpoints an SAE can read (replicated across TP), compactly."""
+    return summarize_names([h.name for h in model_layout(model_cfg).hookpoints if h.is_float and not h.tp_sharded])
 
 
 @register
@@ -166,7 +169,7 @@ class SAECoTraining(Regularizer):
         name = hookpoints[0]
         if is_tp_sharded(name):
             raise ConfigError(f"{where}.hookpoints: {name} is split across tensor-parallel ranks; type 'sae' needs "
-                              f"a replicated site ({_REPLICATED_HINT})")
+                              f"a replicated site ({_replicated_hint(model_cfg)})")
         if params.activation == "topk" and params.k > params.num_latents:
             raise ConfigError(f"{where}.k: {params.k} is larger than the whole SAE (num_latents "
                               f"{params.num_latents}); must be in 1..num_latents")

@@ -85,7 +85,7 @@ class FitPlan:
 
 def _replicated_hint(cfg) -> str:
     from tti_dist.capture.hookpoints import summarize_names
-    from tti_dist.capture.names import gpt_hookpoint_names, is_tp_sharded
+    from tti_dist.models.layout import gpt_hookpoint_names, is_tp_sharded
 
     return summarize_names([n for n in gpt_hookpoint_names(cfg.model) if not is_tp_sharded(n)])
 
@@ -95,9 +95,9 @@ def prepare_fit(run_dir: str | Path, site: str, num_latents: int, k: int, checkp
                 nproc: int | None = None) -> FitPlan:
     """Validate everything before any process starts; raise a one-line ConfigError on a user error."""
     from tti_dist.capture.hookpoints import summarize_names
-    from tti_dist.capture.names import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
     from tti_dist.data.loader import DistributedBatchLoader
     from tti_dist.data.prepare import resolve_dataset, run_windows
+    from tti_dist.models.layout import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
     from tti_dist.train.export import resolve_checkpoint
 
     run_dir = Path(run_dir)
