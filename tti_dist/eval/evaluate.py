@@ -294,8 +294,10 @@ def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[torch.Tensor], g
     specs = [s for s in parse_specs(plan.cfg.regularizers, plan.cfg.model, plan.cfg.parallel.tp_size) if s.type == "sae"]
     if plan.weights is not None or not specs:
         return {}
-    states = torch.load(Path(plan.ckpt_dir) / plan.tag / f"mp_rank_{groups.tp_rank:02d}_model_states.pt",
-                        map_location="cpu", weights_only=False).get("regularizers", {})
+    from tti_dist.utils.safe_load import DEEPSPEED_GLOBALS, load_torch_file
+
+    states = load_torch_file(Path(plan.ckpt_dir) / plan.tag / f"mp_rank_{groups.tp_rank:02d}_model_states.pt",
+                             DEEPSPEED_GLOBALS).get("regularizers", {})
     out: dict[str, float] = {}
     for reg in build_regularizers(specs, model, groups):
         if reg.spec.name not in states:

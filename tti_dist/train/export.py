@@ -14,6 +14,11 @@ Two layers of sharding are undone:
 - tensor parallelism, by concatenating each parameter's shards along the dimension
   recorded in the checkpoint's tp_layout.json (megatron's `partition_dim`); replicated
   parameters are taken from TP rank 0 after checking that all ranks agree.
+
+Every file is read with torch's weights-only unpickler and tti's allowlist
+(tti_dist.utils.safe_load), zero_to_fp32's own loads included; `resolve_checkpoint` loads
+them all (memory-mapped) before any rank starts, so a file that asks for anything else is a
+one-line error from every command that reads a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -35,6 +41,7 @@ from tti_dist.config.schema import RunConfig
 from tti_dist.distributed.zero_config import engine_zero_stage
 from tti_dist.errors import ConfigError
 from tti_dist.train import checkpoint as ckpt
+from tti_dist.utils.safe_load import DEEPSPEED_GLOBALS, load_torch_file, refusal, weights_only_loads
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,19 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | None) -> tuple[Run
         if not (ckpt_dir / tag).is_dir():
             available = ", ".join(ckpt.complete_tags(ckpt_dir)) or "none"
             raise ConfigError(f"--checkpoint: {checkpoint!r} not found in {ckpt_dir}; available: {available}")
+    check_checkpoint_files(ckpt_dir / tag)
     return cfg, ckpt_dir, tag
+
+
+def check_checkpoint_files(tag_dir: Path) -> None:
+    """RefusedFileError (one line) unless every DeepSpeed model, expert and optimizer state
+    file of the checkpoint loads with the weights-only unpickler and tti's allowlist.
+
+    Memory-mapped: the tensors are not read. The RNG files are not checked here: only
+    `tti train --resume` reads them, and they are JSON.
+    """
+    for f in sorted(tag_dir.glob("*_states.pt")):
+        load_torch_file(f, DEEPSPEED_GLOBALS, mmap=True)
 
 
 def _rank_view(ckpt_dir: Path, tag: str, tp_rank: int, view_root: Path) -> None:
@@ -83,12 +102,12 @@ def moe_tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int) -> dict[str, 
     expert partitions), so these are the module weights, not the ZeRO fp32 master copies:
     identical in fp32 training, rounded to bf16 in bf16 training.
     """
-    states = torch.load(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_torch_file(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", DEEPSPEED_GLOBALS)
     out = {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
     for f in sorted((ckpt_dir / tag).iterdir()):
         m = EXPERT_FILE.match(f.name)
         if m and int(m.group(3)) == tp_rank:
-            expert = torch.load(f, map_location="cpu", weights_only=False)
+            expert = load_torch_file(f, DEEPSPEED_GLOBALS)
             out.update({k: v.float() for k, v in expert.items() if not k.endswith("._extra_state")})
     return out
 
@@ -110,7 +129,7 @@ def tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int, zero_stage: int) 
     if any(EXPERT_FILE.match(f.name) for f in (ckpt_dir / tag).iterdir()):
         return moe_tp_rank_state_dict(ckpt_dir, tag, tp_rank)
     if zero_stage == 0:
-        states = torch.load(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False)
+        states = load_torch_file(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", DEEPSPEED_GLOBALS)
         return {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
     from tti_dist.train.engine import import_deepspeed
 
@@ -119,9 +138,13 @@ def tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int, zero_stage: int) 
 
     with tempfile.TemporaryDirectory(prefix="tti-export-") as tmp:
         _rank_view(ckpt_dir, tag, tp_rank, Path(tmp))
-        # zero_to_fp32 prints its progress; stdout is for the commands' results.
-        with contextlib.redirect_stdout(sys.stderr):
-            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+        # zero_to_fp32 prints its progress; stdout is for the commands' results. It passes
+        # weights_only=False to torch.load itself: weights_only_loads overrides that.
+        try:
+            with contextlib.redirect_stdout(sys.stderr), weights_only_loads(DEEPSPEED_GLOBALS):
+                sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+        except pickle.UnpicklingError as exc:
+            raise refusal(ckpt_dir / tag, exc) from None
         return {k: v.float().clone() for k, v in sd.items()}
 
 
