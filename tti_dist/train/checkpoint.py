@@ -5,7 +5,7 @@ Layout under RUN/checkpoints/:
     latest                      the tag to resume from (DeepSpeed's convention)
     global_step<N>/             a complete checkpoint (DeepSpeed's file names:
         mp_rank_XX_model_states.pt, *_optim_states.pt, ...)
-        rng_rank<R>.pt          per-rank RNG states (torch, cuda, numpy, python)
+        rng_rank<R>.json        per-rank RNG states (torch, cuda, numpy, python; JSON, not a pickle)
         tp_layout.json          TP partition dim of every parameter (for export)
     zero_to_fp32.py             DeepSpeed's consolidation script (copied by DeepSpeed)
 
@@ -20,6 +20,7 @@ client_state.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from tti_dist.errors import RefusedFileError
+from tti_dist.utils.safe_load import LEGACY_RNG_GLOBALS, load_torch_file
 
 if TYPE_CHECKING:  # runtime import would pull megatron into `tti train`'s validation path
     from tti_dist.distributed.runtime import ParallelGroups
@@ -77,7 +81,8 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from."""
+    """Every RNG this process draws from: {"torch": uint8 tensor, "numpy": np.random.get_state()
+    tuple, "python": random.getstate() tuple, "cuda": [uint8 tensor per device] with a GPU}."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -95,6 +100,93 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+RNG_FORMAT = "tti_dist.rng_state/1"
+
+
+def rng_file_name(rank: int) -> str:
+    """The per-rank RNG state file of a checkpoint directory."""
+    return f"rng_rank{rank:05d}.json"
+
+
+def _bytes_to_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _b64_to_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
+
+def rng_state_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """capture_rng_state's result as JSON data: generator states of torch and CUDA as base64
+    bytes, numpy's MT19937 state and python's as numbers (floats round-trip exactly)."""
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    py_version, py_internal, py_gauss = state["python"]
+    out = {
+        "format": RNG_FORMAT,
+        "torch": _bytes_to_b64(state["torch"]),
+        "numpy": {"bit_generator": np_name, "key": [int(v) for v in np_key], "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_internal), "gauss_next": py_gauss},
+    }
+    if "cuda" in state:
+        out["cuda"] = [_bytes_to_b64(s) for s in state["cuda"]]
+    return out
+
+
+def rng_state_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of rng_state_to_json (ValueError, KeyError, TypeError or OverflowError on
+    other data, including states of the wrong size)."""
+    if not isinstance(data, dict) or data.get("format") != RNG_FORMAT:
+        raise ValueError(f"format is not {RNG_FORMAT!r}")
+    n, p = data["numpy"], data["python"]
+    state = {
+        "torch": _b64_to_bytes(data["torch"]),
+        "numpy": (str(n["bit_generator"]), np.asarray(n["key"], dtype=np.uint32), int(n["pos"]),
+                  int(n["has_gauss"]), float(n["cached_gaussian"])),
+        "python": (int(p["version"]), tuple(int(v) for v in p["state"]),
+                   None if p["gauss_next"] is None else float(p["gauss_next"])),
+    }
+    if "cuda" in data:
+        state["cuda"] = [_b64_to_bytes(s) for s in data["cuda"]]
+    sizes = {"torch": (state["torch"].numel(), torch.get_rng_state().numel()),
+             "numpy key": (len(state["numpy"][1]), 624), "python": (len(state["python"][1]), 625)}
+    for what, (got, want) in sizes.items():
+        if got != want:
+            raise ValueError(f"{what} state has {got} entries, not {want}")
+    return state
+
+
+def write_rng_state(path: Path) -> None:
+    """This process's RNG states to `path` as JSON."""
+    path.write_text(json.dumps(rng_state_to_json(capture_rng_state())))
+
+
+def read_rng_state(tag_dir: Path, rank: int) -> dict[str, Any]:
+    """Rank `rank`'s RNG states of a checkpoint (for restore_rng_state). A checkpoint of an
+    older tti holds `rng_rank<R>.pt` instead: a torch.save pickle, loaded with the weights-only
+    unpickler and numpy's array classes only. RefusedFileError (one line) for anything else."""
+    path = tag_dir / rng_file_name(rank)
+    legacy = path.with_suffix(".pt")
+    if not path.is_file() and legacy.is_file():
+        path = legacy
+    try:
+        if path is legacy:
+            # Through the JSON form: the same checks as a current file.
+            return rng_state_from_json(rng_state_to_json(load_torch_file(legacy, LEGACY_RNG_GLOBALS)))
+        return rng_state_from_json(json.loads(path.read_bytes()))
+    except RefusedFileError:
+        raise
+    except FileNotFoundError:
+        raise RefusedFileError(f"{path}: missing; every rank's RNG state is needed to resume") from None
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
+        if isinstance(exc, KeyError):
+            reason = f"no {exc.args[0]!r} entry"
+        else:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RefusedFileError(f"{path}: not an RNG state file written by tti ({reason})") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -125,7 +217,7 @@ def save_checkpoint(
         shutil.rmtree(ckpt_dir / staging, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=staging, client_state=client_state, save_latest=False)
-    torch.save(capture_rng_state(), ckpt_dir / staging / f"rng_rank{groups.rank:05d}.pt")
+    write_rng_state(ckpt_dir / staging / rng_file_name(groups.rank))
     dist.barrier()
     if groups.is_writer:
         _write_atomic(ckpt_dir / staging / "tp_layout.json", json.dumps(tp_layout, indent=1))
@@ -152,14 +244,19 @@ def _prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
 
 
 def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, groups: ParallelGroups) -> dict[str, Any]:
-    """Load model, optimizer, LR scheduler and this rank's RNG states; return client_state."""
+    """Load model, optimizer, LR scheduler and this rank's RNG states; return client_state.
+
+    The RNG file is read first: a refused one stops the resume before DeepSpeed reads
+    anything. DeepSpeed's engine.load_checkpoint unpickles its own files with
+    weights_only=False (docs/reliability.md).
+    """
     ckpt_dir = Path(ckpt_dir)
+    rng_state = read_rng_state(ckpt_dir / tag, groups.rank)
     path, client_state = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng_file = ckpt_dir / tag / f"rng_rank{groups.rank:05d}.pt"
-    restore_rng_state(torch.load(rng_file, weights_only=False))
+    restore_rng_state(rng_state)
     logger.info("resumed from %s (step %s)", ckpt_dir / tag, client_state.get("step"))
     return client_state
