@@ -72,10 +72,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         here = ".".join(parts[: i + 1])
         if isinstance(node, list):
             node = node[_list_index(node, part, here)]
-            continue
-        if part not in node or node[part] is None:
-            node[part] = {}
-        node = node[part]
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        # Checked after list steps too: a list entry may be a value (a glob string).
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {key}: '{here}' is a value, not a section")
     last = parts[-1]
@@ -86,8 +87,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def _list_index(node: list, part: str, where: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {where}: index '{part}' out of range; the list has {len(node)} entries")
+    indices = f"indices 0..{len(node) - 1}" if node else "none"
+    if not part.isdigit():
+        raise ConfigError(f"--set {where}: '{part}' is not a list index; the list has {len(node)} entries ({indices})")
+    if int(part) >= len(node):
+        raise ConfigError(f"--set {where}: index '{part}' out of range; the list has {len(node)} entries ({indices})")
     return int(part)
 
 
@@ -200,7 +204,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise AssertionError(f"unsupported annotation {tp!r} at {where}")
 
 
+_TYPE_NAMES = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+"""How an annotation reads in an error message (YAML's words, not Python's type names)."""
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
-        return " | ".join(map(repr, typing.get_args(tp)))
-    return getattr(tp, "__name__", str(tp))
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
