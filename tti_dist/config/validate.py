@@ -105,6 +105,9 @@ def _validate_moe(cfg: RunConfig) -> None:
         )
     _positive(m.moe_capacity_factor, "model.moe_capacity_factor")
     _positive(m.moe_eval_capacity_factor, "model.moe_eval_capacity_factor")
+    # The capacity bound below multiplies these; a bad one must be reported as itself.
+    _positive(cfg.train.micro_batch_size, "train.micro_batch_size")
+    _positive(cfg.data.seq_len, "data.seq_len")
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     if not 0 <= m.moe_min_capacity <= tokens:
         raise ConfigError(
@@ -172,6 +175,7 @@ def _validate_optim(cfg: RunConfig) -> None:
             raise ConfigError(f"optim.{name}: {value!r} must be in [0, 1)")
     _positive(o.eps, "optim.eps")
     _non_negative(o.grad_clip, "optim.grad_clip")
+    _positive(cfg.train.steps, "train.steps")  # before the comparison that reads it
     if o.warmup_steps >= cfg.train.steps:
         raise ConfigError(
             f"optim.warmup_steps: {o.warmup_steps} must be < train.steps = {cfg.train.steps} "
@@ -187,6 +191,10 @@ def _validate_train(cfg: RunConfig) -> None:
     _non_negative(t.eval_every, "train.eval_every")
     _positive(t.eval_batches, "train.eval_batches")
     _positive(t.dist_timeout_s, "train.dist_timeout_s")
+    if not 0 <= t.seed < 2**63:
+        # The data order's generator refuses negative seeds (inside the ranks), and torch's
+        # manual_seed overflows past 2**64 once the per-rank strides are added.
+        raise ConfigError(f"train.seed: {t.seed!r} must be an integer in 0..2**63 - 1")
     if t.device == "cuda":
         import torch
 
@@ -247,6 +255,14 @@ def _validate_data(cfg: RunConfig) -> None:
         return
     if d.source == "synthetic:factored":
         return
+    if not d.source:
+        # Path('') is the working directory, which would be read as a corpus.
+        raise ConfigError(
+            "data.source: '' is empty; use 'stdlib', 'synthetic:factored', or a path to a text file, "
+            "directory, .jsonl, .parquet or .arrow file"
+        )
+    if not d.text_field:
+        raise ConfigError("data.text_field: '' is empty; name the JSONL field or Parquet/Arrow column holding the text")
     if d.source != "stdlib" and not Path(d.source).exists():
         raise ConfigError(
             f"data.source: '{d.source}' does not exist; use 'stdlib', 'synthetic:factored', or a path "
