@@ -61,7 +61,7 @@ def test_parse_specs_accepts_and_defaults():
     ([{"type": "l7"}], "regularizers[0].type: 'l7' is not a known regularizer; choose one of"),
     ([{"type": "l1", "coefficient": -1, "hookpoints": ["embed"]}], "regularizers[0].coefficient: -1 must be a finite number >= 0"),
     ([{"type": "l1", "coefficient": float("nan"), "hookpoints": ["embed"]}], "regularizers[0].coefficient: nan"),
-    ([{"type": "l1", "hookpoints": ["blocks.*.mlpp"]}], "regularizers[0].hookpoints[0]: 'blocks.*.mlpp' matches no hookpoint; available: tokens, embed, blocks.{0..1}.resid_pre"),
+    ([{"type": "l1", "hookpoints": ["blocks.*.mlpp"]}], "regularizers[0].hookpoints[0]: 'blocks.*.mlpp' matches no hookpoint; available: embed, blocks.{0..1}.resid_pre"),
     ([{"type": "l1"}], "regularizers[0].hookpoints: 'l1' needs at least one hookpoint glob"),
     ([{"type": "l1", "hookpoints": ["embed"], "schedule": {"start_step": 10, "stop_step": 5}}],
      "regularizers[0].schedule.stop_step: 5 must be after start_step = 10"),

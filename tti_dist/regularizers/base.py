@@ -37,7 +37,7 @@ from torch import nn
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
-from tti_dist.models.layout import gpt_hookpoint_names
+from tti_dist.models.layout import model_layout
 from tti_dist.regularizers.schedule import ScheduleConfig
 
 COMMON_KEYS = ("type", "name", "coefficient", "hookpoints", "schedule")
@@ -165,7 +165,9 @@ def parse_specs(entries: tuple[dict, ...] | list[dict], model_cfg: ModelConfig, 
     from tti_dist.config.load import section_from_dict
 
     registry = _registered()
-    names = gpt_hookpoint_names(model_cfg)
+    layout = model_layout(model_cfg)
+    names = layout.hookpoint_names
+    float_names = [h.name for h in layout.hookpoints if h.is_float]
     specs: list[RegularizerSpec] = []
     seen: set[str] = set()
     for i, entry in enumerate(entries):
@@ -191,17 +193,24 @@ def parse_specs(entries: tuple[dict, ...] | list[dict], model_cfg: ModelConfig, 
         if not isinstance(coefficient, (int, float)) or isinstance(coefficient, bool) \
                 or not math.isfinite(coefficient) or coefficient < 0:
             raise ConfigError(f"{where}.coefficient: {coefficient!r} must be a finite number >= 0")
-        hookpoints = entry.get("hookpoints", [])
-        if isinstance(hookpoints, str):
+        hookpoints = entry.get("hookpoints")
+        if hookpoints is None:
+            hookpoints = []
+        elif isinstance(hookpoints, str):
             hookpoints = [hookpoints]
+        if not isinstance(hookpoints, (list, tuple)):
+            raise ConfigError(f"{where}.hookpoints: expected a list of hookpoint globs, got {hookpoints!r}")
+        for j, pattern in enumerate(hookpoints):
+            if not isinstance(pattern, str):
+                raise ConfigError(f"{where}.hookpoints[{j}]: expected a glob (a string), got {pattern!r}")
         if cls.uses_hookpoints:
             if not hookpoints:
                 raise ConfigError(f"{where}.hookpoints: {kind!r} needs at least one hookpoint glob; "
-                                  f"available: {summarize_names(names)}")
+                                  f"available: {summarize_names(float_names)}")
             for j, pattern in enumerate(hookpoints):
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     raise ConfigError(f"{where}.hookpoints[{j}]: {pattern!r} matches no hookpoint; "
-                                      f"available: {summarize_names(names)}")
+                                      f"available: {summarize_names(float_names)}")
         elif hookpoints:
             raise ConfigError(f"{where}.hookpoints: {kind!r} acts on weights and takes no hookpoints")
         schedule = section_from_dict(ScheduleConfig, entry.get("schedule") or {}, f"{where}.schedule.")
@@ -218,6 +227,14 @@ def parse_specs(entries: tuple[dict, ...] | list[dict], model_cfg: ModelConfig, 
         params = section_from_dict(cls.Params, rest, f"{where}.")
         matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in hookpoints)]
         cls.check_params(params, model_cfg, matched, where, tp_size)
+        for j, pattern in enumerate(hookpoints):
+            ids = [n for n in names if n not in float_names and fnmatch.fnmatchcase(n, pattern)]
+            if ids:
+                # Token ids and expert choices are int64: no type reads them as activations (a
+                # loss on them would fail in every rank). After check_params, whose messages
+                # about a type's own sites are more precise.
+                raise ConfigError(f"{where}.hookpoints[{j}]: {pattern!r} matches {summarize_names(ids)}, which hold "
+                                  f"integer ids, not activations; choose among {summarize_names(float_names)}")
         specs.append(RegularizerSpec(i, kind, name, float(coefficient), tuple(hookpoints), schedule, params))
     return specs
 
