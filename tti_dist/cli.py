@@ -196,7 +196,9 @@ def prepare_train(args: argparse.Namespace):
 
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc if args.nproc is not None else cfg.parallel.world_size
-    if nproc < 1:
+    # Only a given --nproc is checked here; a bad default (tp_size * dp_size) is reported by
+    # validation as the parallel.* field it comes from.
+    if args.nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc: {nproc} must be >= 1")
     validate_config(cfg, world_size=nproc)
     for note in ignored_settings(cfg):  # on the user's config, before data.path is resolved
