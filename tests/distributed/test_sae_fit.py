@@ -207,7 +207,7 @@ def test_sae_fit_cli_writes_metrics(tiny_run, tmp_path):
     assert m["ce_zero"] > m["ce_clean"]
     assert record["checkpoint"] == "global_step6" and record["num_latents"] == 64 and record["k"] == 4
     assert record["train_log"][-1]["step"] == 40
-    assert (out / "sae_tp_rank00.pt").is_file()
+    assert (out / "sae_tp_rank00.safetensors").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -266,11 +266,13 @@ def test_sae_fit_on_a_tp2_zero1_checkpoint(tiny_run_tp2, tmp_path):
     m = {k.rsplit("/", 1)[1]: v for k, v in record["metrics"].items()}
     assert m["ev"] > 0 and 0 < m["l0"] <= 4 and m["ce_zero"] > m["ce_clean"]
     # Each TP rank saved its half of the latents.
-    shards = [torch.load(out / f"sae_tp_rank0{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
-    assert [s["tp_rank"] for s in shards] == [0, 1] and all(s["tp_size"] == 2 for s in shards)
-    for shard in shards:
-        assert shard["sae"]["W_dec"].shape == (32, 32)  # [d, 64 latents / 2]
-    assert not torch.equal(shards[0]["sae"]["W_dec"], shards[1]["sae"]["W_dec"])
+    from tti_dist.sae.files import read_shard
+
+    shards = [read_shard(out / f"sae_tp_rank0{r}.safetensors") for r in (0, 1)]
+    assert [m["tp_rank"] for m, _ in shards] == [0, 1] and all(m["tp_size"] == 2 for m, _ in shards)
+    for _, state in shards:
+        assert state["W_dec"].shape == (32, 32)  # [d, 64 latents / 2]
+    assert not torch.equal(shards[0][1]["W_dec"], shards[1][1]["W_dec"])
 
 
 def test_sae_fit_latents_not_divisible_by_tp(tiny_run_tp2, capsys):

@@ -16,7 +16,6 @@ has them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -54,10 +53,13 @@ def prepare_inspect(run_dir, site: str, unit: int, top: int = 20, checkpoint: st
         raise ConfigError(f"--site: {site!r} is not a hookpoint of this run's model; available: {summarize_names(names)}")
     width = hookpoint_width(site, plan.cfg.model)
     if sae is not None:
-        files = sorted(Path(sae).glob("sae_tp_rank*.pt"))
+        from tti_dist.sae.files import read_meta, shard_files
+
+        files = shard_files(sae)
         if not files:
-            raise ConfigError(f"--sae: '{sae}' holds no SAE (sae_tp_rank*.pt from tti sae fit)")
-        meta = torch.load(files[0], map_location="cpu", weights_only=False)
+            raise ConfigError(f"--sae: '{sae}' holds no SAE (sae_tp_rank*.safetensors from tti sae fit)")
+        # Every shard is opened here, before any rank starts: a refused file is one line.
+        meta = [read_meta(f) for f in files][0]
         if len(files) != meta["tp_size"]:
             raise ConfigError(f"--sae: '{sae}' has {len(files)} of its {meta['tp_size']} TP shards")
         if meta["d_model"] != width:
@@ -89,12 +91,13 @@ def inspect_worker(plan, settings) -> list[Context]:
 
 def _load_sae(sae_dir: str):
     """A TP=1 ParallelSAE holding every latent of a `tti sae fit` output (shards concatenated)."""
+    from tti_dist.sae.files import read_shard, shard_files
     from tti_dist.sae.model import ParallelSAE, SAEConfig
 
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(Path(sae_dir).glob("sae_tp_rank*.pt"))]
-    meta = shards[0]
+    shards = [read_shard(f) for f in shard_files(sae_dir)]
+    meta = shards[0][0]
     sae = ParallelSAE(meta["d_model"], SAEConfig(**meta["sae_config"]), None, 1, 0, seed=meta.get("seed", 0))
-    states = [s["sae"] for s in shards]
+    states = [state for _, state in shards]
     merged = {
         "W_enc": torch.cat([s["W_enc"] for s in states], dim=0),
         "b_enc": torch.cat([s["b_enc"] for s in states], dim=0),

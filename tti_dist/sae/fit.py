@@ -22,7 +22,7 @@
    parallel gradient removed, its own Adam step, decoder columns renormalized.
 5. `splice_metrics` (tti_dist.sae.splice) on the run's fixed validation batches
    (max(1, train.eval_batches) micro-batches per DP rank); rank 0 writes OUT/sae_metrics.json
-   and each DP-rank-0 rank its SAE shard OUT/sae_tp_rank<R>.pt.
+   and each DP-rank-0 rank its SAE shard OUT/sae_tp_rank<R>.safetensors (tti_dist.sae.files).
 """
 
 from __future__ import annotations
@@ -229,10 +229,11 @@ def run_fit(plan: FitPlan, groups) -> dict:
     out_dir = Path(plan.out_dir)
     if groups.dp_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
-                    "sae_config": asdict(plan.sae_cfg), "d_model": plan.site_dim, "tp_rank": groups.tp_rank,
-                    "tp_size": groups.tp_size, "seed": plan.seed},
-                   out_dir / f"sae_tp_rank{groups.tp_rank:02d}.pt")
+        from tti_dist.sae.files import shard_name, write_shard
+
+        write_shard(out_dir / shard_name(groups.tp_rank), sae.state_dict(),
+                    {"sae_config": asdict(plan.sae_cfg), "d_model": plan.site_dim, "tp_rank": groups.tp_rank,
+                     "tp_size": groups.tp_size, "seed": plan.seed})
     if groups.is_writer:
         tokens = plan.steps * cfg.train.micro_batch_size * groups.dp_size * cfg.data.seq_len
         record = {
