@@ -33,15 +33,47 @@ def read_yaml_mapping(path: str | Path | None, what: str = "a mapping at top lev
     if not path.is_file():
         raise ConfigError(f"{field}: '{path}' does not exist or is not a file")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{field}: '{path}' is not UTF-8 text (byte {exc.start}); a config is a YAML text file") \
+            from None
+    try:
+        duplicate = _first_duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader), "")
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{field}: '{path}' is not valid YAML ({first})") from None
+    if duplicate is not None:
+        # YAML loaders keep the last value silently; the first would be a setting ignored.
+        key, line = duplicate
+        raise ConfigError(f"{key}: set twice in '{path}' (again on line {line}); keep one")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{field}: '{path}' must hold {what}, got {type(loaded).__name__}")
     return loaded
+
+
+def _first_duplicate_key(node: yaml.Node | None, where: str) -> tuple[str, int] | None:
+    """(dotted path, 1-based line) of the first key repeated within one mapping, else None."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            path = f"{where}.{key}" if where else str(key)
+            tagged = (key_node.tag, key)  # 1 and '1' are different keys
+            if key is not None and tagged in seen:
+                return path, key_node.start_mark.line + 1
+            seen.add(tagged)
+            found = _first_duplicate_key(value_node, path)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _first_duplicate_key(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
