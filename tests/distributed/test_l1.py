@@ -9,6 +9,21 @@ import torch
 
 from spawn import run_ranks
 
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_acts(widths: list[tuple[str, int]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Whole (unsharded) activations [3, 16, width] of every (hookpoint, width) in `dtype`, the
+    same on every rank, with exact zeros and both signs."""
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for name, width in widths:
+        a = torch.randn(3, 16, width, generator=g, dtype=torch.float64)
+        a[a.abs() < 0.3] = 0
+        out[name] = a.to(dtype)
+    return out
+
+
 ENTRY = {"type": "l1", "name": "l1_test", "coefficient": 0.5,
          "hookpoints": ["blocks.*.mlp.act", "blocks.1.resid_post"],
          "schedule": {"kind": "linear_warmup", "warmup_steps": 4}}
@@ -34,10 +49,25 @@ def _l1_rank() -> dict:
             weighted, metrics = reg(cap.captured, step=1)  # warmup factor 2/4
             acts = {k: v.detach().clone() for k, v in cap.captured.items()}
         weighted.backward()
+        # The loss on given activations of every float dtype: this rank's shard of each.
+        by_dtype = {}
+        widths = [(hp.name, hp.global_dim) for hp in reg.hookpoints]
+        for dtype in DTYPES:
+            local = {}
+            for hp in reg.hookpoints:
+                whole = _dtype_acts(widths, dtype)[hp.name]
+                if hp.tp_sharded:
+                    whole = whole.chunk(groups.tp_size, dim=-1)[groups.tp_rank]
+                local[hp.name] = whole.clone().requires_grad_()
+            loss, parts = reg.loss(local)
+            loss.backward()
+            by_dtype[dtype] = {"loss": loss.detach(), "l0": parts["l0"].detach(),
+                               "grads": {k: v.grad for k, v in local.items()}}
         return {
             "tp_rank": groups.tp_rank, "weighted": weighted.detach(), "metrics": metrics, "acts": acts,
             "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
-            "layout": tp_partition_dims(model),
+            "layout": tp_partition_dims(model), "by_dtype": by_dtype,
+            "hookpoints": [(hp.name, hp.tp_sharded, hp.global_dim) for hp in reg.hookpoints],
         }
     finally:
         shutdown_parallel()
@@ -70,6 +100,33 @@ def test_tp2_equals_tp1_value_and_gradients(results):
             expected = ref["grads"][name] if dim is None else ref["grads"][name].chunk(2, dim=dim)[r["tp_rank"]]
             torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
     assert any(r["layout"][n] is not None for n in ranks[0]["grads"])  # sharded weights were compared
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_any_float_dtype_matches_a_float64_reference(results, dtype):
+    """bf16, fp16, fp32 and fp64 activations at TP=1 and TP=2: the loss accumulates in at least
+    fp32 (fp64 stays fp64) and equals mean |a| computed in fp64 from the same values; the
+    gradient, in the activations' dtype, is sign(a) / (N D) / (number of hookpoints)."""
+    ref, ranks = results
+    hookpoints = ref["hookpoints"]
+    whole = _dtype_acts([(n, d) for n, _, d in hookpoints], dtype)
+    expected = torch.stack([whole[n].double().abs().mean() for n, _, _ in hookpoints]).mean()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for r in [ref, *ranks]:
+        got = r["by_dtype"][dtype]
+        assert got["loss"].dtype == acc
+        torch.testing.assert_close(got["loss"], expected.to(acc), rtol=rtol, atol=0)
+        expected_l0 = sum((whole[n] != 0).sum().item() / (3 * 16) for n, _, _ in hookpoints) / len(hookpoints)
+        assert got["l0"].item() == pytest.approx(expected_l0, rel=1e-6)
+        for name, sharded, dim in hookpoints:
+            a = whole[name]
+            if sharded:
+                a = a.chunk(len(ranks) if r is not ref else 1, dim=-1)[r["tp_rank"]]
+            grad = got["grads"][name]
+            assert grad.dtype == dtype
+            reference = (torch.sign(a.double()) / (3 * 16 * dim) / len(hookpoints)).to(dtype)
+            torch.testing.assert_close(grad, reference, rtol=rtol if dtype == torch.float64 else 1e-2, atol=0)
 
 
 def test_l1_training_lowers_activation_magnitude(tmp_path):

@@ -23,8 +23,11 @@ class L1Activation(Regularizer):
     the gradient reaching each local unit is sign(a)/(N D), exactly as at TP=1. Replicated
     hookpoints need no communication. DP: a mean over the local batch; DeepSpeed's gradient
     averaging makes the update that of the global-batch mean.
-    Communication: one fp32 scalar all-reduce per sharded hookpoint per micro-step.
+    Communication: two scalar all-reduces (|a| sum, nonzero count) per sharded hookpoint per
+    micro-step.
     Cost: one pass over the activations (|a|, sum).
+    Precision: the sum accumulates in fp32 for bf16/fp16/fp32 activations and in fp64 for
+    fp64 ones (the loss has that dtype); the gradient has the activations' dtype.
 
     Metrics: `l0` = mean over tokens of the number of nonzero units (DESIGN.md section 4;
     exact zeros, so it is the width for GELU activations and informative for ReLU/top-k),
@@ -43,8 +46,10 @@ class L1Activation(Regularizer):
             num_tokens = a.numel() // a.shape[-1]
             # vector_norm(ord=1) and count_nonzero are single fused reductions: no |a| or
             # boolean tensor of the activation's size is materialised.
-            local = torch.linalg.vector_norm(a, ord=1, dtype=torch.float32)
-            nonzero = torch.count_nonzero(a.detach()).to(torch.float32)
+            # At least fp32: vector_norm refuses a dtype narrower than its input's.
+            acc = torch.promote_types(a.dtype, torch.float32)
+            local = torch.linalg.vector_norm(a, ord=1, dtype=acc)
+            nonzero = torch.count_nonzero(a.detach()).to(acc)
             if hp.tp_sharded and self.groups.tp_size > 1:
                 local = reduce_from_tensor_model_parallel_region(local, group=self.groups.tp_group)
                 nonzero = reduce_from_tensor_model_parallel_region(nonzero, group=self.groups.tp_group)
