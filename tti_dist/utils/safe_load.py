@@ -51,21 +51,26 @@ array (a uint32 ndarray, rebuilt from its raw bytes)."""
 _FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
-def _resolve(name: str) -> Any:
+def _resolve(name: str) -> Any | None:
+    """The object a dotted name names; None when the installed versions have no such thing
+    (numpy 1.x has no numpy._core): nothing can unpickle to it then, so nothing to allow."""
     module, _, attr = name.rpartition(".")
     if module.startswith("deepspeed"):
         # DeepSpeed picks its accelerator at import; on CPU it must be told first.
         from tti_dist.train.engine import import_deepspeed
 
         import_deepspeed()
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
 
 
 @contextlib.contextmanager
 def exact_allowlist(names: Iterable[str]) -> Iterator[None]:
     """Inside the block torch's weights-only unpickler accepts its own set plus `names` and
     nothing else; the process-wide registrations are restored afterwards."""
-    objects = [_resolve(n) for n in names]
+    objects = [obj for obj in map(_resolve, names) if obj is not None]
     saved = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:
