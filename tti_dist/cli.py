@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from tti_dist.config.schema import DataConfig
-from tti_dist.errors import ConfigError
+from tti_dist.errors import ConfigError, RunWriteError
 
 logger = logging.getLogger("tti_dist.cli")
 
@@ -280,19 +280,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tti_dist.train.launcher import launch_local
     from tti_dist.train.worker import quiet_dependency_warnings
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tti_dist.train.stop_request import EXIT_STOPPED, signal_name
 
     quiet_dependency_warnings()
     logger.info("run directory: %s (%d processes)", run_dir, nproc)
+    ckpt_dir = run_dir / "checkpoints"
     try:
         results = launch_local(cfg, str(run_dir), nproc, resume=args.resume)
     except ChildFailedError as exc:
-        # Each failed rank already printed its traceback; end with one line naming them.
-        ranks = ", ".join(str(f.rank) for f in exc.failures.values())
-        print(f"tti: training failed on rank(s) {ranks}; see the tracebacks above. "
-              f"The last complete checkpoint (if any) is in {run_dir / 'checkpoints'}", file=sys.stderr)
+        if all(f.exitcode == EXIT_STOPPED for f in exc.failures.values()):
+            # The ranks alone were signalled (not this process): each saved and exited so.
+            print(f"tti: stopped by a signal to the ranks. {_resume_hint(ckpt_dir)}", file=sys.stderr)
+            return EXIT_STOPPED
+        # Each rank that raised printed its traceback; end with one line naming the dead.
+        print(f"tti: training failed: {describe_failures(exc.failures)}. {_resume_hint(ckpt_dir)}",
+              file=sys.stderr)
         return EXIT_RUN_FAILED
+    except SignalException as exc:
+        # This process was signalled; the agent forwarded the signal and the ranks, which
+        # save on it (checkpoint.on_signal), have exited.
+        print(f"tti: stopped by {signal_name(exc.sigval)}. {_resume_hint(ckpt_dir)}", file=sys.stderr)
+        return EXIT_STOPPED if cfg.checkpoint.on_signal else EXIT_RUN_FAILED
     result = results[min(results)]
+    if result.nonfinite:
+        print(f"tti: {result.nonfinite}; no update was applied and the run stopped (train.nonfinite: stop). "
+              f"{_resume_hint(ckpt_dir)}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    if result.stopped_by:
+        print(f"tti: stopped by {result.stopped_by} after step {result.final_step}. {_resume_hint(ckpt_dir)}",
+              file=sys.stderr)
+        return EXIT_STOPPED
     if result.losses:
         first, last = min(result.losses), max(result.losses)
         print(f"trained to step {result.final_step}: train/task_loss {result.losses[first]:.4f} (step {first}) "
@@ -302,6 +322,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"eval/loss {result.eval_losses[step]:.4f} at step {step}")
     print(f"run directory: {run_dir}")
     return 0
+
+
+def describe_failures(failures: dict) -> str:
+    """'rank 1 (pid 4242) was killed by SIGKILL; rank 0 (pid 4241) exited with code 1' from
+    torch elastic's {global rank: ProcessFailure}, ranks killed by a signal first (the
+    others usually failed because a peer vanished)."""
+    from tti_dist.train.stop_request import signal_name
+
+    def one(rank, failure) -> str:
+        code = failure.exitcode
+        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        reason = _failure_reason(failure)
+        return f"rank {rank} (pid {failure.pid}) {how}" + (f" ({reason})" if reason else "")
+
+    ordered = sorted(failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
+    return "; ".join(one(rank, failure) for rank, failure in ordered)
+
+
+def _failure_reason(failure) -> str:
+    """The last line of the exception a failed rank raised ('CollectiveFailure: a collective
+    did not complete ...'), from the error file torch elastic's @record wrote; '' if none."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    if not isinstance(message, str) or message.startswith("To enable traceback") or message.startswith("Signal "):
+        return ""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _resume_hint(ckpt_dir: Path) -> str:
+    from tti_dist.train.checkpoint import latest_tag
+
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return f"No complete checkpoint in {ckpt_dir}."
+    run_dir = ckpt_dir.parent
+    return (f"The latest complete checkpoint is {ckpt_dir / tag}; continue with: "
+            f"tti train {run_dir / 'config.yaml'} --run-dir {run_dir} --resume")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -380,8 +439,7 @@ def _launch(what: str, fn, *args):
     try:
         return fn(*args), None
     except ChildFailedError as exc:
-        ranks = ", ".join(str(f.rank) for f in exc.failures.values())
-        print(f"tti: {what} failed on rank(s) {ranks}; see the tracebacks above", file=sys.stderr)
+        print(f"tti: {what} failed: {describe_failures(exc.failures)}", file=sys.stderr)
         return None, EXIT_RUN_FAILED
 
 
@@ -543,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tti: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunWriteError as exc:  # a single-process run (more ranks report through the launcher)
+        print(f"tti: error: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":

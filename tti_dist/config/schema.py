@@ -216,7 +216,15 @@ class TrainConfig:
     eval_batches: int = 4
     """Micro-batches per data-parallel rank used for eval/loss (fixed, so values compare across steps)."""
     dist_timeout_s: int = 600
-    """Timeout of collectives, in seconds, before a hung rank fails the job."""
+    """Timeout of collectives, in seconds: a rank that stops answering (hung, stopped,
+    unreachable) fails the job after this long, plus checkpoint.signal_grace_s while the
+    launcher tears the ranks down (docs/reliability.md)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient at an optimizer step. stop: no update is applied, the
+    run ends with one line naming the step and the first non-finite tag, and the last good
+    checkpoint stays the latest (no checkpoint of the poisoned step is written). skip: the
+    update is skipped on every rank (weights, optimizer state and LR schedule unchanged; the
+    batch is consumed) and counted in train/skipped_steps."""
     compile: bool = False
     """torch.compile the model inside the trainer (through DeepSpeed's `engine.compile`,
     inductor backend): the first steps pay the compilation, later ones run the fused
@@ -294,6 +302,16 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints; 0 keeps all."""
     save_final: bool = True
     """Save after the last step."""
+    on_signal: bool = True
+    """On SIGTERM or SIGINT (preemption, Ctrl-C) every rank finishes its optimizer step,
+    the run saves a checkpoint of that step, flushes its metrics and exits with code 3;
+    `--resume` continues exactly. false: the signal ends the ranks at once (the last
+    periodic checkpoint is kept)."""
+    signal_grace_s: int = 30
+    """Seconds the launcher gives its ranks to finish the step and save after it is
+    signalled, or to exit after one of them failed, before it kills them (SIGKILL). Set it a
+    little below the scheduler's grace period (Slurm KillWait, Kubernetes
+    terminationGracePeriodSeconds)."""
 
 
 @dataclass(frozen=True)

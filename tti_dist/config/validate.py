@@ -294,6 +294,7 @@ def _validate_logging_and_checkpoint(cfg: RunConfig) -> None:
     _positive(cfg.logging.log_every, "logging.log_every")
     _non_negative(cfg.checkpoint.every, "checkpoint.every")
     _non_negative(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+    _positive(cfg.checkpoint.signal_grace_s, "checkpoint.signal_grace_s")
 
 
 def _validate_regularizers(cfg: RunConfig) -> None:

@@ -20,13 +20,18 @@ from tti_dist.train.worker import run_worker
 logger = logging.getLogger(__name__)
 
 
-def launch_ranks(entry, nproc: int, *args, name: str = "tti") -> dict:
+def launch_ranks(entry, nproc: int, *args, name: str = "tti", grace_s: int = 30) -> dict:
     """Run `entry(*args)` on `nproc` local ranks; returns {rank: result}.
 
     One rank runs in-process with a real size-1 process group (no agent, no extra
     process); more ranks run under torch's elastic agent (spawned children, c10d rendezvous
     on a free loopback port, the whole job failing when one rank fails). `entry` and
     `args` must be picklable. Used by `tti train`, `tti sae fit`, `tti eval`, `tti inspect`.
+
+    Faults (docs/reliability.md): when a rank dies the agent sends the others SIGTERM and,
+    `grace_s` seconds later, SIGKILL, then raises ChildFailedError naming the failed ranks.
+    A SIGTERM/SIGINT/SIGHUP to this process is forwarded the same way (the ranks get
+    `grace_s` seconds to save) and raises torch's SignalException after they are gone.
     """
     if nproc == 1:
         with single_process_env():
@@ -41,10 +46,11 @@ def launch_ranks(entry, nproc: int, *args, name: str = "tti") -> dict:
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
+        shutdown_timeout=grace_s,
     )
     return elastic_launch(config, entry)(*args)
 
 
 def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
     """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
-    return launch_ranks(run_worker, nproc, cfg, run_dir, resume)
+    return launch_ranks(run_worker, nproc, cfg, run_dir, resume, grace_s=cfg.checkpoint.signal_grace_s)

@@ -27,12 +27,13 @@ from tti_dist.config.load import dump_config
 from tti_dist.config.schema import RunConfig
 from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
-from tti_dist.distributed.runtime import ParallelGroups
+from tti_dist.distributed.runtime import ParallelGroups, enforce_collective_timeout
 from tti_dist.capture.hookpoints import ActivationCapture
 from tti_dist.metrics import open_metrics_writer
 from tti_dist.regularizers.base import build_regularizers, parse_specs
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
+from tti_dist.train import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
 from tti_dist.train.moe_metrics import RoutingStatsAccumulator
 from tti_dist.train.seeding import seed_runtime, seed_weights
@@ -59,6 +60,10 @@ class TrainResult:
     """eval/loss at the most recent RESULT_HISTORY eval steps."""
     last_checkpoint: str | None = None
     """Tag of the last checkpoint saved."""
+    stopped_by: str | None = None
+    """The signal that stopped the run early ('SIGTERM'), after its checkpoint was saved."""
+    nonfinite: str | None = None
+    """Why a `train.nonfinite: stop` run ended early: the step and the first non-finite tag."""
 
     def record(self, history: dict[int, float], step: int, value: float) -> None:
         """history[step] = value, dropping the oldest entry beyond RESULT_HISTORY."""
@@ -95,6 +100,20 @@ def dp_means(values: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[st
     return dict(zip(values, (stacked / groups.dp_size).tolist()))
 
 
+class NonFiniteStep(Exception):
+    """A `train.nonfinite: stop` run met a non-finite loss or gradient (no update applied)."""
+
+
+@dataclass
+class StepVerdict:
+    """What the ranks agreed on at an optimizer step (one all-reduce, train/trainer.py)."""
+
+    nonfinite: bool
+    """Some rank's loss or the gradient norm is inf or NaN."""
+    stop_signal: int
+    """The largest signal number any rank was sent (0: none): stop after this step."""
+
+
 class StepObserver(Protocol):
     """Told about every optimizer step that logged scalars or saved a checkpoint.
 
@@ -116,6 +135,7 @@ class Trainer:
         self.groups = groups
         seed_weights(cfg.train.seed)
         self.model = GPT(cfg.model, groups.tp_group, cfg.parallel.ep_size)
+        enforce_collective_timeout(cfg.train.dist_timeout_s)  # also DeepSpeed's expert-parallel groups
         self.model.recompute_blocks = cfg.train.activation_checkpointing
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
@@ -191,7 +211,8 @@ class Trainer:
         return task_loss.detach(), total_loss.detach(), reg_metrics
 
     def _optimizer_step(self, need_norm: bool):
-        """One optimizer step: (mean task loss, mean total loss, mean reg metrics, grad norm)."""
+        """One optimizer step: (mean task loss, mean total loss, mean reg metrics, grad norm,
+        StepVerdict). Raises NonFiniteStep (before any update) under `train.nonfinite: stop`."""
         gas = self.cfg.train.grad_accum_steps
         task_sum = torch.zeros((), device=self.groups.device)
         total_sum = torch.zeros((), device=self.groups.device)
@@ -203,16 +224,86 @@ class Trainer:
             total_sum += total
             for k, v in reg_metrics.items():
                 reg_sums[k] = reg_sums.get(k, 0.0) + v.float().to(self.groups.device)
-            if (micro == gas - 1 and need_norm and self.engine.zero_optimization_stage() == 0
-                    and not self.engine.bfloat16_enabled()):
+            if micro < gas - 1:
+                self.engine.step()  # DeepSpeed counts the micro-step; no update yet
+                continue
+            # The gradient-accumulation boundary: DeepSpeed updates the weights in step().
+            if self._norm_before_step:
                 norm = grad_norm_now(self.engine)
-            self.engine.step()
-            if micro == gas - 1:  # DeepSpeed stepped at this gradient-accumulation boundary
-                for reg in self.regularizers:
-                    reg.after_optimizer_step()
+            reg_means = {k: v / gas for k, v in reg_sums.items()}
+            verdict = self._agree(total_sum, norm)
+            if verdict.nonfinite and self.cfg.train.nonfinite == "stop":
+                raise NonFiniteStep(self._first_nonfinite(task_sum / gas, reg_means, total_sum / gas, norm))
+            self._step_engine(skip=verdict.nonfinite)
+            if not verdict.nonfinite and not self.engine.was_step_applied():
+                # ZeRO's and bf16's optimizers check the gradient norm themselves and skip
+                # the update when it is not finite (consistently over their groups).
+                verdict.nonfinite = True
+                if self.cfg.train.nonfinite == "stop":
+                    raise NonFiniteStep(f"train/grad_norm is not finite at step {self.step + 1} "
+                                        "(DeepSpeed's optimizer skipped the update)")
+            for reg in self.regularizers:
+                reg.after_optimizer_step()
         if norm is None and need_norm:
             norm = global_grad_norm(self.engine)
-        return task_sum / gas, total_sum / gas, {k: v / gas for k, v in reg_sums.items()}, norm
+        return task_sum / gas, total_sum / gas, {k: v / gas for k, v in reg_sums.items()}, norm, verdict
+
+    @property
+    def _norm_before_step(self) -> bool:
+        # Plain fp32 data parallelism (stage 0) neither records the gradient norm nor checks
+        # it, so the trainer takes it from the gradients before the update, every step.
+        return self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
+
+    def _agree(self, total_loss_sum: torch.Tensor, norm) -> StepVerdict:
+        """The ranks' common verdict on this step: one all-reduce (MAX over the world group)
+        of [loss or gradient not finite, stop signal], and one host sync, per optimizer step."""
+        bad = ~torch.isfinite(total_loss_sum)
+        if norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=self.groups.device))
+        flags = torch.stack([bad.to(torch.float64),
+                             torch.tensor(float(stop_request.requested()), dtype=torch.float64, device=self.groups.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+        nonfinite, signum = flags.tolist()
+        return StepVerdict(nonfinite=bool(nonfinite), stop_signal=int(signum))
+
+    def _first_nonfinite(self, task_loss, reg_means: dict[str, torch.Tensor], total_loss, norm) -> str:
+        """'<tag> is <value> at step N': the first non-finite of the step's tags in logging
+        order, over all ranks (a rank's own loss can be finite when another's is not)."""
+        values = {"train/task_loss": task_loss, **reg_means, "train/total_loss": total_loss}
+        if norm is not None:
+            values["train/grad_norm"] = torch.as_tensor(norm)
+        stacked = torch.stack([v.detach().float().reshape(()).to(self.groups.device) for v in values.values()])
+        bad = (~torch.isfinite(stacked)).to(torch.float64)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+        first = next((i for i, b in enumerate(bad.tolist()) if b), len(values) - 1)
+        tag = list(values)[first]
+        local = stacked[first].item()
+        shown = f"{local}" if not math.isfinite(local) else "not finite on another rank"
+        return f"{tag} is {shown} at step {self.step + 1}"
+
+    def _step_engine(self, skip: bool) -> None:
+        """engine.step() at the accumulation boundary; with `skip`, an update of nothing.
+
+        ZeRO's and bf16's optimizers find the non-finite gradients themselves and skip.
+        Plain fp32 (stage 0) steps the torch optimizer directly, which has no such check:
+        for this one call its `step` does nothing (the gradients are zeroed first so that
+        DeepSpeed's clipping stays finite), and it carries DeepSpeed's `overflow` flag,
+        which makes the engine count the step in `skipped_steps`, clear the gradients and
+        hold the LR schedule, exactly as after ZeRO's own skip."""
+        optimizer = self.engine.optimizer
+        marked = skip and not hasattr(optimizer, "overflow")
+        if marked:
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+            optimizer.overflow = True
+            optimizer.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            if marked:
+                del optimizer.overflow
+                del optimizer.step  # the class's step again
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -257,10 +348,18 @@ class Trainer:
         progress = self._progress_bar(total)
         interval_start, interval_steps = time.perf_counter(), 0
         self.engine.train()
+        if cfg.checkpoint.on_signal:
+            stop_request.install()
         try:
             while self.step < total:
                 log_now = (self.step + 1) % cfg.logging.log_every == 0 or self.step + 1 == total
-                loss, total_loss, reg_metrics, norm = self._optimizer_step(need_norm=log_now)
+                try:
+                    loss, total_loss, reg_metrics, norm, verdict = self._optimizer_step(need_norm=log_now)
+                except NonFiniteStep as exc:
+                    result.nonfinite = str(exc)
+                    logger.error("%s: no update applied; stopping (train.nonfinite: stop); the latest checkpoint "
+                                 "is %s", exc, ckpt.latest_tag(self.ckpt_dir) or "none")
+                    break
                 self.step += 1
                 interval_steps += 1
                 scalars: dict[str, float] = {}
@@ -277,6 +376,7 @@ class Trainer:
                         "train/grad_norm": float(norm) if norm is not None else math.nan,
                         "perf/step_time_s": elapsed / interval_steps,
                         "perf/tokens_per_sec": self.tokens_per_step * interval_steps / elapsed,
+                        "train/skipped_steps": float(self.engine.skipped_steps),
                     }
                     scalars.update(self._memory_scalars())
                     result.record(result.losses, self.step, loss_value)
@@ -303,14 +403,23 @@ class Trainer:
                     progress.update(1)
                 every = cfg.checkpoint.every
                 saved = None
-                if (every and self.step % every == 0) or (self.step == total and cfg.checkpoint.save_final):
+                stopping = verdict.stop_signal != 0 and self.step < total
+                if ((every and self.step % every == 0) or (self.step == total and cfg.checkpoint.save_final)
+                        or stopping):
                     save_start = time.perf_counter()
                     saved = result.last_checkpoint = self.save()
                     interval_start += time.perf_counter() - save_start  # nor is checkpointing
                 if self.observer is not None and (scalars or saved):
                     self.observer(self.step, {"step": self.step, "tokens": self.step * self.tokens_per_step,
                                               **scalars}, saved)
+                if stopping:
+                    result.stopped_by = stop_request.signal_name(verdict.stop_signal)
+                    logger.warning("stopped by %s after step %d; checkpoint %s saved", result.stopped_by,
+                                   self.step, saved)
+                    break
         finally:
+            if cfg.checkpoint.on_signal:
+                stop_request.uninstall()
             if progress is not None:
                 progress.close()
             if self.capture is not None:

@@ -64,6 +64,25 @@ def rank_session(cfg: RunConfig, tp_size: int) -> Iterator[ParallelGroups]:
         shutdown_parallel()
 
 
+class CollectiveFailure(RuntimeError):
+    """A collective failed because a peer rank stopped answering or vanished."""
+
+
+def explain_collective_failure(exc: RuntimeError, timeout_s: int) -> CollectiveFailure | None:
+    """The one-line reason for a failed gloo/NCCL collective, or None for other errors.
+
+    The backends' own messages name a source line and a transport buffer; the launcher
+    prints this instead, as the failed rank's reason."""
+    text = str(exc)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return CollectiveFailure(
+            f"a collective did not complete within train.dist_timeout_s = {timeout_s} s: a peer rank stopped "
+            "responding (hung, stopped or unreachable)")
+    if "Connection closed by peer" in text or "Connection reset by peer" in text or "Broken pipe" in text:
+        return CollectiveFailure("a peer rank vanished during a collective (its process died)")
+    return None
+
+
 def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: str | None = None,
                observer=None, after_train=None):
     """Train one rank of `cfg` into `run_dir`; returns its TrainResult.
@@ -75,9 +94,22 @@ def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: s
         from tti_dist.train.trainer import Trainer
 
         trainer = Trainer(cfg, Path(run_dir), groups, resume=resume, resume_tag=resume_tag, observer=observer)
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except RuntimeError as exc:
+            explained = explain_collective_failure(exc, cfg.train.dist_timeout_s)
+            if explained is None:
+                raise
+            raise explained from exc
         logger.info("finished at step %d", result.final_step)
         del trainer  # free the engine before anything else runs on this rank
         if after_train is not None:
             after_train(cfg, run_dir, groups, result)
-        return result
+    if result.stopped_by and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # Under torch's elastic agent a rank that returns waits for the agent to collect its
+        # result, which a signalled agent never does (it only waits `signal_grace_s`, then
+        # kills): exit now, with the code that tells the launcher "stopped, checkpoint saved".
+        from tti_dist.train.stop_request import EXIT_STOPPED
+
+        raise SystemExit(EXIT_STOPPED)
+    return result
