@@ -73,6 +73,7 @@ def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> Paralle
         )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    enforce_collective_timeout(timeout_s)
     groups = ParallelGroups(
         device=device,
         rank=dist.get_rank(),
@@ -86,6 +87,22 @@ def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> Paralle
     )
     logger.debug("parallel layout: tp %d/%d, dp %d/%d", groups.tp_rank, groups.tp_size, groups.dp_rank, groups.dp_size)
     return groups
+
+
+def enforce_collective_timeout(timeout_s: float) -> None:
+    """Give every process group this rank belongs to the run's collective timeout.
+
+    `init_process_group(timeout=...)` sets it for the world group only: megatron-core builds
+    its TP/DP groups with its own 30-minute default and DeepSpeed its expert-parallel groups
+    with torch's (30 minutes on gloo, 10 on NCCL), so a stopped peer would hang a TP
+    all-reduce for half an hour whatever train.dist_timeout_s says. Call again after
+    creating groups (the GPT's MoE layers create DeepSpeed's at construction)."""
+    from torch.distributed.distributed_c10d import GroupMember, _set_pg_timeout, _world
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    for group in list(_world.pg_map):
+        if group is not None and group is not GroupMember.NON_GROUP_MEMBER:
+            _set_pg_timeout(timeout, group)
 
 
 def shutdown_parallel() -> None:
