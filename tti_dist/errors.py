@@ -14,3 +14,10 @@ class RefusedFileError(ConfigError):
     """A file given to tti (a checkpoint, an SAE) that it will not load: unpickling it would
     call something outside tti's allowlist, or it is not in the format tti writes. One line
     naming the path and why; printed and exited on like any ConfigError."""
+
+
+class RunWriteError(OSError):
+    """A file of a run could not be written (disk full, quota, file size limit, permission):
+    one line naming the path and the OS's reason. The previous checkpoint and the metrics
+    rows already written stay readable (every write goes to a temporary name first); the
+    CLI prints the line and exits with code 1."""

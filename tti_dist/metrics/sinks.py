@@ -78,6 +78,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tensorboard.compat.proto.summary_pb2 import Summary
 
+from tti_dist.errors import RunWriteError
+
 logger = logging.getLogger(__name__)
 
 PARQUET_NAME = "metrics.parquet"
@@ -215,8 +217,20 @@ def _write_atomically(table: pa.Table, path: Path) -> None:
     being written; os.replace is atomic on POSIX within one directory.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"{path}: could not write metrics: {_os_reason(exc)}") from exc
+
+
+def _os_reason(exc: OSError) -> str:
+    """'[Errno 28] No space left on device' from an OSError whose text may run on
+    (pyarrow's adds 'Error writing bytes to file. Detail: ...')."""
+    if exc.errno is not None:
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _step_range(path: Path) -> tuple[int, int] | None:
@@ -642,7 +656,11 @@ class MetricsWriter(_ClosableWriter):
         if self._parquet:
             self._write_parts()
         if self._tb is not None:
-            self._tb.flush()
+            try:
+                self._tb.flush()
+            except OSError as exc:
+                raise RunWriteError(f"{self.run_dir / TB_DIRNAME}: could not write TensorBoard events: "
+                                    f"{_os_reason(exc)}") from exc
 
     def _write_parts(self) -> None:
         """Write the schema part (if a tag is new), backfilled parts and the held parts

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tti_dist.errors import RefusedFileError
+from tti_dist.errors import RefusedFileError, RunWriteError
 from tti_dist.utils.safe_load import LEGACY_RNG_GLOBALS, load_torch_file
 
 if TYPE_CHECKING:  # runtime import would pull megatron into `tti train`'s validation path
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -216,20 +217,54 @@ def save_checkpoint(
         # Left by a save that crashed; DeepSpeed would otherwise mix old and new files.
         shutil.rmtree(ckpt_dir / staging, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=staging, client_state=client_state, save_latest=False)
-    write_rng_state(ckpt_dir / staging / rng_file_name(groups.rank))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=staging, client_state=client_state, save_latest=False)
+        write_rng_state(ckpt_dir / staging / rng_file_name(groups.rank))
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as a RuntimeError from its zip writer.
+        if not isinstance(exc, OSError) and not _is_torch_write_error(exc):
+            raise
+        raise _write_failed(ckpt_dir, staging, step, exc) from exc
     dist.barrier()
     if groups.is_writer:
-        _write_atomic(ckpt_dir / staging / "tp_layout.json", json.dumps(tp_layout, indent=1))
-        final = ckpt_dir / tag
-        if final.exists():  # the same step saved again (e.g. a final save after a periodic one)
-            shutil.rmtree(final)
-        os.rename(ckpt_dir / staging, final)
-        _write_atomic(ckpt_dir / LATEST_FILE, tag)
+        try:
+            _write_atomic(ckpt_dir / staging / "tp_layout.json", json.dumps(tp_layout, indent=1))
+            final = ckpt_dir / tag
+            replaced = ckpt_dir / (tag + REPLACED_SUFFIX)
+            if final.exists():  # the same step saved again (e.g. resumed at a saved step)
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final, replaced)
+            os.rename(ckpt_dir / staging, final)
+            _write_atomic(ckpt_dir / LATEST_FILE, tag)
+        except OSError as exc:
+            raise _write_failed(ckpt_dir, staging, step, exc) from exc
+        shutil.rmtree(replaced, ignore_errors=True)
         _prune(ckpt_dir, keep_last, protect=tag)
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return tag
+
+
+def _is_torch_write_error(exc: RuntimeError) -> bool:
+    """torch.save's zip writer failing to write (file size limit, disk full)."""
+    text = str(exc)
+    return "PytorchStreamWriter" in text or "inline_container" in text or "file write failed" in text
+
+
+def _write_failed(ckpt_dir: Path, staging: str, step: int, exc: Exception) -> RunWriteError:
+    """The one-line error for a checkpoint that could not be written; the staging files are
+    removed (they are never read) and `latest` still names the previous checkpoint."""
+    path = Path(exc.filename) if getattr(exc, "filename", None) else ckpt_dir / staging
+    shutil.rmtree(ckpt_dir / staging, ignore_errors=True)
+    errno = getattr(exc, "errno", None)
+    if errno:
+        reason = f"[Errno {errno}] {os.strerror(errno)}"
+    elif isinstance(exc, RuntimeError):  # torch's zip writer names neither file nor cause
+        reason = "torch.save could not write its file (disk full, quota or file-size limit)"
+    else:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return RunWriteError(f"{path}: could not write the checkpoint of step {step}: {reason}; the latest complete "
+                         f"checkpoint is still {latest_tag(ckpt_dir) or 'none'}")
 
 
 def _prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
