@@ -216,6 +216,11 @@ def prepare_train(args: argparse.Namespace):
         if not has_checkpoint:
             raise ConfigError(f"--resume: '{run_dir}' holds no complete checkpoint to resume from")
         _check_resume_compatible(cfg, run_dir)
+        # Every rank's RNG file is read here first, so a refused one is one line before
+        # launch rather than a traceback from the rank that reads it.
+        tag_dir = ckpt_dir / ckpt.latest_tag(ckpt_dir)
+        for rank in range(nproc):
+            ckpt.read_rng_state(tag_dir, rank)
     elif has_checkpoint:
         raise ConfigError(
             f"--run-dir: '{run_dir}' already holds checkpoints; pass --resume to continue it or choose another directory"

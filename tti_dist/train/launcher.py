@@ -8,9 +8,14 @@ fails, reporting which one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import uuid
 
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from tti_dist.config.schema import RunConfig
@@ -48,7 +53,45 @@ def launch_ranks(entry, nproc: int, *args, name: str = "tti", grace_s: int = 30)
         start_method="spawn",
         shutdown_timeout=grace_s,
     )
-    return elastic_launch(config, entry)(*args)
+    with _signals_forwarded_once():
+        return elastic_launch(config, entry)(*args)
+
+
+@contextlib.contextmanager
+def _signals_forwarded_once():
+    """SIGTERM/SIGINT to this process: torch's agent behaviour (raise its SignalException,
+    forward the signal to the ranks, give them `shutdown_timeout` to exit), but a second
+    signal while the ranks are saving is ignored. torch's own handler raises again, which
+    would abandon the wait and leave the ranks running unwatched."""
+    signalled = []
+
+    def handler(signum, frame):
+        if signalled:
+            logger.warning("received %s again; waiting for the ranks to finish saving", signal.Signals(signum).name)
+            return
+        signalled.append(signum)
+        raise SignalException(f"Process {os.getpid()} got signal: {signal.Signals(signum).name}",
+                              sigval=signal.Signals(signum))
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The agent installs its handler for the signals listed here when it starts the ranks.
+    env_before = os.environ.get(_AGENT_SIGNALS_ENV)
+    os.environ[_AGENT_SIGNALS_ENV] = "SIGHUP,SIGQUIT"
+    try:
+        yield
+    finally:
+        if env_before is None:
+            os.environ.pop(_AGENT_SIGNALS_ENV, None)
+        else:
+            os.environ[_AGENT_SIGNALS_ENV] = env_before
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+_AGENT_SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 
 
 def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
