@@ -185,6 +185,9 @@ def test_routing_metrics_logged(runs):
         assert 0 <= row[f"{prefix}dropped_frac"] <= 1
         assert 0 < row[f"{prefix}entropy"] <= float(torch.log(torch.tensor(float(E)))) + 1e-6
         assert 1 <= row[f"{prefix}imbalance"] <= E
+        # The imbalance of the global (DP-averaged) shares, not the mean of per-rank maxima.
+        imbalance = table[f"{prefix}imbalance"].dropna().to_numpy()
+        torch.testing.assert_close(torch.tensor(imbalance), torch.tensor(shares.max(axis=1).to_numpy() * E))
         evals = table.dropna(subset=[f"{prefix}nmi_token"])
         assert list(evals["step"]) == [4, 8]
         assert ((evals[f"{prefix}nmi_token"] >= 0) & (evals[f"{prefix}nmi_token"] <= 1)).all()

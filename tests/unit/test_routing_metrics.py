@@ -139,3 +139,27 @@ def test_nmi_matches_sklearn():
         assert ours == pytest.approx(ref, abs=1e-10)
         ref_mi = metrics.mutual_info_score(a.numpy(), b.numpy())
         assert mutual_information(contingency_counts(a, b, ka, kb)) == pytest.approx(ref_mi, abs=1e-10)
+
+
+def test_imbalance_is_that_of_the_global_shares():
+    """Two DP ranks whose busiest experts differ: each alone reads 2 x 0.6 = 1.2, but the
+    global shares are uniform, imbalance 1 (the mean of per-rank maxima would say 1.2)."""
+    from tti_dist.train.moe_metrics import with_imbalance
+
+    per_rank = [[0.6, 0.4], [0.4, 0.6]]
+    reduced = {f"moe/blocks.0/share_e{j}": sum(r[j] for r in per_rank) / 2 for j in range(2)}
+    reduced["moe/blocks.0/entropy"] = 0.5
+    out = with_imbalance(reduced)
+    assert out["moe/blocks.0/imbalance"] == pytest.approx(1.0)
+    assert out["moe/blocks.0/entropy"] == 0.5 and "moe/blocks.0/imbalance" not in reduced
+
+    # Uniform routing, E = 8, 8 ranks of 4,096 tokens: the global imbalance is near 1.03,
+    # where averaging the ranks' own maxima gives near 1.09.
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.stack([torch.bincount(torch.randint(0, 8, (4096,), generator=gen), minlength=8) for _ in range(8)])
+    shares = counts.double() / 4096
+    reduced = {f"moe/blocks.1/share_e{j}": shares[:, j].mean().item() for j in range(8)}
+    true = 8 * (counts.sum(0).double() / counts.sum()).max().item()
+    per_rank_mean = (8 * shares.max(dim=1).values).mean().item()
+    assert with_imbalance(reduced)["moe/blocks.1/imbalance"] == pytest.approx(true, rel=1e-12)
+    assert per_rank_mean > true + 0.02

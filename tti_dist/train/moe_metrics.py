@@ -6,6 +6,9 @@ shares is the global share):
 
     share_e{j}   = tokens whose router argmax is expert j / tokens           (before capacity)
     imbalance    = E * max_j share_e{j}          (1: perfectly balanced; E: one expert takes all)
+                   of the global shares, so computed after the DP average (`with_imbalance`):
+                   the mean of per-rank maxima overstates it (uniform routing, E = 8, 8 DP
+                   ranks of 4,096 tokens: ~1.09 against ~1.03)
     dropped_frac = routes over capacity / routes  (dropped routes skip the expert: the token
                    continues on the residual stream only)
     entropy      = mean over tokens of H(p(. | x)) = -sum_e p_e log p_e, nats (log E: uniform
@@ -55,9 +58,22 @@ class RoutingStatsAccumulator:
             shares = acc["first_choice_counts"] / acc["tokens"]
             for j, share in enumerate(shares):
                 out[f"{prefix}share_e{j}"] = share
-            out[prefix + "imbalance"] = shares.max() * shares.numel()
             out[prefix + "dropped_frac"] = acc["dropped_routes"] / acc["routes"]
             out[prefix + "entropy"] = acc["entropy_sum"] / acc["tokens"]
             out[prefix + "capacity"] = acc["capacity"]
         self._sums.clear()
         return out
+
+
+def with_imbalance(reduced: dict[str, float]) -> dict[str, float]:
+    """`reduced` (DP-averaged tags, with moe/<block>/share_e{j}) plus moe/<block>/imbalance:
+    E times the largest global share. Every rank computes it from the same reduced values."""
+    shares: dict[str, list[float]] = {}
+    for tag, value in reduced.items():
+        head, _, last = tag.rpartition("/")
+        if tag.startswith("moe/") and last.startswith("share_e"):
+            shares.setdefault(head, []).append(value)
+    out = dict(reduced)
+    for block, values in shares.items():
+        out[f"{block}/imbalance"] = max(values) * len(values)
+    return out

@@ -35,7 +35,7 @@ from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
 from tti_dist.train import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
-from tti_dist.train.moe_metrics import RoutingStatsAccumulator
+from tti_dist.train.moe_metrics import RoutingStatsAccumulator, with_imbalance
 from tti_dist.train.seeding import seed_runtime, seed_weights
 from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
 
@@ -368,6 +368,8 @@ class Trainer:
                     routing = self.routing_stats.metrics() if self.routing_stats else {}
                     reduced = dp_means({"train/task_loss": loss, "train/total_loss": total_loss, **reg_metrics,
                                         **routing}, self.groups)
+                    if routing:
+                        reduced = with_imbalance(reduced)
                     loss_value = reduced["train/task_loss"]
                     elapsed = time.perf_counter() - interval_start
                     scalars = {
