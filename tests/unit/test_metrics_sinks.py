@@ -557,3 +557,41 @@ def test_sigkill_mid_flush_leaves_a_readable_table_with_every_flushed_row(tmp_pa
     assert read_metrics(tmp_path).num_rows == done + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.parquet"]
     assert not [p.name for p in metrics_path(tmp_path).iterdir() if p.name.startswith(".")]
+
+
+WRITE_FAILURE_CHILD = r"""
+import resource, signal, sys
+from tti_dist.errors import RunWriteError
+from tti_dist.metrics.sinks import MetricsWriter
+
+run_dir, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+writer = MetricsWriter(run_dir, tensorboard=False, flush_every=10, rows_per_part=100_000)
+try:
+    for step in range(1, 100_000):
+        writer.log(step, step * 10, {f"train/t{i:03d}": step + i / 1000 for i in range(60)})
+        if step % 10 == 0:
+            print("flushed", step, flush=True)
+except RunWriteError as exc:
+    print("error", exc, flush=True)
+"""
+
+
+def test_failed_write_names_the_path_and_keeps_the_flushed_rows(tmp_path: Path) -> None:
+    """A real file-size limit (RLIMIT_FSIZE, as on a full disk): the part that outgrows it
+    cannot be written; the error is one line naming the file and the OS's reason, and the
+    table on disk still holds every row of the last successful flush."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", WRITE_FAILURE_CHILD, str(tmp_path), "60000"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    error = lines[-1]
+    assert error.startswith(f"error {metrics_path(tmp_path)}/"), error
+    assert error.endswith("could not write metrics: [Errno 27] File too large")
+    flushed = max(int(line.split()[1]) for line in lines if line.startswith("flushed"))
+    assert flushed >= 10
+    table = read_metrics(tmp_path)
+    assert table.column("step").to_pylist() == list(range(1, flushed + 1))
+    assert not list(tmp_path.rglob(".*.tmp"))
