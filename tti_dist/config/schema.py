@@ -216,9 +216,10 @@ class TrainConfig:
     eval_batches: int = 4
     """Micro-batches per data-parallel rank used for eval/loss (fixed, so values compare across steps)."""
     dist_timeout_s: int = 600
-    """Timeout of collectives, in seconds: a rank that stops answering (hung, stopped,
-    unreachable) fails the job after this long, plus checkpoint.signal_grace_s while the
-    launcher tears the ranks down (docs/reliability.md)."""
+    """Timeout of collectives, in seconds, on every process group of the run (megatron-core's
+    and DeepSpeed's included): a rank that stops answering (hung, stopped, unreachable) fails
+    the job after this long, plus up to 30 s while torch's launcher tears it down
+    (docs/reliability.md)."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient at an optimizer step. stop: no update is applied, the
     run ends with one line naming the step and the first non-finite tag, and the last good
