@@ -10,7 +10,9 @@ DeepSpeed config: AdamW, gradient clipping, bf16 when asked), and the trainer's 
     engine.backward(loss); engine.step()
 
 on random int64 tokens [batch, seq + 1]. No data loader, eval, metrics or checkpoints:
-the figure is the model + engine step alone.
+the figure is the model + engine step alone. `--guard` adds the Trainer's per-step fault
+checks before the update (the gradient norm at ZeRO stage 0, the all-reduce of the
+non-finite and stop flags and its host sync; docs/reliability.md).
 
 Side by side (default; `--no-baseline` skips it): the same GPT shape in plain PyTorch
 (bench/plain_gpt.py: nn.Linear blocks, SDPA, F.cross_entropy, torch.optim.AdamW with the
@@ -118,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="weight and token seed (default: %(default)s)")
     parser.add_argument("--timeout-s", type=int, default=600, help="process-group timeout in seconds (default: %(default)s)")
     parser.add_argument("--per-step", action="store_true", help="also print every timed step's time")
+    parser.add_argument("--guard", action="store_true",
+                        help="include the Trainer's per-step fault checks in tti's step: the gradient norm at ZeRO "
+                             "stage 0 and the all-reduce of the non-finite/stop flags with its host sync")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the plain-PyTorch baseline (bench/plain_gpt.py) timed side by side")
     parser.add_argument("--breakdown", action="store_true",
@@ -272,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             if breakdown:
                 sync()
                 t2 = time.perf_counter()
+            if args.guard:  # what the Trainer adds before every update (docs/reliability.md)
+                norm = grad_norm_now(engine) if norm_before_step else None
+                step_verdict(loss.detach(), norm, device)
             engine.step()
             if breakdown:
                 sync()
@@ -280,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                     phase_times[name].append(dt)
             return loss.detach()
 
+        from tti_dist.train.engine import grad_norm_now
+        from tti_dist.train.trainer import step_verdict
+
+        norm_before_step = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
         plain_step = None
         if args.baseline:
             import plain_gpt
@@ -356,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             "seq": shape.seq, "batch": shape.batch,
             "params_total": n_total, "params_flops_N": n_flops,
             "precision": "bf16" if bf16 else "fp32",
-            "zero": cfg.zero.stage, "compile": bool(args.compile), "graph_breaks": graph_breaks,
+            "zero": cfg.zero.stage, "compile": bool(args.compile), "guard": bool(args.guard), "graph_breaks": graph_breaks,
             "optimizer": optimizer_name,
             "threads": torch.get_num_threads() if not on_cuda else None,
             "warmup_steps": args.warmup, "timed_steps": args.steps,

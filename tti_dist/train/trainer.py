@@ -114,6 +114,20 @@ class StepVerdict:
     """The largest signal number any rank was sent (0: none): stop after this step."""
 
 
+def step_verdict(total_loss_sum: torch.Tensor, grad_norm, device: torch.device) -> StepVerdict:
+    """The ranks' common verdict on an optimizer step: one all-reduce (MAX over the world
+    group) of [this rank's loss or the gradient norm is not finite, the signal this rank was
+    sent], and one host sync, per optimizer step (bench/throughput.py --guard measures it)."""
+    bad = ~torch.isfinite(total_loss_sum)
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=device))
+    flags = torch.stack([bad.to(torch.float64),
+                         torch.tensor(float(stop_request.requested()), dtype=torch.float64, device=device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+    nonfinite, signum = flags.tolist()
+    return StepVerdict(nonfinite=bool(nonfinite), stop_signal=int(signum))
+
+
 class StepObserver(Protocol):
     """Told about every optimizer step that logged scalars or saved a checkpoint.
 
@@ -255,16 +269,7 @@ class Trainer:
         return self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
 
     def _agree(self, total_loss_sum: torch.Tensor, norm) -> StepVerdict:
-        """The ranks' common verdict on this step: one all-reduce (MAX over the world group)
-        of [loss or gradient not finite, stop signal], and one host sync, per optimizer step."""
-        bad = ~torch.isfinite(total_loss_sum)
-        if norm is not None:
-            bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=self.groups.device))
-        flags = torch.stack([bad.to(torch.float64),
-                             torch.tensor(float(stop_request.requested()), dtype=torch.float64, device=self.groups.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
-        nonfinite, signum = flags.tolist()
-        return StepVerdict(nonfinite=bool(nonfinite), stop_signal=int(signum))
+        return step_verdict(total_loss_sum, norm, self.groups.device)
 
     def _first_nonfinite(self, task_loss, reg_means: dict[str, torch.Tensor], total_loss, norm) -> str:
         """'<tag> is <value> at step N': the first non-finite of the step's tags in logging
