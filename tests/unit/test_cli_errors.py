@@ -195,10 +195,15 @@ def prepare_error(argv: list[str]) -> str:
     return msg
 
 
-def fake_checkpoint(run_dir: Path, step: int = 5) -> None:
-    """The minimum `latest_tag` accepts as a complete checkpoint."""
+def fake_checkpoint(run_dir: Path, step: int = 5, ranks: int = 2) -> None:
+    """The minimum `latest_tag` accepts as a complete checkpoint, with the per-rank RNG files
+    `tti train --resume` reads before launch."""
+    from tti_dist.train.checkpoint import rng_file_name, write_rng_state
+
     ckpt = run_dir / "checkpoints"
     (ckpt / f"global_step{step}").mkdir(parents=True)
+    for rank in range(ranks):
+        write_rng_state(ckpt / f"global_step{step}" / rng_file_name(rank))
     (ckpt / "latest").write_text(f"global_step{step}")
 
 
