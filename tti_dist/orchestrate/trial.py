@@ -18,6 +18,12 @@ restarts the whole worker group (FailureConfig.max_failures times); `worker_loop
 pointer from `ray.train.get_checkpoint()` and resumes from exactly that DeepSpeed tag, with
 the data order, regularizer samplers and metrics files restored (docs/training.md "Resume").
 
+Signals. With checkpoint.on_signal, a SIGTERM/SIGINT that reaches a worker process stops the
+trial as it stops `tti train`: every rank finishes its optimizer step and saves it
+(ray_backend.py installs the handler on the actors' main threads); the workers then raise
+StoppedBySignal, so Ray Train restarts the group from that checkpoint (one of the trial's
+max_failures).
+
 `import ray` happens only inside these functions: `tti train` never imports Ray.
 """
 
@@ -136,6 +142,14 @@ def resume_tag_from_ray() -> str | None:
         return json.loads((Path(path) / POINTER_FILE).read_text())["tag"]
 
 
+class StoppedBySignal(RuntimeError):
+    """A signal stopped the trial's workers after they saved a checkpoint of that step.
+
+    Raised by every rank after `run_worker` returns a result with `stopped_by`, so that the
+    worker group fails and Ray Train restarts it (FailureConfig.max_failures) from that
+    checkpoint."""
+
+
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one rank of the trial."""
     from tti_dist.train.checkpoint import latest_tag
@@ -158,8 +172,34 @@ def worker_loop(config: dict) -> None:
     rank = int(os.environ.get("RANK", "0"))
     record_worker_start(spec.run_dir, rank, tag, source)
     after = _final_evaluation(spec) if spec.eval_max_tokens else _report_done
-    run_worker(spec.cfg, spec.run_dir, resume=tag is not None, resume_tag=tag,
-               observer=RayStepReporter(spec.run_dir, rank), after_train=after)
+    result = run_worker(spec.cfg, spec.run_dir, resume=tag is not None, resume_tag=tag,
+                        observer=RayStepReporter(spec.run_dir, rank), after_train=_unless_stopped(after))
+    if result.stopped_by:
+        # SIGTERM/SIGINT reached a worker (ray_backend.py installs the handler): every rank
+        # finished the step, saved it and reported it (rank 0 with the pointer). Ray Train's
+        # controller takes one report per worker per poll and registers a checkpoint once it
+        # has every rank's report of that step; a report waits until the worker's previous
+        # one was taken. So this report (a barrier over the ranks) returns once the
+        # checkpoint's report was taken, and Ray registers the checkpoint before it sees the
+        # failure below: the restarted workers resume from it through Ray's pointer.
+        import ray.train
+
+        ray.train.report({"step": result.final_step})
+        # Fail the group so that Ray Train restarts it from that checkpoint (a worker that
+        # returned would end the trial as completed).
+        raise StoppedBySignal(f"{result.stopped_by} stopped the trial after step {result.final_step}; checkpoint "
+                              f"{result.last_checkpoint} saved; Ray Train restarts the workers from it")
+
+
+def _unless_stopped(after_train):
+    """after_train hook that skips `after_train` (the final evaluation) when a signal stopped
+    the run: the restarted workers train on and evaluate at the end."""
+
+    def hook(cfg, run_dir, groups, result) -> None:
+        if not result.stopped_by:
+            after_train(cfg, run_dir, groups, result)
+
+    return hook
 
 
 WORKERS_FILE = "workers.jsonl"
@@ -237,6 +277,11 @@ def build_torch_trainer(spec: TrialSpec, callbacks=()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if spec.cfg.checkpoint.on_signal:
+        # SIGTERM/SIGINT to a worker: finish the step, save it, restart from it (ray_backend.py).
+        from tti_dist.orchestrate.ray_backend import StopOnSignalTorchConfig as torch_config_cls
+    else:
+        torch_config_cls = TorchConfig  # Ray's handler: the worker dies, the last periodic checkpoint resumes
     use_gpu = spec.gpus_per_worker > 0
     resources = {"CPU": spec.cpus_per_worker}
     if use_gpu:
@@ -244,7 +289,7 @@ def build_torch_trainer(spec: TrialSpec, callbacks=()):
     return TorchTrainer(
         worker_loop,
         train_loop_config={"spec": spec},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=spec.cfg.train.dist_timeout_s),
+        torch_config=torch_config_cls(backend="nccl" if use_gpu else "gloo", timeout_s=spec.cfg.train.dist_timeout_s),
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=spec.placement_strategy),
         run_config=RunConfig(
