@@ -245,7 +245,7 @@ class Trainer:
             if self._norm_before_step:
                 norm = grad_norm_now(self.engine)
             reg_means = {k: v / gas for k, v in reg_sums.items()}
-            verdict = self._agree(total_sum, norm)
+            verdict = step_verdict(total_sum, norm, self.groups.device)
             if verdict.nonfinite and self.cfg.train.nonfinite == "stop":
                 raise NonFiniteStep(self._first_nonfinite(task_sum / gas, reg_means, total_sum / gas, norm))
             self._step_engine(skip=verdict.nonfinite)
@@ -267,9 +267,6 @@ class Trainer:
         # Plain fp32 data parallelism (stage 0) neither records the gradient norm nor checks
         # it, so the trainer takes it from the gradients before the update, every step.
         return self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
-
-    def _agree(self, total_loss_sum: torch.Tensor, norm) -> StepVerdict:
-        return step_verdict(total_loss_sum, norm, self.groups.device)
 
     def _first_nonfinite(self, task_loss, reg_means: dict[str, torch.Tensor], total_loss, norm) -> str:
         """'<tag> is <value> at step N': the first non-finite of the step's tags in logging
