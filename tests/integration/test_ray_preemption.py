@@ -118,3 +118,23 @@ def test_sigterm_to_a_ray_worker_checkpoints_that_step_and_the_restart_resumes_f
     want = pq.read_table(reference / "metrics.parquet").to_pydict()
     assert got["step"] == want["step"] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
     assert got["train/task_loss"] == want["train/task_loss"]  # bit for bit
+
+
+def test_nonfinite_stop_fails_the_trial_with_step_and_tag(tmp_path):
+    """train.nonfinite: stop under Ray: the trial is recorded as failed, naming the step and
+    the first non-finite tag, and no checkpoint after the last good step exists."""
+    sweep = tmp_path / "nan.yaml"
+    settings = ["train.steps=4", "optim.lr=1e30", "optim.warmup_steps=1", "train.eval_every=0", "logging.log_every=1",
+                "checkpoint.every=1", "checkpoint.keep_last=0", "train.micro_batch_size=4", "data.seq_len=32",
+                "model.max_seq_len=32"]
+    sweep.write_text(yaml.safe_dump({"name": "nan", "base": str(BASE), "set": settings, "axes": {"model_size": ["xs"]},
+                                     "max_failures": 0, "eval": False, "resources": {"cpus_per_worker": 1}}))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "tti_dist.cli", "sweep", str(sweep), "--out", str(out)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "runs" / "t000-xs" / "trial.json").read_text())
+    assert record["status"] == "failed"
+    assert "train/task_loss is nan at step 2; no update was applied (train.nonfinite: stop)" in record["error"]
+    ckpts = out / "runs" / "t000-xs" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "global_step1" and not (ckpts / "global_step2").exists()

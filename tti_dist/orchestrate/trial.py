@@ -142,6 +142,10 @@ def resume_tag_from_ray() -> str | None:
         return json.loads((Path(path) / POINTER_FILE).read_text())["tag"]
 
 
+class NonFiniteTrial(RuntimeError):
+    """A trial's loss or gradient went non-finite under `train.nonfinite: stop`."""
+
+
 class StoppedBySignal(RuntimeError):
     """A signal stopped the trial's workers after they saved a checkpoint of that step.
 
@@ -174,6 +178,11 @@ def worker_loop(config: dict) -> None:
     after = _final_evaluation(spec) if spec.eval_max_tokens else _report_done
     result = run_worker(spec.cfg, spec.run_dir, resume=tag is not None, resume_tag=tag,
                         observer=RayStepReporter(spec.run_dir, rank), after_train=_unless_stopped(after))
+    if result.nonfinite:
+        # train.nonfinite: stop. The trial fails with the step and tag; Ray Train's restart
+        # (if max_failures allows one) resumes from the last good checkpoint and meets the
+        # same step again.
+        raise NonFiniteTrial(f"{result.nonfinite}; no update was applied (train.nonfinite: stop)")
     if result.stopped_by:
         # SIGTERM/SIGINT reached a worker (ray_backend.py installs the handler): every rank
         # finished the step, saved it and reported it (rank 0 with the pointer). Ray Train's
@@ -193,10 +202,11 @@ def worker_loop(config: dict) -> None:
 
 def _unless_stopped(after_train):
     """after_train hook that skips `after_train` (the final evaluation) when a signal stopped
-    the run: the restarted workers train on and evaluate at the end."""
+    the run (the restarted workers train on and evaluate at the end) or a non-finite step did
+    (the trial fails)."""
 
     def hook(cfg, run_dir, groups, result) -> None:
-        if not result.stopped_by:
+        if not result.stopped_by and not result.nonfinite:
             after_train(cfg, run_dir, groups, result)
 
     return hook
