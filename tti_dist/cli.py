@@ -210,6 +210,8 @@ def prepare_train(args: argparse.Namespace):
         raise ConfigError("--resume: needs --run-dir naming the run to continue")
     else:
         run_dir = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir: '{run_dir}' is a file, not a directory; name a new or existing run directory")
     ckpt_dir = run_dir / "checkpoints"
     has_checkpoint = ckpt.latest_tag(ckpt_dir) is not None
     if args.resume:

@@ -270,3 +270,11 @@ def test_resume_refuses_checkpoints_of_another_engine_stage(tmp_path):
     (run / "deepspeed_config.json").write_text(json.dumps({"zero_optimization": {"stage": 0}}))
     cfg, run_dir, _ = prepare(["train", SMOKE, "--resume", "--run-dir", str(run)])
     assert run_dir == run
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    msg = prepare_error(["train", SMOKE, "--run-dir", str(target)])
+    assert msg == f"--run-dir: '{target}' is a file, not a directory; name a new or existing run directory"
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
