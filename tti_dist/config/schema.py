@@ -206,7 +206,7 @@ class TrainConfig:
     Global batch = micro_batch_size * grad_accum_steps * dp_size sequences."""
     seed: int = 1234
     """Seeds weights (identical on every rank, so identical at every TP degree), data order,
-    and per-data-parallel-rank runtime randomness (dropout)."""
+    and per-data-parallel-rank runtime randomness (dropout). 0 <= seed < 2**63."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available, else cpu."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
