@@ -39,17 +39,6 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def groups():
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
-
-    with single_process_env():
-        try:
-            yield init_parallel(1, torch.device("cpu"), 60)
-        finally:
-            shutdown_parallel()
-
-
-@pytest.fixture(scope="module")
 def models(groups):
     from tti_dist.models.gpt import GPT
 

@@ -25,17 +25,6 @@ def moe_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
-
-    with single_process_env():
-        try:
-            yield init_parallel(1, torch.device("cpu"), 60)
-        finally:
-            shutdown_parallel()
-
-
 def build(cfg: ModelConfig, groups, seed: int = 0):
     from tti_dist.models.gpt import GPT
 
