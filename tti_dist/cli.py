@@ -310,7 +310,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # This process was signalled; the agent forwarded the signal and the ranks, which
         # save on it (checkpoint.on_signal), have exited.
         print(f"tti: stopped by {signal_name(exc.sigval)}. {_resume_hint(ckpt_dir)}", file=sys.stderr)
-        return EXIT_STOPPED if cfg.checkpoint.on_signal else EXIT_RUN_FAILED
+        saved = cfg.checkpoint.on_signal and ckpt_dir.joinpath("latest").is_file()
+        return EXIT_STOPPED if saved else EXIT_RUN_FAILED
     result = results[min(results)]
     if result.nonfinite:
         print(f"tti: {result.nonfinite}; no update was applied and the run stopped (train.nonfinite: stop). "

@@ -155,10 +155,15 @@ def test_sigint_to_the_ranks_alone_stops_after_a_checkpoint(dataset, tmp_path):
     assert max(losses(run_dir)) == stopped_at
 
 
-def test_sigterm_to_a_single_process_run(dataset, tmp_path):
+def test_sigterm_during_setup_of_a_single_process_run(dataset, tmp_path):
+    """The signal arrives while the rank builds its engine and data (RUN/config.yaml is
+    written there): the run still trains its first step, saves it and stops."""
     run_dir = tmp_path / "run"
     proc = start(run_dir, overrides(dataset, "parallel.tp_size=1"))
-    wait_for_training(proc, run_dir)
+    deadline = time.monotonic() + 180
+    while not (run_dir / "config.yaml").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGTERM)
     code, err = finish(proc)
     assert code == 3, err[-3000:]

@@ -350,8 +350,6 @@ class Trainer:
         progress = self._progress_bar(total)
         interval_start, interval_steps = time.perf_counter(), 0
         self.engine.train()
-        if cfg.checkpoint.on_signal:
-            stop_request.install()
         try:
             while self.step < total:
                 log_now = (self.step + 1) % cfg.logging.log_every == 0 or self.step + 1 == total
@@ -422,8 +420,6 @@ class Trainer:
                                    self.step, saved)
                     break
         finally:
-            if cfg.checkpoint.on_signal:
-                stop_request.uninstall()
             if progress is not None:
                 progress.close()
             if self.capture is not None:

@@ -90,21 +90,31 @@ def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: s
     `resume_tag` names the checkpoint to continue from (default: RUN/checkpoints/latest);
     `observer` is a trainer.StepObserver; `after_train(cfg, run_dir, groups, result)` runs on
     every rank while the process groups are still up (Ray trials evaluate there)."""
-    with rank_session(cfg, cfg.parallel.tp_size) as groups:
-        from tti_dist.train.trainer import Trainer
+    from tti_dist.train import stop_request
 
-        trainer = Trainer(cfg, Path(run_dir), groups, resume=resume, resume_tag=resume_tag, observer=observer)
-        try:
-            result = trainer.train()
-        except RuntimeError as exc:
-            explained = explain_collective_failure(exc, cfg.train.dist_timeout_s)
-            if explained is None:
-                raise
-            raise explained from exc
-        logger.info("finished at step %d", result.final_step)
-        del trainer  # free the engine before anything else runs on this rank
-        if after_train is not None:
-            after_train(cfg, run_dir, groups, result)
+    if cfg.checkpoint.on_signal:
+        # From the start, so that a signal during setup (building the model and engine,
+        # loading a checkpoint) also ends the run after its first step, saved.
+        stop_request.install()
+    try:
+        with rank_session(cfg, cfg.parallel.tp_size) as groups:
+            from tti_dist.train.trainer import Trainer
+
+            trainer = Trainer(cfg, Path(run_dir), groups, resume=resume, resume_tag=resume_tag, observer=observer)
+            try:
+                result = trainer.train()
+            except RuntimeError as exc:
+                explained = explain_collective_failure(exc, cfg.train.dist_timeout_s)
+                if explained is None:
+                    raise
+                raise explained from exc
+            logger.info("finished at step %d", result.final_step)
+            del trainer  # free the engine before anything else runs on this rank
+            if after_train is not None:
+                after_train(cfg, run_dir, groups, result)
+    finally:
+        if cfg.checkpoint.on_signal:
+            stop_request.uninstall()
     if result.stopped_by and os.environ.get("TORCHELASTIC_RUN_ID"):
         # Under torch's elastic agent a rank that returns waits for the agent to collect its
         # result, which a signalled agent never does (it only waits `signal_grace_s`, then
