@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from tti_dist.utils.environ import environ_set
+
 logger = logging.getLogger(__name__)
 
 
@@ -126,13 +128,5 @@ def single_process_env() -> Iterator[None]:
 
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ_set(env):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -20,6 +20,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from tti_dist.config.schema import RunConfig
 from tti_dist.distributed.runtime import single_process_env
+from tti_dist.utils.environ import environ_set
 from tti_dist.train.worker import run_worker
 
 logger = logging.getLogger(__name__)
@@ -77,16 +78,11 @@ def _signals_forwarded_once():
         yield
         return
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    # The agent installs its handler for the signals listed here when it starts the ranks.
-    env_before = os.environ.get(_AGENT_SIGNALS_ENV)
-    os.environ[_AGENT_SIGNALS_ENV] = "SIGHUP,SIGQUIT"
     try:
-        yield
+        # The agent installs its handler for the signals listed here when it starts the ranks.
+        with environ_set({_AGENT_SIGNALS_ENV: "SIGHUP,SIGQUIT"}):
+            yield
     finally:
-        if env_before is None:
-            os.environ.pop(_AGENT_SIGNALS_ENV, None)
-        else:
-            os.environ[_AGENT_SIGNALS_ENV] = env_before
         for sig, old in previous.items():
             signal.signal(sig, old)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import pickle
 import re
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from tti_dist.errors import RefusedFileError
+from tti_dist.utils.environ import environ_set
 
 DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # optim_states["loss_scaler"] (also for fp32 and bf16)
@@ -138,13 +138,5 @@ def weights_only_loads(allowed: Iterable[str]) -> Iterator[None]:
     """Every `torch.load` inside the block uses the weights-only unpickler with exactly
     `allowed`, including those that pass `weights_only=False` themselves (DeepSpeed's
     zero_to_fp32): torch honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the argument."""
-    old = os.environ.get(_FORCE_ENV)
-    os.environ[_FORCE_ENV] = "1"
-    try:
-        with exact_allowlist(allowed):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(_FORCE_ENV, None)
-        else:
-            os.environ[_FORCE_ENV] = old
+    with environ_set({_FORCE_ENV: "1"}), exact_allowlist(allowed):
+        yield
