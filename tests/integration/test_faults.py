@@ -305,8 +305,7 @@ def test_checkpoint_write_failure_names_the_path_and_keeps_the_previous_checkpoi
     assert f"{run_dir}/checkpoints/global_step20.partial: could not write the checkpoint of step 20" in line, line
     assert "the latest complete checkpoint is still global_step10" in line
     assert latest(run_dir) == "global_step10"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("global_step")) == [
-        "global_step10"] or not (run_dir / "checkpoints" / "global_step20").exists()
+    assert not (run_dir / "checkpoints" / "global_step20").exists()  # no complete-looking checkpoint of step 20
 
     code, err = run(run_dir, overrides(dataset, "train.steps=20"), resume=True)
     assert code == 0, err[-3000:]

@@ -74,7 +74,9 @@ def explain_collective_failure(exc: RuntimeError, timeout_s: int) -> CollectiveF
     The backends' own messages name a source line and a transport buffer; the launcher
     prints this instead, as the failed rank's reason."""
     text = str(exc)
-    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+    # gloo: "[...transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv ...";
+    # NCCL's watchdog: "Watchdog caught collective operation timeout: ...".
+    if "Timed out waiting" in text or "collective operation timeout" in text:
         return CollectiveFailure(
             f"a collective did not complete within train.dist_timeout_s = {timeout_s} s: a peer rank stopped "
             "responding (hung, stopped or unreachable)")
