@@ -51,7 +51,8 @@ import pyarrow.parquet as pq
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tti_dist.metrics import sinks  # noqa: E402
+from tti_dist.metrics import MetricsWriter, metrics_path  # noqa: E402
+from tti_dist.metrics.parquet_sink import DEFAULT_ROWS_PER_PART  # noqa: E402
 
 # The last commit whose MetricsWriter rewrote the whole metrics.parquet on every flush.
 OLD_COMMIT = "3da7626"
@@ -98,7 +99,7 @@ def run_new(args, tags) -> dict:
     rng = np.random.default_rng(0)
     out: dict = {"wall": {}, "cpu": {}, "rss_mb": {}}
     with tempfile.TemporaryDirectory(prefix="tti-bench-metrics-") as tmp:
-        writer = sinks.MetricsWriter(
+        writer = MetricsWriter(
             tmp, tensorboard=args.tensorboard, flush_every=args.flush_every,
             rows_per_part=args.rows_per_part,
         )
@@ -113,7 +114,7 @@ def run_new(args, tags) -> dict:
             step += args.window
         writer.close()
         out["steps"] = step - 1
-        path = sinks.metrics_path(tmp)
+        path = metrics_path(tmp)
         out["files"] = len(list(path.iterdir()))
         t0 = time.perf_counter()
         out["rows_read"] = pq.read_table(path).num_rows
@@ -159,7 +160,7 @@ def main() -> None:
     parser.add_argument("--tags", type=int, default=30, help="float scalars per log() call")
     parser.add_argument("--flush-every", type=int, default=20,
                         help="MetricsWriter flush_every (the trainer's default, 20)")
-    parser.add_argument("--rows-per-part", type=int, default=sinks.DEFAULT_ROWS_PER_PART)
+    parser.add_argument("--rows-per-part", type=int, default=DEFAULT_ROWS_PER_PART)
     parser.add_argument("--window", type=int,
                         help="timed log() calls per window (default 8 x rows-per-part)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh runs; the median is reported")

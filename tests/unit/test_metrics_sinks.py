@@ -429,7 +429,7 @@ def test_flush_work_does_not_grow_with_the_number_of_rows(tmp_path: Path) -> Non
         files_per_flush.append(len(written))
         rows_per_flush.append(sum(pq.read_metadata(path / name).num_rows for name in written))
         # Rows held in memory are bounded too (the tail part, plus the sealed ones of a flush).
-        assert sum(len(part) for part in w._held) <= rows_per_part + flush_rows
+        assert sum(len(part) for part in w._table._held) <= rows_per_part + flush_rows
     w.close()
 
     assert read_metrics(tmp_path).num_rows == num_flushes * flush_rows  # 1,600 rows, 100 parts
@@ -562,7 +562,7 @@ def test_sigkill_mid_flush_leaves_a_readable_table_with_every_flushed_row(tmp_pa
 WRITE_FAILURE_CHILD = r"""
 import resource, signal, sys
 from tti_dist.errors import RunWriteError
-from tti_dist.metrics.sinks import MetricsWriter
+from tti_dist.metrics import MetricsWriter
 
 run_dir, limit = sys.argv[1], int(sys.argv[2])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails (EFBIG) instead of killing
