@@ -521,7 +521,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tti_dist.orchestrate.report import format_tax, write_report
+    from tti_dist.report.markdown import format_tax
+    from tti_dist.report.sweep_report import write_report
 
     result = write_report(args.sweep_dir, metrics=args.metrics or None, target=args.target)
     for path in [result["summary"], *result["plots"], result["report"]]:
@@ -534,7 +535,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
-    from tti_dist.orchestrate.tensorboard import resolve_logdir, serve_tensorboard
+    from tti_dist.report.tensorboard_server import resolve_logdir, serve_tensorboard
 
     logdir = resolve_logdir(args.dir)
 

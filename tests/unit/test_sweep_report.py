@@ -33,9 +33,11 @@ import pytest
 
 from tti_dist.cli import main
 from tti_dist.errors import ConfigError
-from tti_dist.orchestrate.report import (collect_trials, frontier_loss_at, headline_metrics, interp_metrics,
-                                         interpretability_tax, metric_direction, pareto_frontier, pareto_metrics,
-                                         width_independent, write_report)
+from tti_dist.report.interp_metrics import (headline_metrics, interp_metrics, metric_direction, pareto_metrics,
+                                            width_independent)
+from tti_dist.report.pareto import frontier_loss_at, interpretability_tax, pareto_frontier
+from tti_dist.report.records import collect_trials, derived_metrics
+from tti_dist.report.sweep_report import write_report
 
 L0 = "interp/blocks.1.mlp.act/l0"
 L0_BLOCK0 = "interp/blocks.0.mlp.act/l0"
@@ -293,8 +295,6 @@ def test_no_width_independent_metric_no_default_tax(tmp_path):
 
 
 def test_derived_metrics_compare_across_depth_and_width():
-    from tti_dist.orchestrate.report import derived_metrics
-
     two_blocks = {"interp/blocks.0.mlp.act/l0": 30.0, "interp/blocks.0.mlp.act/num_units": 128.0,
                   "interp/blocks.1.mlp.act/l0": 16.0, "interp/blocks.1.mlp.act/num_units": 64.0,
                   "interp/embed/l0": 8.0, "eval/loss": 3.0}

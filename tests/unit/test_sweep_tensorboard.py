@@ -30,14 +30,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2  # noqa: E402
 from tensorboard.plugins.hparams import metadata as hp_metadata  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from tti_dist.orchestrate.tensorboard import (  # noqa: E402
-    resolve_logdir,
-    start_tensorboard,
-    stop_tensorboard,
-    sweep_layout,
-    write_sweep_layout,
-    write_trial_hparams,
-)
+from tti_dist.report.tensorboard import sweep_layout, write_sweep_layout, write_trial_hparams  # noqa: E402
+from tti_dist.report.tensorboard_server import resolve_logdir, start_tensorboard, stop_tensorboard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 L0_TAG = "interp/blocks.0.mlp.act/l0"
@@ -122,7 +116,7 @@ def test_hparams_record_in_the_run(sweep_dir, trial, caplog):
 
 
 def test_non_finite_metric_is_dropped_with_a_warning(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="tti_dist.orchestrate.tensorboard"):
+    with caplog.at_level("WARNING", logger="tti_dist.report.tensorboard"):
         write_trial_hparams(tmp_path, {"x": 1}, {"eval/loss": 2.0, "eval/ppl": math.nan})
     assert any("eval/ppl=nan" in r.getMessage() for r in caplog.records)
     acc = _accumulator(tmp_path)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tti_dist.config.schema import RunConfig
+from tti_dist.report.tensorboard import write_sweep_layout, write_trial_hparams
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _one_line(exc: BaseException) -> str:
 def final_scalars(run_dir: str | Path) -> tuple[dict[str, float], int, int]:
     """(the last logged value of every training scalar merged with the final evaluation's,
     tokens trained and optimizer steps at the last logged step)."""
-    from tti_dist.metrics.sinks import metrics_path, read_metrics
+    from tti_dist.metrics.metrics_table import metrics_path, read_metrics
 
     out: dict[str, float] = {}
     tokens = step = 0
@@ -367,7 +368,7 @@ def final_scalars(run_dir: str | Path) -> tuple[dict[str, float], int, int]:
     evals = sorted(eval_dir.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
     evals = [p for p in evals if p.stem.isdigit()]
     if evals:
-        scalars = json.loads(evals[-1].read_text())  # {tag: value} (tti_dist/eval/report.py)
+        scalars = json.loads(evals[-1].read_text())  # {tag: value} (tti_dist/eval/outputs.py)
         out.update({k: float(v) for k, v in scalars.items() if _is_number(v)})
     return out, tokens, step
 
@@ -408,8 +409,6 @@ def write_trial_record(spec: TrialSpec, status: str, error: str | None) -> dict:
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / TRIAL_FILE)
     if status == "completed" and cfg.logging.tensorboard:
-        from tti_dist.orchestrate.tensorboard import write_sweep_layout, write_trial_hparams
-
         write_trial_hparams(run_dir / "tb", trial_hparams(record, cfg), final, step=last_step or None)
         # Each trial writes the custom-scalars layout of its own tags; TensorBoard merges
         # the layouts of all runs, so every trial's lines share the sweep's charts.
