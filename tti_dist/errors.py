@@ -2,7 +2,7 @@
 
 A `ConfigError` is a mistake in a config file or on the command line. Its message is one
 line naming the field path, the value given and what is allowed; the CLI prints it without
-a traceback and exits with code 2 (DESIGN.md section 5.6).
+a traceback and exits with code 2.
 """
 
 

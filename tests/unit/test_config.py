@@ -2,7 +2,7 @@
 DeepSpeed JSON generated from it.
 
 Every user error must be a one-line `ConfigError` naming the field path and the bad value
-(DESIGN.md 5.6); the tests check the exact message fragments.
+(the CLI prints it and exits 2); the tests check the exact message fragments.
 """
 
 from __future__ import annotations

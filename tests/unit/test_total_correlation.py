@@ -55,7 +55,7 @@ def test_mws_weights_are_one_over_m_n():
     w = log_importance_weights(6, 40, "mws", row_offset=2, num_rows=3, dtype=F64)
     assert w.shape == (3, 6)
     torch.testing.assert_close(w, torch.full((3, 6), -math.log(240), dtype=F64), rtol=0, atol=1e-14)
-    # Rows sum to 1/N, not 1 (DESIGN.md section 4's formula).
+    # Rows sum to 1/N, not 1 (Chen et al.'s formula: log(M N) subtracted in every logsumexp).
     torch.testing.assert_close(torch.logsumexp(w, 1), torch.full((3,), -math.log(40), dtype=F64), rtol=0, atol=1e-12)
 
 

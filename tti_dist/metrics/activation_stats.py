@@ -1,7 +1,7 @@
 """Label-free statistics of a layer's activations: sparsity, unit density, Gaussian total
 correlation, and the geometry of the units' weight directions.
 
-DESIGN.md section 4 (L0, dead fraction / dense units, Gaussian TC of codes). Which of these
+Definitions in docs/metrics.md (L0, dead fraction / dense units, Gaussian TC of codes). Which of these
 compare across layer widths D and eval sizes N, and why: docs/evaluation.md, "Width and
 sample size". Single-process
 functions for `tti eval`: the driver gathers activations `acts_ND` ([N tokens, D units], the
@@ -54,7 +54,7 @@ def _as_2d(acts: Any, where: str) -> np.ndarray:
 
 
 def l0(acts_ND: Any) -> float:
-    """Mean over tokens of the number of nonzero units (DESIGN section 4):
+    """Mean over tokens of the number of nonzero units (docs/metrics.md#l0):
 
         L0 = (1/N) sum_n #{d : a_nd != 0}.
 
@@ -83,7 +83,7 @@ def unit_density(acts_ND: Any) -> np.ndarray:
 
 
 def dead_and_dense(density_D: Any) -> dict[str, float]:
-    """Dead and dense shares of units from their densities (DESIGN section 4; eval-set
+    """Dead and dense shares of units from their densities (docs/metrics.md#dead-and-dense-units; eval-set
     variant of the dead fraction, density == 0 on the eval tokens):
 
         dead_frac        = #{d : density_d == 0} / D
@@ -133,8 +133,8 @@ def density_histogram(density_D: Any, num_bins: int = 24, min_log10: float = -6.
 
 
 def gaussian_total_correlation(acts_ND: Any) -> dict[str, float | int]:
-    """Plug-in total correlation of the units under a Gaussian fit (DESIGN section 4, "Gaussian
-    TC of codes (no labels)"):
+    """Plug-in total correlation of the units under a Gaussian fit (the Gaussian TC of codes,
+    no labels needed; docs/metrics.md#total-correlation):
 
         TC = 1/2 (sum_d log S_dd - log det S) = -1/2 log det R,
 
@@ -213,7 +213,7 @@ def gaussian_tc_per_unit(acts_ND: Any, noise_floor: float = TC_NOISE_FLOOR,
 
     over the k units used (below), eps = `noise_floor` (TC_NOISE_FLOOR = 0.01), b the exact
     Wishart bias of `gaussian_tc_bias`. Three parts, each fixing one defect of the plug-in
-    (DESIGN section 4: "never compare it across widths or sample sizes uncorrected"):
+    (which must never be compared across widths or sample sizes uncorrected):
 
     - Bias correction (Ahmed & Gokhale 1989; `gaussian_tc_bias`): the plug-in is biased up by
       b(D, N) ~ D(D-1)/(4N) nats for every covariance, so subtracting b gives an unbiased
@@ -300,7 +300,7 @@ def direction_cosines(W_KD: Any) -> dict[str, float | int]:
         mean_abs_cos     = mean over ordered pairs i != j of c_ij,
         max_abs_cos      = max over pairs i != j of c_ij,
         mean_max_abs_cos = (1/K) sum_i max_{j != i} c_ij   (how close each unit's nearest
-                           other direction is; the |.| form of DESIGN's "redundancy"),
+                           other direction is; the |.| form of an SAE's decoder redundancy),
         mean_sq_cos      = mean over ordered pairs i != j of c_ij^2,
         mean_sq_cos_rel  = D * mean_sq_cos.
 

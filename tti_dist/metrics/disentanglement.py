@@ -2,9 +2,9 @@
 (histogram and k-nearest-neighbour estimators), the mutual information gap (MIG), and a
 per-unit monosemanticity score.
 
-DESIGN.md section 4: "MIG: for each ground-truth factor v_k, I(z_j; v_k) for all units j,
-sorted; MIG = mean_k (I_1 - I_2) / H(v_k). Histogram variant: units discretized into 20 bins,
-normalized by H(v_k). Name the estimator in the tag."
+MIG (docs/metrics.md#mig): for each ground-truth factor v_k, I(z_j; v_k) for all units j, sorted;
+MIG = mean_k (I_1 - I_2) / H(v_k). The histogram variant discretizes units into 20 bins; the
+tag names the estimator (mig_hist20, mig_ksg).
 
 Conventions:
 
@@ -38,7 +38,7 @@ from scipy.special import digamma
 from tti_dist.metrics.activation_stats import as_numpy
 
 DEFAULT_NUM_BINS = 20
-"""Bins per unit of the histogram estimator (DESIGN section 4; disentanglement_lib default)."""
+"""Bins per unit of the histogram estimator (docs/metrics.md#mig; disentanglement_lib default)."""
 
 KSG_MAX_TOKENS = 5000
 """Default subsample size (defined positions per factor) of the k-nearest-neighbour estimator."""
@@ -321,7 +321,7 @@ def mutual_information_matrix_ksg(codes_ND: Any, factor_N: Any, max_tokens: int 
 def mig(codes_ND: Any, factors: Mapping[str, Any], estimator: str = "histogram",
         num_bins: int = DEFAULT_NUM_BINS, max_tokens: int = KSG_MAX_TOKENS, seed: int = 0) -> dict[str, Any]:
     """Mutual information gap (Chen, Li, Grosse & Duvenaud 2018, "Isolating Sources of
-    Disentanglement in Variational Autoencoders"; DESIGN section 4):
+    Disentanglement in Variational Autoencoders"; docs/metrics.md#mig):
 
         gap_k = (I_(1)(v_k) - I_(2)(v_k)) / H(v_k),     MIG = mean_k gap_k,
 

@@ -1,8 +1,8 @@
 """Supervised probes of activations for ground-truth factors: dense linear probes and
 k-sparse probes on units chosen by a mean-difference ranking.
 
-DESIGN.md section 4: "Linear probes: per ground-truth factor, a logistic-regression probe on
-held-out split; k-sparse probes with k in {1, 2, 5} units chosen by mean-difference ranking."
+Definitions in docs/metrics.md#probes: per ground-truth factor, a logistic-regression probe evaluated on
+a held-out split; k-sparse probes with k in {1, 2, 5} units chosen by mean-difference ranking.
 
 Conventions (all functions):
 
@@ -47,7 +47,7 @@ from threadpoolctl import threadpool_limits
 from tti_dist.metrics.activation_stats import as_numpy
 
 SPARSE_PROBE_KS = (1, 2, 5)
-"""Numbers of units of the k-sparse probes named in DESIGN section 4."""
+"""Numbers of units of the k-sparse probes that `tti eval` reports (probe_k{1,2,5}_<factor>)."""
 
 MEAN_DIFF_EPS = 1e-8
 """Added to the pooled standard deviation in the mean-difference score."""
@@ -122,7 +122,7 @@ def _fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 def linear_probe(X_train: Any, y_train: Any, X_test: Any, y_test: Any, max_iter: int = 200,
                  num_threads: int | None = 1) -> dict[str, Any]:
     """Dense linear probe for one factor: a logistic regression on all D standardized units,
-    fit on the train split, accuracy on the test split (DESIGN section 4; Alain & Bengio 2016,
+    fit on the train split, accuracy on the test split (docs/metrics.md#probes; Alain & Bengio 2016,
     "Understanding intermediate layers using linear classifier probes"):
 
         p(y = c | x) = softmax_c(W x_std + b),   accuracy = mean_test [argmax_c p = y].
@@ -175,7 +175,7 @@ def mean_difference_scores(X: Any, y: Any) -> np.ndarray:
 
 def sparse_probe(X_train: Any, y_train: Any, X_test: Any, y_test: Any, k: int, max_iter: int = 200,
                  num_threads: int | None = 1) -> dict[str, Any]:
-    """k-sparse probe for one factor (DESIGN section 4; Gurnee et al. 2023, "Finding Neurons
+    """k-sparse probe for one factor (docs/metrics.md#probes; Gurnee et al. 2023, "Finding Neurons
     in a Haystack: Case Studies with Sparse Probing"): rank the units by
     `mean_difference_scores` on the train split, keep the top k (ties: lower unit index
     first), and fit the same logistic regression as `linear_probe` on those k units only.

@@ -1,7 +1,8 @@
 """Routing metrics of mixture-of-experts layers: pure functions on tensors.
 
-DESIGN.md section 4 (MoE): routing entropy, expert shares, and expert specialization as the
-normalized mutual information between expert id and a ground-truth factor. Conventions:
+Definitions in docs/metrics.md#routing-metrics: routing entropy, expert shares, and expert
+specialization as the normalized mutual information between expert id and a ground-truth
+factor. Conventions:
 
 - Labels are int64; a negative label means "not counted" (a factor inactive at that token,
   or a route dropped by the capacity limit): the position is left out of every count.

@@ -17,8 +17,8 @@ dropped that route). Per MoE layer i, with tag prefix `moe/blocks.{i}/`:
 NMI is the arithmetic-normalized mutual information of the contingency table of the two
 labelings (`tti_dist.metrics.routing.normalized_mutual_information`: Strehl & Ghosh 2002,
 scikit-learn's default); dropped routes and inactive factor values are left out of the
-table. DESIGN.md section 4: "expert specialization = normalized mutual information between
-expert id and a ground-truth factor".
+table. This NMI between expert id and a ground-truth factor is the layer's expert
+specialization (docs/metrics.md#routing-metrics).
 
 Communication (all over the data-parallel group, `groups.dp_group`): every DP rank holds its
 own probe batches, and all tables and counts are summed over the DP group in one float64

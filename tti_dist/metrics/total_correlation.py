@@ -57,7 +57,7 @@ def log_importance_weights(num_samples: int, dataset_size: int, estimator: str, 
     sum to 1; this one is built from the formula.) Needs M >= 2. With N = M all weights are
     1/M: the plain mixture of the minibatch's posteriors.
 
-    "mws", minibatch weighted sampling, exactly as DESIGN.md section 4 writes it:
+    "mws", minibatch weighted sampling, exactly as Chen et al. write it (log(M N) subtracted):
         w_ij = 1 / (M N)  for all i, j        (rows sum to 1/N, not 1).
     log q(z) and every log q_d(z_d) are then log(N) too small, so the TC estimate is the
     uniform-weight (1/M) estimate plus exactly (D - 1) log N, D the number of latents, for

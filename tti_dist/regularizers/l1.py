@@ -29,7 +29,7 @@ class L1Activation(Regularizer):
     Precision: the sum accumulates in fp32 for bf16/fp16/fp32 activations and in fp64 for
     fp64 ones (the loss has that dtype); the gradient has the activations' dtype.
 
-    Metrics: `l0` = mean over tokens of the number of nonzero units (DESIGN.md section 4;
+    Metrics: `l0` = mean over tokens of the number of nonzero units (docs/metrics.md#l0;
     exact zeros, so it is the width for GELU activations and informative for ReLU/top-k),
     reduced over TP like the loss.
     """

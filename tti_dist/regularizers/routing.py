@@ -67,7 +67,7 @@ class LoadBalance(_RouterRegularizer):
     mean over the hookpoints. It is 1 when routing is uniform (f = P = 1/E) and grows to E
     when every token goes to one expert with certainty. Source: Fedus, Zoph, Shazeer (2021),
     "Switch Transformers" (differentiable load-balancing loss); Lepikhin et al. (2020),
-    "GShard" (l_aux). DESIGN.md section 4: f computed globally over the group, P locally.
+    "GShard" (l_aux). f is counted globally over the DP group, P locally (below).
 
     Reduce group: DP. The per-expert first-choice counts of all hookpoints are summed with
     one all-reduce over groups.dp_group (explicit group=); f is the same on every DP rank.
@@ -136,8 +136,8 @@ class RoutingEntropy(_RouterRegularizer):
         H_t = -sum_e p_te log p_te   (0 log 0 = 0),     loss = (1/N) sum_t H_t,
 
     mean over the hookpoints, in nats (log E for uniform routing, 0 for one-hot). Shannon
-    entropy (Shannon 1948) of the gating distribution (DESIGN.md section 4, "routing
-    entropy"); penalising a predictive distribution's entropy is entropy minimisation
+    entropy (Shannon 1948) of the gating distribution (the `moe/*/entropy` metric of
+    docs/metrics.md#routing-metrics); penalising a predictive distribution's entropy is entropy minimisation
     (Grandvalet & Bengio 2005, "Semi-supervised Learning by Entropy Minimization"), here
     applied to the router. log p is evaluated at max(p, tiny) so that an exactly-zero
     probability contributes 0 with a finite gradient.

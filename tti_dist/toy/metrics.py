@@ -1,4 +1,4 @@
-"""Superposition metrics of a toy model's weight W (DESIGN.md section 4).
+"""Superposition metrics of a toy model's weight W (docs/metrics.md#superposition-in-toy-models).
 
 Source: Elhage et al. 2022, "Toy Models of Superposition", transformer-circuits.pub/2022/toy_model
 (sections "Superposition as a Phase Change" and "The Geometry of Superposition").
