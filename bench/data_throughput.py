@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    from tti_dist.data.arrow_dataset import open_dataset
+    from tti_dist.data.dataset_reader import open_dataset
     from tti_dist.data.build import build_dataset
     from tti_dist.data.loader import DatasetWindows, DistributedBatchLoader
 

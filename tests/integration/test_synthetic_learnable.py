@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tti_dist.data.arrow_dataset import open_dataset
+from tti_dist.data.dataset_reader import open_dataset
 from tti_dist.data.synthetic import FactoredConfig, entropy_bounds, unigram_entropy, write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tti_dist.data import arrow_dataset
-from tti_dist.data.arrow_dataset import open_dataset, write_dataset
+from tti_dist.data import dataset_reader, dataset_writer
+from tti_dist.data.dataset_reader import open_dataset
+from tti_dist.data.dataset_writer import write_dataset
 from tti_dist.data.build import BuildStats, build_dataset, split_documents
 from tti_dist.data.sources import Document, describe_source, iter_documents
 from tti_dist.data.tokenizer import (
@@ -382,7 +383,7 @@ def test_deleted_shard_is_named(sharded: Path) -> None:
 
 def test_verify_false_does_not_hash(sharded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(arrow_dataset, "sha256_file", lambda p: calls.append(p))
+    monkeypatch.setattr(dataset_reader, "sha256_file", lambda p: calls.append(p))
     ds = open_dataset(sharded, verify=False)
     assert calls == [] and ds.num_tokens("train") > 0
 
@@ -514,7 +515,7 @@ def test_failed_write_leaves_nothing(text_dir: Path, tmp_path: Path, monkeypatch
     def boom(path, columns):
         raise OSError("disk full")
 
-    monkeypatch.setattr(arrow_dataset, "_write_shard", boom)
+    monkeypatch.setattr(dataset_writer, "_write_shard", boom)
     with pytest.raises(OSError, match="disk full"):
         build_dataset(str(text_dir), tmp_path / "ds")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -550,8 +551,8 @@ def test_workers_give_byte_identical_datasets(tokenizer: str, tmp_path: Path, mo
               shard_tokens=5_000, bpe_sample_bytes=30_000)
     one = build_dataset(str(src), tmp_path / "one", workers=1, **kw)
     # The second build's shard buffers start small and grow (the path of a huge --shard-tokens).
-    monkeypatch.setattr(arrow_dataset, "_LAZY_BUFFER_BYTES", 0)
-    monkeypatch.setattr(arrow_dataset, "_MIN_SHARD_BUFFER", 64)
+    monkeypatch.setattr(dataset_writer, "_LAZY_BUFFER_BYTES", 0)
+    monkeypatch.setattr(dataset_writer, "_MIN_SHARD_BUFFER", 64)
     stats = BuildStats()
     two = build_dataset(str(src), tmp_path / "two", workers=2, buffer_bytes=8_000, stats=stats, **kw)
     assert stats.num_batches >= 20  # many batches, in flight together

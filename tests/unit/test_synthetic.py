@@ -420,7 +420,8 @@ def test_config_fields_are_documented():
 
 
 def test_written_dataset_round_trips(tmp_path):
-    from tti_dist.data.arrow_dataset import MANIFEST_FILE, open_dataset
+    from tti_dist.data.dataset_format import MANIFEST_FILE
+    from tti_dist.data.dataset_reader import open_dataset
 
     cfg = FactoredConfig(num_documents=300, val_fraction=0.1, seed=11)
     manifest = syn.write_synthetic_dataset(cfg, tmp_path / "a")

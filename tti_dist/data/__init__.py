@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "TokenDataset": "arrow_dataset", "open_dataset": "arrow_dataset", "write_dataset": "arrow_dataset",
+    "TokenDataset": "dataset_reader", "open_dataset": "dataset_reader", "write_dataset": "dataset_writer",
     "build_dataset": "build",
     "DatasetWindows": "loader", "DistributedBatchLoader": "loader", "TokenWindows": "loader",
     "BYTE_VOCAB_SIZE": "tokenizer", "EOS_TOKEN": "tokenizer", "decode_tokens": "tokenizer",

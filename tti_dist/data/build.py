@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tti_dist.data.arrow_dataset import DEFAULT_SHARD_TOKENS, DatasetWriter, check_out_dir
+from tti_dist.data.dataset_writer import DEFAULT_SHARD_TOKENS, DatasetWriter, check_out_dir
 from tti_dist.data.encode import (
     EncodedBatch,
     encode_documents,

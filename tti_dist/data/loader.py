@@ -3,7 +3,7 @@
 Sequence packing: documents are stored back to back, separated by EOS, and cut into
 non-overlapping windows of `seq_len + 1` tokens (inputs are the first `seq_len`, targets
 the last `seq_len`), so no token is padding. Two window sources:
-- `DatasetWindows` over a built Arrow dataset (tti_dist.data.arrow_dataset): train and val
+- `DatasetWindows` over a built Arrow dataset (tti_dist.data.dataset_reader): train and val
   splits come from the dataset; windows never cross shard boundaries (each shard's tail of
   fewer than seq_len + 1 tokens is dropped), and extra per-token columns (ground-truth
   factors) are cut into the same windows as the tokens.

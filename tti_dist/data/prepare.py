@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from tti_dist.config.schema import RunConfig
-from tti_dist.data.arrow_dataset import TokenDataset, open_dataset
+from tti_dist.data.dataset_reader import TokenDataset, open_dataset
 from tti_dist.data.build import build_dataset
 from tti_dist.data.loader import DatasetWindows
 from tti_dist.errors import ConfigError

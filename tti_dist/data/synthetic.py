@@ -800,9 +800,9 @@ def write_synthetic_dataset(cfg: FactoredConfig, out_dir: str | Path, *, overwri
     Splits are by whole document (`split_sizes`), each from its own generator derived from
     `cfg.seed` (`split_rngs`), so the same config writes byte-identical files. The manifest's
     `source` records the kind "synthetic/factored", the config and the factor specifications.
-    Returns what `arrow_dataset.write_dataset` returns (the manifest).
+    Returns what `dataset_writer.write_dataset` returns (the manifest).
     """
-    from tti_dist.data.arrow_dataset import write_dataset
+    from tti_dist.data.dataset_writer import write_dataset
     from tti_dist.data.tokenizer import SyntheticTokenizer
 
     cfg.validate()

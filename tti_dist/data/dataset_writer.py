@@ -1,36 +1,13 @@
-"""The on-disk token dataset: Arrow IPC shards, memory-mapped, with a checkable manifest.
-
-Layout::
-
-    DIR/
-      manifest.json          format_version, source, build, tokenizer, dtype, columns,
-                             shard_tokens, splits: {split: {num_tokens, num_documents,
-                             shards: [{file, num_tokens, sha256}]}}
-      tokenizer.json | vocab.json   (the tokenizer's file, if it has one)
-      train-00000.arrow ...  one Arrow IPC *file* per shard, one record batch, one row per
-                             token: column `tokens` (uint16 when vocab_size <= 65536, else
-                             uint32), then optional extra integer columns sorted by name
-                             (e.g. per-token ground-truth factors, -1 = inactive)
-      val-00000.arrow ...
-
-Documents are packed: each document's tokens, then EOS, concatenated. Shards are cut every
-`shard_tokens` tokens at the last document boundary before the cut when there is one; a
-document longer than a shard spans shards. The manifest is a pure function of the input
-(sorted keys, no timestamps, no paths of the temporary directory), so two builds of the same
-input give byte-identical manifests; shards and tokenizer files are byte-identical too.
+"""Writing a token dataset directory (the format: `tti_dist.data.dataset_format`).
 
 `write_dataset` (whole arrays) and `DatasetWriter` (documents streamed in, each shard written
 as soon as it is full, so memory holds at most about one shard per split) both write into
 `<out>.tmp-<pid>` and rename it into place, so a reader never sees a half-written dataset
-and a failed or interrupted build never replaces a good one. `open_dataset` checks every
-shard's sha256 (streamed, 1 MiB blocks), then memory-maps the shards: the numpy arrays it
-hands out are zero-copy views of the mapped files, so opening a dataset costs no RAM beyond
-the page cache.
+and a failed or interrupted build never replaces a good one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -40,30 +17,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tti_dist.data.dataset_format import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TOKENS_COLUMN,
+    TOKENS_DESCRIPTION,
+    manifest_bytes,
+    tokens_dtype,
+)
 from tti_dist.data.sources import sha256_file
-from tti_dist.data.tokenizer import Tokenizer, load_tokenizer
+from tti_dist.data.tokenizer import Tokenizer
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-TOKENS_COLUMN = "tokens"
 DEFAULT_SHARD_TOKENS = 16_777_216
-UINT16_MAX_VOCAB = 65536
 
 _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-_TOKENS_DESCRIPTION = "token ids; documents packed, each followed by eos_id"
-
-
-def tokens_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= UINT16_MAX_VOCAB else np.uint32)
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """Canonical serialisation: sorted keys, 2-space indent, ASCII, trailing newline."""
-    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -215,7 +185,7 @@ def write_dataset(
         "dtype": dtype.name,
         "shard_tokens": shard_tokens,
         "columns": {
-            TOKENS_COLUMN: {"dtype": dtype.name, "description": _TOKENS_DESCRIPTION},
+            TOKENS_COLUMN: {"dtype": dtype.name, "description": TOKENS_DESCRIPTION},
             **{name: {"dtype": extra_dtypes[name].name, "description": descriptions.get(name, "")}
                for name in extra_names},
         },
@@ -401,7 +371,7 @@ class DatasetWriter:
             "build": build or {},
             "dtype": self.dtype.name,
             "shard_tokens": self.shard_tokens,
-            "columns": {TOKENS_COLUMN: {"dtype": self.dtype.name, "description": _TOKENS_DESCRIPTION}},
+            "columns": {TOKENS_COLUMN: {"dtype": self.dtype.name, "description": TOKENS_DESCRIPTION}},
             "tokenizer": self._tokenizer_info,
             "splits": {split: self._splits[split].finish() for split in sorted(self._splits)},
         }
@@ -421,147 +391,3 @@ class DatasetWriter:
     def __exit__(self, *exc) -> None:
         self.abort()  # a no-op after commit
 
-
-class TokenDataset:
-    """An opened dataset: manifest, tokenizer, and zero-copy views of the memory-mapped shards."""
-
-    def __init__(self, path: Path, manifest: dict, tokenizer: Tokenizer,
-                 shards: dict[str, list[dict[str, np.ndarray]]]) -> None:
-        self.path = path
-        self.manifest = manifest
-        self.tokenizer = tokenizer
-        self._shards = shards
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def eos_id(self) -> int:
-        return self.tokenizer.eos_id
-
-    @property
-    def splits(self) -> list[str]:
-        """Split names, sorted."""
-        return sorted(self.manifest["splits"])
-
-    @property
-    def column_names(self) -> list[str]:
-        """The extra per-token columns (everything but `tokens`), sorted (their file order)."""
-        return _column_order(self.manifest["columns"])[1:]
-
-    def _check_split(self, split: str) -> None:
-        if split not in self._shards:
-            raise ConfigError(
-                f"data.split: {split!r} is not a split of {str(self.path)!r}; available: {', '.join(self.splits)}"
-            )
-
-    def split_shards(self, split: str) -> list[dict[str, np.ndarray]]:
-        """Per shard, in order: {column: read-only numpy view of the mapped file}."""
-        self._check_split(split)
-        return [dict(s) for s in self._shards[split]]
-
-    def num_tokens(self, split: str) -> int:
-        self._check_split(split)
-        return int(self.manifest["splits"][split]["num_tokens"])
-
-    def num_documents(self, split: str) -> int:
-        self._check_split(split)
-        return int(self.manifest["splits"][split]["num_documents"])
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{s}={self.num_tokens(s)}" for s in self.splits)
-        return f"TokenDataset({str(self.path)!r}, {self.tokenizer.name}, vocab {self.vocab_size}, tokens {sizes})"
-
-
-def _column_order(columns: dict) -> list[str]:
-    """Column order inside a shard file: `tokens`, then the extra columns sorted by name."""
-    return [TOKENS_COLUMN] + sorted(c for c in columns if c != TOKENS_COLUMN)
-
-
-def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST_FILE
-    if not path.exists():
-        raise ConfigError(f"data.path: {str(path)!r} does not exist")
-    if not file.is_file():
-        raise ConfigError(f"data.path: {str(path)!r} is not a dataset: {MANIFEST_FILE} is missing")
-    try:
-        manifest = json.loads(file.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"data.path: {str(file)!r} is not valid JSON ({exc}); the dataset is corrupt") from None
-    if not isinstance(manifest, dict):
-        raise ConfigError(f"data.path: {str(file)!r} is not a JSON object; the dataset is corrupt")
-    missing = [k for k in ("format_version", "tokenizer", "columns", "splits") if k not in manifest]
-    if missing:
-        raise ConfigError(f"data.path: {str(file)!r} lacks {', '.join(missing)}; the dataset is corrupt")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ConfigError(
-            f"data.path: {str(file)!r} has format_version {manifest['format_version']!r}; "
-            f"this version of tti_dist reads {FORMAT_VERSION}"
-        )
-    return manifest
-
-
-def _map_shard(path: Path, shard: dict, columns: dict) -> dict[str, np.ndarray]:
-    file = shard["file"]
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path / file)))
-        if reader.num_record_batches != 1:
-            raise ValueError(f"{reader.num_record_batches} record batches, expected 1")
-        batch = reader.get_batch(0)
-        if batch.schema.names != _column_order(columns):
-            raise ValueError(f"columns {batch.schema.names}, manifest lists {_column_order(columns)}")
-        arrays = {name: batch.column(name).to_numpy(zero_copy_only=True) for name in columns}
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ConfigError(
-            f"data.path: shard {file!r} cannot be read ({exc}); the dataset is corrupt or was modified"
-        ) from None
-    for name, arr in arrays.items():
-        if arr.dtype.name != columns[name]["dtype"] or len(arr) != shard["num_tokens"]:
-            raise ConfigError(
-                f"data.path: shard {file!r} column {name!r} has {len(arr)} {arr.dtype} rows, manifest "
-                f"says {shard['num_tokens']} {columns[name]['dtype']}; the dataset is corrupt or was modified"
-            )
-    return arrays
-
-
-def open_dataset(path: str | Path, *, verify: bool = True) -> TokenDataset:
-    """Open a dataset directory written by `write_dataset`.
-
-    With `verify`, every shard's sha256 is checked first (reads each file once, streamed).
-    Shards are memory-mapped, never read into RAM; row counts and dtypes are always checked
-    against the manifest.
-
-    Raises:
-        ConfigError (naming `data.path` and the offending file): missing directory or
-            manifest, garbled manifest, missing shard, sha256 mismatch, unreadable shard.
-    """
-    path = Path(path)
-    manifest = _read_manifest(path)
-    tokenizer = load_tokenizer(path, manifest["tokenizer"])
-    columns = manifest["columns"]
-    shards: dict[str, list[dict[str, np.ndarray]]] = {}
-    for split in sorted(manifest["splits"]):
-        entries = manifest["splits"][split]["shards"]
-        for shard in entries:
-            file = shard["file"]
-            if not (path / file).is_file():
-                raise ConfigError(
-                    f"data.path: shard {file!r} is missing from {str(path)!r}; "
-                    "the dataset is incomplete or was modified"
-                )
-            if verify:
-                got = sha256_file(path / file)
-                if got != shard["sha256"]:
-                    raise ConfigError(
-                        f"data.path: shard {file!r} fails its sha256 check (expected {shard['sha256']}, "
-                        f"got {got}); the dataset is corrupt or was modified"
-                    )
-        shards[split] = [_map_shard(path, shard, columns) for shard in entries]
-        total = sum(s["num_tokens"] for s in entries)
-        if total != manifest["splits"][split]["num_tokens"]:
-            raise ConfigError(
-                f"data.path: split {split!r} of {str(path / MANIFEST_FILE)!r} lists {total} shard tokens "
-                f"but num_tokens {manifest['splits'][split]['num_tokens']}; the dataset is corrupt"
-            )
-    return TokenDataset(path, manifest, tokenizer, shards)
