@@ -1,4 +1,4 @@
-"""`tti eval`: score a checkpoint for capability and interpretability (DESIGN.md section 4).
+"""`tti eval`: score a checkpoint for capability and interpretability (definitions: docs/metrics.md).
 
     tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P]
                  [--batches B] [--max-tokens N]

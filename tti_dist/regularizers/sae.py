@@ -95,7 +95,7 @@ class SAECoTraining(Regularizer):
 
     Source: Bricken et al. 2023 ("Towards Monosemanticity"), Gao et al. 2024 ("Scaling and
     evaluating sparse autoencoders"); joint training of the model with its SAE loss is the
-    "co-training" setting of the DESIGN (the model can be shaped to be reconstructable).
+    "co-training" setting of docs/sae.md (the model can be shaped to be reconstructable).
 
     Per micro-step on the captured activation a [B, T, d] (replicated over TP):
         x_in, x_hat = SAE(a)                               (SAE in fp32, autocast off)
@@ -126,7 +126,7 @@ class SAECoTraining(Regularizer):
 
     Metrics (detached, reg/<name>/*; the trainer averages them over micro-steps and DP ranks):
     loss (L), recon_loss (the normalized reconstruction part R), aux_k or l1, l0, explained_variance
-    and shrinkage (of this micro-batch, DESIGN.md section 4), dead_fraction (tracker),
+    and shrinkage (of this micro-batch, docs/metrics.md#explained-variance), dead_fraction (tracker),
     dense_fraction_1pct / dense_fraction_10pct (tracker densities over the tokens of the
     current optimizer step so far, all DP ranks), decoder_redundancy (last computed value).
     """

@@ -129,7 +129,7 @@ def prepare_fit(run_dir: str | Path, site: str, num_latents: int, k: int, checkp
     d = hookpoint_width(site, cfg.model)
     tokens_per_step = cfg.train.micro_batch_size * (nproc // tp) * cfg.data.seq_len
     # Short fits: a latent counts as dead after a quarter of the fit's tokens (at most the
-    # DESIGN's 10M), so AuxK can act at all.
+    # default dead_window_tokens, 10M), so AuxK can act at all.
     window = max(1, min(10_000_000, steps * tokens_per_step // 4))
     sae_cfg = SAEConfig(num_latents=num_latents, activation="topk", k=k, dead_window_tokens=window)
     sae_cfg.validate(d, tp, "sae")

@@ -1,4 +1,4 @@
-"""SAE quality metrics, exactly as defined in DESIGN.md section 4.
+"""SAE quality metrics, exactly as defined in docs/metrics.md.
 
 Tokens are all leading dimensions of an activation [..., d]; "E" is the mean over tokens.
 Every function that communicates takes its group explicitly and reduces only when the
@@ -6,7 +6,7 @@ group is given (None: this process's data only). Reductions are float64 sums, so
 accumulation over an eval set, split over DP ranks in any way, equals the one-shot value
 up to rounding. No autograd: these are measurements (inputs are detached).
 
-Tags (DESIGN.md section 5.5, to be emitted by the trainer / eval; see docs/sae.md):
+Tags (sae/<site>/*, written by tti_dist.sae.splice; see docs/sae.md):
 sae/<site>/ev, fvu, l0, dead_fraction, dense_fraction_1pct, dense_fraction_10pct,
 shrinkage, redundancy, ce_loss_recovered, delta_lm_loss, kl_score.
 """
@@ -30,7 +30,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class ExplainedVarianceAccumulator:
-    """Running sums for explained variance (and shrinkage) over an eval set (DESIGN.md section 4).
+    """Running sums for explained variance (and shrinkage) over an eval set (docs/metrics.md#explained-variance).
 
         EV  = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2),   FVU = 1 - EV,
         shrinkage = E||x_hat||^2 / E[x . x_hat],
@@ -85,7 +85,7 @@ class ExplainedVarianceAccumulator:
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """EV = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) over the tokens of x [..., d] (DESIGN.md section 4).
+    """EV = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) over the tokens of x [..., d] (docs/metrics.md#explained-variance).
 
     float64 scalar; with `group`, over the tokens of all its ranks. See ExplainedVarianceAccumulator.
     """
@@ -93,7 +93,7 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor, group: dist.Process
 
 
 def shrinkage(x: torch.Tensor, x_hat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Shrinkage = E||x_hat||^2 / E[x . x_hat] (DESIGN.md section 4); 1 for x_hat = x, < 1 when x_hat shrinks.
+    """Shrinkage = E||x_hat||^2 / E[x . x_hat] (docs/metrics.md#shrinkage); 1 for x_hat = x, < 1 when x_hat shrinks.
 
     For x_hat = c x it is c. float64 scalar; with `group`, over the tokens of all its ranks.
     """
@@ -101,7 +101,7 @@ def shrinkage(x: torch.Tensor, x_hat: torch.Tensor, group: dist.ProcessGroup | N
 
 
 def l0(f: torch.Tensor, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """L0 = mean over tokens of the number of nonzero latents (DESIGN.md section 4).
+    """L0 = mean over tokens of the number of nonzero latents (docs/metrics.md#l0).
 
     f: local latents [..., n/tp]; the per-token counts are summed over `tp_group` (one
     float64 scalar all-reduce), so the value is the whole SAE's L0 on every TP rank.
@@ -132,7 +132,7 @@ def _share(flags: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Ten
 
 
 def dead_fraction(dead: torch.Tensor, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Share of all n latents that are dead (DESIGN.md section 4).
+    """Share of all n latents that are dead (docs/metrics.md#dead-and-dense-units).
 
     dead: local bool [n/tp]: in training FiringTracker.dead_mask() (no firing in the last
     dead_window_tokens tokens); on an eval set `latent_density(f) == 0`. One all-reduce of
@@ -142,7 +142,7 @@ def dead_fraction(dead: torch.Tensor, tp_group: dist.ProcessGroup | None = None)
 
 
 def dense_fraction(density: torch.Tensor, threshold: float, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Share of all n latents with firing density > threshold (DESIGN.md section 4: report 0.01 and 0.1).
+    """Share of all n latents with firing density > threshold (docs/metrics.md#dead-and-dense-units: report 0.01 and 0.1).
 
     density: local [n/tp] (latent_density or FiringTracker.density()). One all-reduce of
     2 float64 over tp_group.
@@ -153,7 +153,7 @@ def dense_fraction(density: torch.Tensor, threshold: float, tp_group: dist.Proce
 def decoder_redundancy(
     W_dec_local: torch.Tensor, tp_group: dist.ProcessGroup | None = None, block_size: int = 1024
 ) -> torch.Tensor:
-    """Redundancy = mean over latents i of max_{j != i} cos(W_dec[:, i], W_dec[:, j]) (DESIGN.md section 4).
+    """Redundancy = mean over latents i of max_{j != i} cos(W_dec[:, i], W_dec[:, j]) (docs/metrics.md#decoder-redundancy).
 
     Signed cosine over all n latents of all TP shards (a latent's duplicate scores 1, its
     negation -1). W_dec_local: this rank's [d, n/tp] columns (any norm; normalized here,
@@ -188,7 +188,7 @@ def decoder_redundancy(
 
 
 def ce_loss_recovered(ce_clean, ce_spliced, ce_zero):
-    """CE loss recovered = (CE_zero_ablate - CE_spliced) / (CE_zero_ablate - CE_clean) (DESIGN.md section 4).
+    """CE loss recovered = (CE_zero_ablate - CE_spliced) / (CE_zero_ablate - CE_clean) (docs/metrics.md#splice-metrics).
 
     1 when splicing the SAE's reconstruction in costs nothing (spliced == clean), 0 when it
     is as bad as zero-ablating the site. Floats or tensors.
@@ -197,12 +197,12 @@ def ce_loss_recovered(ce_clean, ce_spliced, ce_zero):
 
 
 def delta_lm_loss(ce_clean, ce_spliced):
-    """Delta LM loss = CE_spliced - CE_clean (DESIGN.md section 4); 0 for a lossless splice."""
+    """Delta LM loss = CE_spliced - CE_clean (docs/metrics.md#splice-metrics); 0 for a lossless splice."""
     return ce_spliced - ce_clean
 
 
 def kl_score(kl_spliced, kl_zero):
-    """KL score = (KL_zero_ablate - KL_spliced) / KL_zero_ablate, KLs to the clean logits (DESIGN.md section 4).
+    """KL score = (KL_zero_ablate - KL_spliced) / KL_zero_ablate, KLs to the clean logits (docs/metrics.md#splice-metrics).
 
     The CE-recovered formula with KL in place of CE (the clean run's KL to itself is 0).
     """

@@ -1,4 +1,4 @@
-"""Splice metrics: how much of the LM's behaviour an SAE's reconstruction keeps (DESIGN.md section 4).
+"""Splice metrics: how much of the LM's behaviour an SAE's reconstruction keeps (docs/metrics.md#splice-metrics).
 
 For a site s (a replicated hookpoint) and token batches, three forward passes of the frozen
 model per batch, in eval mode under no_grad:
