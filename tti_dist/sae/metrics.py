@@ -85,9 +85,9 @@ class ExplainedVarianceAccumulator:
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """EV = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) over the tokens of x [..., d] (docs/metrics.md#explained-variance).
+    """EV = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) over the tokens of x [..., d].
 
-    float64 scalar; with `group`, over the tokens of all its ranks. See ExplainedVarianceAccumulator.
+    Definition: docs/metrics.md#explained-variance. float64 scalar; with `group`, over the tokens of all its ranks. See ExplainedVarianceAccumulator.
     """
     return ExplainedVarianceAccumulator().update(x, x_hat).compute(group)
 
@@ -142,7 +142,8 @@ def dead_fraction(dead: torch.Tensor, tp_group: dist.ProcessGroup | None = None)
 
 
 def dense_fraction(density: torch.Tensor, threshold: float, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Share of all n latents with firing density > threshold (docs/metrics.md#dead-and-dense-units: report 0.01 and 0.1).
+    """Share of all n latents with firing density > threshold (report 0.01 and 0.1;
+    docs/metrics.md#dead-and-dense-units).
 
     density: local [n/tp] (latent_density or FiringTracker.density()). One all-reduce of
     2 float64 over tp_group.
@@ -153,7 +154,8 @@ def dense_fraction(density: torch.Tensor, threshold: float, tp_group: dist.Proce
 def decoder_redundancy(
     W_dec_local: torch.Tensor, tp_group: dist.ProcessGroup | None = None, block_size: int = 1024
 ) -> torch.Tensor:
-    """Redundancy = mean over latents i of max_{j != i} cos(W_dec[:, i], W_dec[:, j]) (docs/metrics.md#decoder-redundancy).
+    """Redundancy = mean over latents i of max_{j != i} cos(W_dec[:, i], W_dec[:, j])
+    (docs/metrics.md#decoder-redundancy).
 
     Signed cosine over all n latents of all TP shards (a latent's duplicate scores 1, its
     negation -1). W_dec_local: this rank's [d, n/tp] columns (any norm; normalized here,
@@ -202,7 +204,8 @@ def delta_lm_loss(ce_clean, ce_spliced):
 
 
 def kl_score(kl_spliced, kl_zero):
-    """KL score = (KL_zero_ablate - KL_spliced) / KL_zero_ablate, KLs to the clean logits (docs/metrics.md#splice-metrics).
+    """KL score = (KL_zero_ablate - KL_spliced) / KL_zero_ablate, KLs to the clean logits
+    (docs/metrics.md#splice-metrics).
 
     The CE-recovered formula with KL in place of CE (the clean run's KL to itself is 0).
     """
