@@ -87,7 +87,8 @@ class ExplainedVarianceAccumulator:
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """EV = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) over the tokens of x [..., d].
 
-    Definition: docs/metrics.md#explained-variance. float64 scalar; with `group`, over the tokens of all its ranks. See ExplainedVarianceAccumulator.
+    Definition: docs/metrics.md#explained-variance. float64 scalar; with `group`, over the
+    tokens of all its ranks. See ExplainedVarianceAccumulator.
     """
     return ExplainedVarianceAccumulator().update(x, x_hat).compute(group)
 
