@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = resolve_shape(args)
 
     from tti_dist.config import load_config, validate_config
-    from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, resolve_device, shutdown_parallel
     from tti_dist.errors import ConfigError
     from tti_dist.train.worker import quiet_dependency_warnings
     from tti_dist.utils.logging import setup_logging
@@ -231,19 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
 
-    from tti_dist.distributed.runtime import single_process_env
+    from tti_dist.distributed.groups import single_process_env
 
     env = single_process_env()
     env.__enter__()  # for the rest of this process: the benchmark is the whole job
-    groups = init_parallel(1, device, cfg.train.dist_timeout_s)
+    groups = init_parallel(1, device, cfg.train.dist_timeout_s, cfg.parallel.ep_size if cfg.model.moe_num_experts else None)
     try:
         from tti_dist.models import GPT, lm_loss
         from tti_dist.train.engine import build_engine, resolve_bf16
-        from tti_dist.train.seeding import seed_runtime, seed_weights
+        from tti_dist.utils.seeding import seed_runtime, seed_weights
 
         t_setup = time.perf_counter()
         seed_weights(cfg.train.seed)
-        model = GPT(cfg.model, groups.tp_group)
+        model = GPT(cfg.model, groups)
         n_total = sum(p.numel() for p in model.parameters())
         n_flops = flops_params(model)
         flops_per_token = 6 * n_flops + 12 * shape.layers * shape.seq * shape.hidden
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 sync()
                 t2 = time.perf_counter()
             if args.guard:  # what the Trainer adds before every update (docs/reliability.md)
-                norm = grad_norm_now(engine) if norm_before_step else None
+                norm = grad_norm_now(engine, groups) if norm_before_step else None
                 step_verdict(loss.detach(), norm, device)
             engine.step()
             if breakdown:

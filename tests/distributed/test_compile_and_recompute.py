@@ -33,16 +33,16 @@ def _recompute_forward_backward(recompute: bool) -> dict:
     """Loss, gradients, capture calls and saved-for-backward bytes of one step on this rank."""
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss
-    from tti_dist.train.seeding import seed_runtime, seed_weights
+    from tti_dist.utils.seeding import seed_runtime, seed_weights
 
     world = int(os.environ["WORLD_SIZE"])
     groups = init_parallel(world, torch.device("cpu"), 120)
     try:
         cfg = ModelConfig(**MODEL)
         seed_weights(7)
-        model = GPT(cfg, groups.tp_group)
+        model = GPT(cfg, groups)
         model.recompute_blocks = recompute
         seed_runtime(7, groups.dp_rank)  # dropout draws from here, identically in both variants
         hookpoints = resolve_hookpoints(model, ["blocks.*.mlp.act"], "test")

@@ -32,16 +32,16 @@ ENTRY = {"type": "l1", "name": "l1_test", "coefficient": 0.5,
 def _l1_rank() -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, parse_specs
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(int(os.environ["WORLD_SIZE"]), torch.device("cpu"), 120)
     try:
         cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, max_seq_len=16)
         seed_weights(3)
-        model = GPT(cfg, groups.tp_group)
+        model = GPT(cfg, groups)
         (reg,) = build_regularizers(parse_specs([ENTRY], cfg), model, groups)
         tokens = torch.randint(0, cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(5))
         with ActivationCapture(reg.hookpoints) as cap:

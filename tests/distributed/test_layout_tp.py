@@ -27,16 +27,16 @@ def _built_layouts() -> dict:
 
     from tti_dist.capture import list_hookpoints
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(2, torch.device("cpu"), 120)
     try:
         out = {}
         for name, kwargs in CONFIGS.items():
             seed_weights(7)
-            model = GPT(ModelConfig(**kwargs), groups.tp_group, 1)
+            model = GPT(ModelConfig(**kwargs), groups.with_experts(1))
             out[name] = {
                 "tp_size": groups.tp_size,
                 "parameters": [(n, tuple(p.shape),

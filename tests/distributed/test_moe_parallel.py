@@ -45,9 +45,9 @@ def _global_key(name: str, ep_rank: int, num_local: int) -> str:
 
 def _ep_run(top_k: int, capacity_factor: float) -> dict:
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss
-    from tti_dist.train.seeding import seed_runtime, seed_weights
+    from tti_dist.utils.seeding import seed_runtime, seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)
     try:
@@ -56,7 +56,7 @@ def _ep_run(top_k: int, capacity_factor: float) -> dict:
         out = {}
         for ep in (1, 2):
             seed_weights(7)
-            model = GPT(cfg, groups.tp_group, ep)
+            model = GPT(cfg, groups.with_experts(ep))
             seed_runtime(7, groups.dp_rank)
             hps = resolve_hookpoints(model, ["blocks.*.moe.expert", "blocks.*.moe.router_probs"], "test")
             with ActivationCapture(hps) as cap:
@@ -119,16 +119,16 @@ def test_ep2_equals_ep1(top_k, capacity_factor):
 
 def _tp_run(top_k: int) -> dict:
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss, tp_partition_dims
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     tp = int(os.environ["WORLD_SIZE"])
     groups = init_parallel(tp, torch.device("cpu"), 120)
     try:
         cfg = _model_cfg(top_k)
         seed_weights(7)
-        model = GPT(cfg, groups.tp_group, 1)
+        model = GPT(cfg, groups.with_experts(1))
         tokens = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(5))
         hps = resolve_hookpoints(model, ["blocks.*.moe.*"], "test")
         with ActivationCapture(hps) as cap:

@@ -196,14 +196,14 @@ def test_routing_metrics_logged(runs):
 
 
 def _eval_exported(path: str, val_batches: list) -> float:
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss
     from tti_dist.train.export import load_exported
 
     groups = init_parallel(1, torch.device("cpu"), 60)
     try:
         model_cfg, state = load_exported(path)
-        model = GPT(model_cfg, groups.tp_group, 1)
+        model = GPT(model_cfg, groups.with_experts(1))
         model.load_state_dict(state, strict=True)
         model.eval()
         with torch.no_grad():

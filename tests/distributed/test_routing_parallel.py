@@ -95,15 +95,15 @@ def _tp_part(model, groups) -> dict:
 
 
 def _rank(mode: str) -> dict:
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     world = int(os.environ["WORLD_SIZE"])
-    groups = init_parallel(world if mode == "tp" else 1, torch.device("cpu"), 120)
+    groups = init_parallel(world if mode == "tp" else 1, torch.device("cpu"), 120, ep_size=1)
     try:
         seed_weights(7)
-        model = GPT(_model_cfg(), groups.tp_group)
+        model = GPT(_model_cfg(), groups)
         out = {"dp_rank": groups.dp_rank, "dp_size": groups.dp_size, "tp_size": groups.tp_size}
         if mode in ("dp", "both"):
             out["dp"] = _dp_part(model, groups)

@@ -66,16 +66,16 @@ def _nmi(a, b, num_b):
 
 
 def _single_run() -> None:
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.metrics.routing import routing_agreement
     from tti_dist.metrics.routing_probe import RoutingProbe
     from tti_dist.models import GPT
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)
     try:
         seed_weights(7)
-        model = GPT(_model_cfg(), groups.tp_group, 1)
+        model = GPT(_model_cfg(), groups.with_experts(1))
         gen = torch.Generator().manual_seed(3)
         tokens = [torch.randint(0, VOCAB, (2, 13), generator=gen) for _ in range(3)]
         first = _capture_first_choice(model, tokens)
@@ -157,7 +157,7 @@ def _single_run() -> None:
         # Eval capacity below the load: dropped routes are counted, left out of the NMI
         # tables, and do not affect stability (only routes present in both measures count).
         seed_weights(7)
-        tight = GPT(_model_cfg(eval_capacity_factor=0.5), groups.tp_group, 1)
+        tight = GPT(_model_cfg(eval_capacity_factor=0.5), groups.with_experts(1))
         probe = RoutingProbe(tight, batches, groups, VOCAB)
         t1 = probe.measure(tight)
         t2 = probe.measure(tight)
@@ -171,7 +171,7 @@ def _single_run() -> None:
 
         # A dense model has no routing to probe.
         seed_weights(7)
-        dense = GPT(_model_cfg(num_experts=0), groups.tp_group, 1)
+        dense = GPT(_model_cfg(num_experts=0), groups.with_experts(1))
         with pytest.raises(ValueError, match="no MoE layer"):
             RoutingProbe(dense, batches, groups, VOCAB)
     finally:
@@ -192,10 +192,10 @@ def _dp_batches(dp_rank: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _dp_run() -> dict:
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.metrics.routing_probe import RoutingProbe
     from tti_dist.models import GPT
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)
     try:
@@ -204,7 +204,7 @@ def _dp_run() -> dict:
         out = {}
         for ep in (1, 2):
             seed_weights(7)
-            model = GPT(_model_cfg(), groups.tp_group, ep)
+            model = GPT(_model_cfg(), groups.with_experts(ep))
             probe = RoutingProbe(model, batches, groups, VOCAB)
             res = {"first": _capture_first_choice(model, tokens), "m1": probe.measure(model)}
             with torch.no_grad():  # the same perturbation on every rank

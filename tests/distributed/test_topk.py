@@ -69,10 +69,10 @@ def _gather_last(t: torch.Tensor, group, size: int) -> torch.Tensor:
 def _rank(run_model: bool) -> dict:
     from tti_dist.capture import ActivationCapture, resolve_hookpoints
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss, tp_partition_dims
     from tti_dist.models.sparsity import topk_mask
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(int(os.environ["WORLD_SIZE"]), torch.device("cpu"), 120)
     tp, r = groups.tp_size, groups.tp_rank
@@ -89,7 +89,7 @@ def _rank(run_model: bool) -> dict:
             cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=FFN, max_seq_len=16,
                               **kwargs)
             seed_weights(7)
-            model = GPT(cfg, groups.tp_group)
+            model = GPT(cfg, groups)
             hps = resolve_hookpoints(model, ["blocks.*.mlp.pre", "blocks.*.mlp.act"], "test")
             tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(11))
             with ActivationCapture(hps) as cap:

@@ -21,9 +21,9 @@ VARIANTS = {
 
 def _forward_backward(variant_kwargs: dict) -> dict:
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss, tp_partition_dims
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(_world(), torch.device("cpu"), 120)
     try:
@@ -31,7 +31,7 @@ def _forward_backward(variant_kwargs: dict) -> dict:
         for name, kwargs in variant_kwargs.items():
             cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, max_seq_len=16, **kwargs)
             seed_weights(7)
-            model = GPT(cfg, groups.tp_group)
+            model = GPT(cfg, groups)
             tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(11))
             logits_local = model(tokens[:, :-1])
             loss = lm_loss(logits_local, tokens[:, 1:]).mean()
@@ -102,7 +102,7 @@ def test_gradients_of_matching_shards(tp_results, variant):
 def _linear_paths() -> dict:
     """ColumnLinear/RowLinear on this rank: which path they take, and at TP=1 their output and
     gradients against megatron-core's own forward (the parent class's) on the same weights."""
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models.blocks import normal_init
     from tti_dist.models.gpt import megatron_config
     from tti_dist.models.parallel_linear import ColumnLinear, RowLinear

@@ -10,7 +10,7 @@ import torch
 def groups():
     """A real size-1 process group and megatron-core parallel state (TP=1) for this module,
     in this process: enough to build the GPT and its tensor-parallel layers."""
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel, single_process_env
 
     with single_process_env():
         try:

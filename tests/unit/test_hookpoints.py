@@ -28,7 +28,7 @@ def build(cfg: ModelConfig, groups, seed: int = 0):
     from tti_dist.models.gpt import GPT
 
     torch.manual_seed(seed)
-    return GPT(cfg, groups.tp_group)
+    return GPT(cfg, groups)
 
 
 @pytest.fixture(scope="module")

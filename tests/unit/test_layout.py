@@ -45,7 +45,7 @@ def models(groups):
     built = {}
     for name, cfg in CONFIGS.items():
         torch.manual_seed(0)
-        built[name] = GPT(cfg, groups.tp_group, 1)
+        built[name] = GPT(cfg, groups.with_experts(1))
     return built
 
 

@@ -29,7 +29,7 @@ def build(cfg: ModelConfig, groups, seed: int = 0):
     from tti_dist.models.gpt import GPT
 
     torch.manual_seed(seed)
-    return GPT(cfg, groups.tp_group, 1)
+    return GPT(cfg, groups.with_experts(1))
 
 
 def tokens(n=3, t=12, seed=1):

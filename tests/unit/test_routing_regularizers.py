@@ -29,15 +29,15 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def model_groups():
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel, single_process_env
     from tti_dist.models import GPT
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     with single_process_env():
-        groups = init_parallel(1, torch.device("cpu"), 60)
+        groups = init_parallel(1, torch.device("cpu"), 60, ep_size=1)
         try:
             seed_weights(0)
-            yield GPT(MOE_CFG, groups.tp_group), groups
+            yield GPT(MOE_CFG, groups), groups
         finally:
             shutdown_parallel()
 

@@ -28,7 +28,9 @@ from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.expert_parallel import ExpertGroups
 from tti_dist.models.bottleneck import ParallelBottleneck
+from tti_dist.models.moe import RoutedMLP
 from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
 from tti_dist.models.rope import apply_rope
 from tti_dist.models.sparsity import hard_mask_units, topk_mask
@@ -164,7 +166,7 @@ class Block(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int, layer_index: int,
-                 ep_size: int = 1):
+                 experts: ExpertGroups | None = None):
         super().__init__()
         self.layer_index = layer_index
         self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
@@ -173,9 +175,7 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         if cfg.is_moe_block(layer_index):
-            from tti_dist.models.moe import RoutedMLP  # imports deepspeed: only for MoE models
-
-            self.moe = RoutedMLP(cfg, mp_config, tp_group, layer_index, ep_size)
+            self.moe = RoutedMLP(cfg, mp_config, tp_group, layer_index, experts)
             self.mlp = None
         else:
             self.moe = None

@@ -9,8 +9,10 @@ holds the same vocabulary rows for both. `forward` returns this rank's shard of 
 ([batch, seq, padded_vocab / tp_size]); `lm_loss` turns it into per-token cross entropy
 with megatron's `vocab_parallel_cross_entropy`, never materialising full logits.
 
-The model knows nothing about regularizers or DeepSpeed: parallelism and training are
-applied around it by plain functions (tti_dist.train).
+The model knows nothing about regularizers or training: it receives its process groups
+(`ParallelGroups`: TP, and the expert-parallel groups of MoE blocks) and creates none;
+the DeepSpeed engine and the trainer are applied around it by plain functions
+(tti_dist.train). Its MoE layers are DeepSpeed's MoE layer (models/moe.py).
 
 What a config builds (hookpoints, linear layers, parameters, their global shapes and TP
 sharding) is described without building it by tti_dist.models.layout; tests check that
@@ -33,7 +35,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -43,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tti_dist.capture.hookpoints import HookPoint, recomputation
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.groups import ParallelGroups
 from tti_dist.models.blocks import Block, normal_init
 from tti_dist.models.layout import model_layout
 from tti_dist.models.parallel_linear import ColumnLinear
@@ -61,7 +63,8 @@ def megatron_config(tp_size: int) -> ModelParallelConfig:
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer LM, tensor-parallel over `tp_group`.
+    """Decoder-only transformer LM, tensor-parallel over `groups.tp_group` (MoE blocks:
+    experts over `groups.experts`).
 
     Hookpoints (see `tti_dist.capture.list_hookpoints`): `tokens` (the int64 input ids
     [batch, seq], for objectives keyed on token identity), `embed` (embeddings), and per block i:
@@ -72,10 +75,10 @@ class GPT(nn.Module):
     are TP-sharded (this rank's heads / hidden units); the rest are replicated.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group: dist.ProcessGroup, ep_size: int = 1):
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups):
         super().__init__()
         self.cfg = cfg
-        tp_size = dist.get_world_size(tp_group)
+        tp_group, tp_size = groups.tp_group, groups.tp_size
         self.hook_tokens = HookPoint(1, tp_sharded=False)
         mp_config = megatron_config(tp_size)
         self.embedding = VocabParallelEmbedding(
@@ -88,7 +91,7 @@ class GPT(nn.Module):
             nn.init.normal_(self.position_embedding.weight, mean=0.0, std=cfg.init_std)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.hook_embed = HookPoint(cfg.hidden_size, tp_sharded=False)
-        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size, i, ep_size) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, mp_config, tp_group, tp_size, i, groups.experts) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
         self.hook_final_norm = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.output_layer = ColumnLinear(
@@ -96,10 +99,6 @@ class GPT(nn.Module):
             bias=False, gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             tp_group=tp_group,
         )
-        if cfg.moe_num_experts:
-            from tti_dist.models.moe import setup_expert_parallel
-
-            setup_expert_parallel(self, ep_size)
         self.recompute_blocks = False
         """Activation checkpointing: recompute each block in backward (set by the trainer)."""
 

@@ -4,24 +4,25 @@
       -> all-to-all to the experts' ranks -> expert MLPs -> all-to-all back
       -> sum_r gate_r * expert_r(x)
 
-The layer is `deepspeed.moe.layer.MoE` (DESIGN.md section 3: Megatron's MoE does not run
-under DeepSpeed ZeRO; DeepSpeed's does, at stages 0-2). Three things are ours:
+The layer is `deepspeed.moe.layer.MoE` (Megatron's MoE does not run under DeepSpeed ZeRO;
+DeepSpeed's does, at stages 0-2). Three things are ours:
 
 - `ExpertMLP`: each expert is a tensor-parallel MLP (megatron-core column-/row-parallel
   linears, like the dense `ParallelMLP`), so an expert's hidden units are split across the
   TP group and DeepSpeed runs in its expert-tensor-parallel mode. Expert weights are drawn
   from a seed per (layer, global expert id): the same at every TP and EP degree.
 - `LegibleGate`: DeepSpeed's `TopKGate` whose forward also hands the router logits, the
-  router probabilities and each token's experts to hookpoints, so routing regularizers
-  and metrics read them through the common capture interface. It calls DeepSpeed's own
+  router probabilities and each token's experts to the hookpoints it is called with, so
+  routing regularizers and metrics read them through the common capture interface, and
+  returns the routing counts of the `moe/*` train metrics next to DeepSpeed's outputs. It calls DeepSpeed's own
   gating functions (top1gating / top2gating / topkgating), so routing, capacity and
   token dropping are DeepSpeed's. One difference: the second expert of top-2 is the
   next-highest logit (no Gumbel sampling: routes stay deterministic and legible).
 - `TensorParallelExpertsLayer`: DeepSpeed's MOELayer forward for TP-sharded experts
   without its TP split/re-gather of the capacity buffer (see its docstring).
-- Process groups: `setup_expert_parallel` creates DeepSpeed's expert-parallel (EP) and
-  expert-data-parallel (EDP) groups from megatron-core's layout before the engine exists
-  (docs/moe.md has the layout).
+- Process groups: the layer receives its expert-parallel groups (`ExpertGroups`, created
+  by `init_parallel` in tti_dist.distributed.expert_parallel; docs/moe.md has the layout);
+  the model creates none.
 
 Hookpoints (module `blocks.{i}.moe`): `router_logits`, `router_probs` ([B, T, E], fp32,
 replicated across TP), `expert` (int64 [B, T, k]: expert of each route, first choice first,
@@ -30,17 +31,19 @@ replicated across TP), `expert` (int64 [B, T, k]: expert of each route, first ch
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.expert_parallel import ExpertGroups
 from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
+from tti_dist.utils.deepspeed_import import import_deepspeed
 
 _EXPERT_SEED_STRIDE = 1_000_003
 """Distance between the init seeds of consecutive global experts of one layer."""
@@ -55,10 +58,8 @@ def _normal_init(std: float):
 
 def import_deepspeed_moe():
     """deepspeed.moe (imported with the CPU accelerator when no GPU is visible)."""
-    from tti_dist.train.engine import import_deepspeed
-
     import_deepspeed()
-    import deepspeed.moe.layer
+    import deepspeed.moe.layer  # lazy: deepspeed is imported only when an MoE model is built
     import deepspeed.moe.sharded_moe
 
     return deepspeed.moe
@@ -129,12 +130,6 @@ def _make_gate_class():
             super().__init__(model_dim, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                              noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=True, ep_group=None,
                              top2_2nd_expert_sampling=False)
-            # Set by RoutedMLP before each call: the hookpoints (held in a tuple so they stay
-            # children of RoutedMLP, whose names they carry) and the [B, T] shape of the tokens.
-            self.hooks: tuple[HookPoint, HookPoint, HookPoint] | None = None
-            self.token_shape: tuple[int, int] | None = None
-            # Detached counts of the latest forward, for the moe/* train metrics.
-            self.last_stats: dict[str, torch.Tensor] | None = None
 
         def _set_ep_group(self, ep_group):
             # DeepSpeed's engine sets the group again at initialize; the same group is fine.
@@ -142,12 +137,15 @@ def _make_gate_class():
                 raise RuntimeError("the gate's expert-parallel group is already set to a different group")
             self.ep_group = ep_group
 
-        def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None,
-                    sparse_routes: bool = False, use_tutel: bool = False):
-            if not sparse_routes:
-                raise RuntimeError("LegibleGate serves DeepSpeed's MOELayer, which asks for sparse routes")
-            logits_hook, probs_hook, expert_hook = self.hooks
-            B, T = self.token_shape
+        def forward(self, input: torch.Tensor, token_shape: tuple[int, int],
+                    hooks: tuple[HookPoint, HookPoint, HookPoint]):
+            """DeepSpeed's gating outputs (l_aux, capacity, num_experts, indices, locations,
+            gates, exp_counts; sparse routes) for tokens [B*T, d], and detached routing
+            counts. `hooks` are the router_logits, router_probs and expert hookpoints (of
+            the RoutedMLP, whose names they carry)."""
+            logits_hook, probs_hook, expert_hook = hooks
+            B, T = token_shape
+            used_token = None
             E, k = self.wg.weight.shape[0], self.k
             logits = F.linear(input.float(), self.wg.weight.float())
             logits = logits_hook(logits.view(B, T, E)).reshape(B * T, E)
@@ -168,7 +166,7 @@ def _make_gate_class():
             capacity = int(capacity)
             expert_hook(indices_KS.t().long().reshape(B, T, k))
             with torch.no_grad():
-                self.last_stats = {
+                stats = {
                     # First choice before the capacity limit (DeepSpeed's top-1 `mask1`).
                     "first_choice_counts": torch.bincount(logits.detach().argmax(-1), minlength=E).float(),
                     "dropped_routes": (indices_KS < 0).sum().float(),
@@ -177,7 +175,7 @@ def _make_gate_class():
                     "tokens": torch.tensor(float(B * T), device=logits.device),
                     "capacity": torch.tensor(float(capacity), device=logits.device),
                 }
-            return l_aux, capacity, num_experts, indices_KS, locations, gates, exp_counts
+            return (l_aux, capacity, num_experts, indices_KS, locations, gates, exp_counts), stats
 
     class TensorParallelExpertsLayer(sharded.MOELayer):
         """DeepSpeed's MOELayer for experts that are themselves tensor-parallel.
@@ -191,13 +189,13 @@ def _make_gate_class():
         those two steps (same dispatch, all-to-all and combine helpers).
         """
 
-        def forward(self, *inputs: torch.Tensor, **kwargs) -> torch.Tensor:
-            x = inputs[0]
-            used_token = inputs[1] if len(inputs) > 1 else None
-            d = x.shape[-1]
-            tokens_SD = x.reshape(-1, d)
-            self.l_aux, capacity, E, indices, locations, gates, self.exp_counts = self.gate(
-                tokens_SD, used_token, True, False)
+        def forward(self, x_BTD: torch.Tensor, hooks: tuple[HookPoint, HookPoint, HookPoint]):
+            """(output [B, T, d], the gate's routing counts). Called by RoutedMLP directly:
+            DeepSpeed's MoE.forward adds only its residual-MoE option, which is off."""
+            B, T, d = x_BTD.shape
+            tokens_SD = x_BTD.reshape(-1, d)
+            gating, stats = self.gate(tokens_SD, (B, T), hooks)
+            self.l_aux, capacity, E, indices, locations, gates, self.exp_counts = gating
             slots = sharded._route_slots(indices, locations, E, capacity)
             dispatched_ECD = sharded._sparse_encode(tokens_SD, slots, E, capacity)
             if self.ep_size > 1:
@@ -208,20 +206,16 @@ def _make_gate_class():
             if self.ep_size > 1:
                 expert_out = sharded._AllToAll.apply(self.ep_group, expert_out)
             combined = sharded._sparse_decode(expert_out.reshape(E * capacity, d), slots, gates, tokens_SD.shape[0])
-            return combined.reshape(x.shape)
+            return combined.reshape(x_BTD.shape), stats
 
     return LegibleGate, TensorParallelExpertsLayer
 
 
-_CLASSES = None
-
-
+@functools.cache
 def moe_classes():
-    """(LegibleGate, TensorParallelExpertsLayer), built on first use (they subclass DeepSpeed's)."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _make_gate_class()
-    return _CLASSES
+    """(LegibleGate, TensorParallelExpertsLayer), defined on first use: they subclass
+    DeepSpeed's classes, and deepspeed is imported only when an MoE model is built."""
+    return _make_gate_class()
 
 
 class RoutedMLP(nn.Module):
@@ -231,9 +225,13 @@ class RoutedMLP(nn.Module):
     `routing_stats()` returns detached counts of the latest forward for the `moe/*` train metrics.
     """
 
-    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, layer_index: int, ep_size: int):
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, layer_index: int,
+                 experts: ExpertGroups | None):
         super().__init__()
+        if experts is None:
+            raise ValueError("an MoE block needs expert-parallel groups: init_parallel(..., ep_size=parallel.ep_size)")
         moe = import_deepspeed_moe()
+        ep_size = experts.ep_size
         E, k = cfg.moe_num_experts, cfg.moe_top_k
         self.layer_index = layer_index
         self.num_experts, self.top_k = E, k
@@ -254,41 +252,35 @@ class RoutedMLP(nn.Module):
         gate = gate_cls(cfg.hidden_size, E, k, cfg.moe_capacity_factor, cfg.moe_eval_capacity_factor,
                         cfg.moe_min_capacity, cfg.moe_drop_tokens)
         nn.init.normal_(gate.wg.weight, mean=0.0, std=cfg.init_std)
-        gate.hooks = (self.hook_router_logits, self.hook_router_probs, self.hook_expert)
         ds_layer = self.layer.deepspeed_moe
+        if self.layer.expert_group_name != experts.name:
+            raise RuntimeError(f"DeepSpeed names the groups {self.layer.expert_group_name!r}, not {experts.name!r}")
         inner = layer_cls(gate, ds_layer.experts, ds_layer.ep_group_name, ds_layer.ep_size, ds_layer.num_local_experts)
+        # DeepSpeed's engine looks the same group up by name at initialize and sets it again.
+        inner._set_ep_group(experts.ep_group)
         self.layer.deepspeed_moe = inner
         # One draw from the global RNG (identical on every rank) seeds this layer's experts.
         base_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        ep_rank = self._expected_ep_rank(ep_size)
+        ep_rank = experts.ep_rank
         num_local = E // ep_size
-        experts = nn.ModuleList(
+        local_experts = nn.ModuleList(
             ExpertMLP(cfg, mp_config, tp_group, base_seed + _EXPERT_SEED_STRIDE * (ep_rank * num_local + j))
             for j in range(num_local)
         )
-        for param in experts.parameters():
+        for param in local_experts.parameters():
             # DeepSpeed's marks for expert parameters: reduced over the expert-data-parallel
             # group (not the DP group), in optimizer groups of their own.
             param.allreduce = False
             param.group_name = self.layer.expert_group_name
-        inner.experts.deepspeed_experts = experts
+        inner.experts.deepspeed_experts = local_experts
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.num_local_experts = num_local
-
-    @staticmethod
-    def _expected_ep_rank(ep_size: int) -> int:
-        """This rank's position in its expert-parallel group (setup_expert_parallel's layout:
-        EP groups are consecutive blocks of ep_size ranks of the DP group)."""
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_rank() % ep_size
+        self._routing_stats: dict[str, torch.Tensor] | None = None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        gate = self.layer.deepspeed_moe.gate
-        gate.token_shape = (B, T)
-        out, _, _ = self.layer(x_BTD)
+        hooks = (self.hook_router_logits, self.hook_router_probs, self.hook_expert)
+        out, self._routing_stats = self.layer.deepspeed_moe(x_BTD, hooks)
         return self.hook_out(out)
 
     def routing_stats(self) -> dict[str, torch.Tensor] | None:
@@ -296,53 +288,4 @@ class RoutedMLP(nn.Module):
         [E] (tokens whose router argmax is e, before the capacity limit), dropped_routes and
         routes (routes over capacity / all routes), entropy_sum (sum over tokens of the
         routing entropy, nats), tokens, capacity (routes per expert)."""
-        return self.layer.deepspeed_moe.gate.last_stats
-
-
-def setup_expert_parallel(model: nn.Module, ep_size: int) -> None:
-    """Create DeepSpeed's expert-parallel groups for every RoutedMLP of `model` (collective).
-
-    DeepSpeed would create them inside `deepspeed.initialize`; doing it here lets the model
-    run before (and without) an engine, e.g. in tests and `tti sae fit`. In the expert-TP
-    mode DeepSpeed builds the groups from the mpu's layout: each DP group of Megatron's
-    rank order is cut into consecutive blocks of ep_size ranks (the EP groups: all-to-all),
-    and ranks at the same position of those blocks, within one TP lane, form the
-    expert-data-parallel groups (experts' gradient all-reduce).
-    """
-    routed = [m for m in model.modules() if isinstance(m, RoutedMLP)]
-    if not routed:
-        return
-    import_deepspeed_moe()
-    import deepspeed.comm
-    from deepspeed.utils import groups
-
-    from tti_dist.distributed.mpu import MegatronMpu
-
-    if not deepspeed.comm.is_initialized():
-        deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
-                                        dist_init_required=False, verbose=False)
-    if groups.mpu is None:
-        groups.mpu = MegatronMpu()
-    for module in routed:
-        module.layer.set_deepspeed_parallelism()
-        ep_group = groups._get_expert_parallel_group(module.layer.expert_group_name)
-        if dist.get_rank(ep_group) != module.ep_rank:
-            raise RuntimeError(
-                f"expert-parallel rank {dist.get_rank(ep_group)} differs from the expected {module.ep_rank}: "
-                "DeepSpeed's group layout changed"
-            )
-
-
-def reset_expert_parallel_state() -> None:
-    """Forget DeepSpeed's expert-parallel groups and mpu (when the process groups are torn
-    down, e.g. between in-process runs), if deepspeed was imported at all."""
-    import sys
-
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is None:
-        return
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS"):
-        getattr(groups, name).clear()
-    groups.mpu = None
-    groups.expert_tensor_parallel_world_size = 1
+        return self._routing_stats

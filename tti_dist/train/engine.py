@@ -1,40 +1,29 @@
 """Wrap a model in a DeepSpeed engine for the configured ZeRO stage and precision.
 
-Applied by a plain function (DESIGN 5.3): the model stays a model. DeepSpeed is imported
-here, inside the worker, never at package import (a Ray driver on a CPU-only head must not
-import it, and on CPU the accelerator must be chosen before the import).
+Applied by a plain function: the model stays a model. DeepSpeed is imported inside these
+functions, in the ranks, never at package import (a Ray driver on a CPU-only head must not
+import it, and on CPU the accelerator must be chosen before the import:
+tti_dist.utils.deepspeed_import).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from tti_dist.config.schema import RunConfig
-from tti_dist.distributed.mpu import MegatronMpu
-from tti_dist.distributed.runtime import ParallelGroups
+from tti_dist.distributed.deepspeed import MegatronMpu
+from tti_dist.distributed.groups import ParallelGroups
 from tti_dist.distributed.zero_config import deepspeed_config, engine_zero_stage
 from tti_dist.models.parallel_linear import synchronous_input_grad_allreduce
 from tti_dist.train.lr_schedule import warmup_cosine_scheduler
+from tti_dist.utils.deepspeed_import import import_deepspeed
 
 logger = logging.getLogger(__name__)
-
-
-def import_deepspeed():
-    """Import DeepSpeed with the CPU accelerator when no GPU is visible.
-
-    DeepSpeed picks its accelerator at import time; on a CPU machine it must be told
-    (DS_ACCELERATOR=cpu), and it then falls back to gloo when oneCCL is absent.
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    return deepspeed
 
 
 def resolve_bf16(cfg: RunConfig, device: torch.device) -> bool:
@@ -54,13 +43,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
-    from deepspeed.moe.utils import is_moe_param
+    import_deepspeed()
+    # lazy: deepspeed is imported in the ranks only
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
     if any(is_moe_param(p) for p in model.parameters()):
         # DeepSpeed reduces expert parameters over their expert-data-parallel group and
         # requires them in optimizer groups of their own (marked moe: True).
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 
@@ -118,13 +107,14 @@ def global_grad_norm(engine) -> torch.Tensor | float | None:
     return engine.get_global_grad_norm()
 
 
-def grad_norm_now(engine) -> torch.Tensor:
+def grad_norm_now(engine, groups: ParallelGroups) -> torch.Tensor:
     """Global L2 norm of the current gradients, TP-replicated parameters counted once.
 
     The rule of DeepSpeed's (and Megatron's) clip_grad_norm_: TP-sharded parameters
     contribute on every TP rank, replicated ones on TP rank 0 only; the squared sums are
     all-reduced over the model-parallel group by get_global_norm_of_tensors.
     """
+    # lazy: deepspeed is imported in the ranks only
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.runtime.utils import get_global_norm_of_tensors, is_model_parallel_parameter
 
@@ -140,14 +130,11 @@ def grad_norm_now(engine) -> torch.Tensor:
     # Expert parameters: each EP rank holds different experts, each TP rank a different
     # shard of them (all expert weights are TP-sharded or, for fc2's bias, replicated).
     # Their squared norms add over the expert-parallel group and the TP group.
-    import torch.distributed as dist
-    from deepspeed.utils import groups as ds_groups
-
     device = experts[0].grad.device
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for p in experts:
         if tp_rank == 0 or is_model_parallel_parameter(p):
             squares += p.grad.detach().float().pow(2).sum()
     dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())
-    dist.all_reduce(squares, group=ds_groups._get_expert_parallel_group(experts[0].group_name))
+    dist.all_reduce(squares, group=groups.experts.ep_group)
     return torch.sqrt(torch.as_tensor(norm, dtype=torch.float32, device=device) ** 2 + squares)

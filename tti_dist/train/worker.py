@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tti_dist.config.schema import RunConfig
-from tti_dist.distributed.runtime import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
+from tti_dist.distributed.groups import ParallelGroups, init_parallel, resolve_device, shutdown_parallel
 from tti_dist.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ def set_cpu_threads(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def rank_session(cfg: RunConfig, tp_size: int) -> Iterator[ParallelGroups]:
+def rank_session(cfg: RunConfig, tp_size: int, ep_size: int | None = None) -> Iterator[ParallelGroups]:
     """One rank's setup and teardown, shared by train, eval, sae fit and inspect: logging,
-    device, dependency notices, CPU threads, the process groups (TP degree `tp_size`), and
-    their teardown whatever happens."""
+    device, dependency notices, CPU threads, the process groups (TP degree `tp_size`;
+    expert-parallel degree `ep_size` for MoE models), and their teardown whatever happens."""
     setup_logging(cfg.logging.level)
     device = resolve_device(cfg.train.device)
     quiet_dependency_warnings(device)
@@ -57,7 +57,7 @@ def rank_session(cfg: RunConfig, tp_size: int) -> Iterator[ParallelGroups]:
         # queued in issue order on one hardware queue.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     set_cpu_threads(device)
-    groups = init_parallel(tp_size, device, cfg.train.dist_timeout_s)
+    groups = init_parallel(tp_size, device, cfg.train.dist_timeout_s, ep_size)
     try:
         yield groups
     finally:
@@ -99,7 +99,8 @@ def run_worker(cfg: RunConfig, run_dir: str, resume: bool = False, resume_tag: s
         # loading a checkpoint) also ends the run after its first step, saved.
         stop_request.install()
     try:
-        with rank_session(cfg, cfg.parallel.tp_size) as groups:
+        ep_size = cfg.parallel.ep_size if cfg.model.moe_num_experts else None
+        with rank_session(cfg, cfg.parallel.tp_size, ep_size) as groups:
             from tti_dist.train.trainer import Trainer
 
             trainer = Trainer(cfg, Path(run_dir), groups, resume=resume, resume_tag=resume_tag, observer=observer)

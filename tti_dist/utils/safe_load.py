@@ -57,7 +57,7 @@ def _resolve(name: str) -> Any | None:
     module, _, attr = name.rpartition(".")
     if module.startswith("deepspeed"):
         # DeepSpeed picks its accelerator at import; on CPU it must be told first.
-        from tti_dist.train.engine import import_deepspeed
+        from tti_dist.utils.deepspeed_import import import_deepspeed
 
         import_deepspeed()
     try:

@@ -4,12 +4,15 @@ The launcher (torch's elastic agent locally, Ray Train on a cluster) sets RANK, 
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT. `init_parallel` starts the default group (gloo on
 CPU, NCCL on CUDA, with the configured timeout) and builds the tensor- and data-parallel
 groups with megatron-core, in Megatron's rank order: the ranks of one TP group are
-adjacent (TP=2 x DP=2: TP groups {0,1}, {2,3}; DP groups {0,2}, {1,3}).
+adjacent (TP=2 x DP=2: TP groups {0,1}, {2,3}; DP groups {0,2}, {1,3}); for MoE models
+it also creates the expert-parallel groups (tti_dist.distributed.expert_parallel).
+Everything that communicates receives its groups from the `ParallelGroups` returned here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -19,7 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from torch.distributed.distributed_c10d import GroupMember, _set_pg_timeout, _world
+from torch.distributed.elastic.utils.distributed import get_free_port
 
+from tti_dist.distributed.expert_parallel import ExpertGroups, create_expert_groups, reset_expert_groups
 from tti_dist.utils.environ import environ_set
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,13 @@ class ParallelGroups:
     """Rank within dp_group."""
     dp_size: int
     """Size of dp_group."""
+    experts: ExpertGroups | None = None
+    """Expert-parallel and expert-data-parallel groups (MoE models only; None otherwise)."""
+
+    def with_experts(self, ep_size: int) -> ParallelGroups:
+        """These groups plus the expert-parallel groups of degree `ep_size` (collective on
+        first use; for building MoE models of several EP degrees in one process group)."""
+        return dataclasses.replace(self, experts=create_expert_groups(ep_size, self.dp_rank))
 
     @property
     def is_writer(self) -> bool:
@@ -62,8 +75,9 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> ParallelGroups:
-    """Initialise torch.distributed (if needed) and megatron-core's TP/DP groups."""
+def init_parallel(tp_size: int, device: torch.device, timeout_s: int, ep_size: int | None = None) -> ParallelGroups:
+    """Initialise torch.distributed (if needed), megatron-core's TP/DP groups and, when
+    `ep_size` is given (MoE models: `parallel.ep_size`), the expert-parallel groups."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -75,6 +89,8 @@ def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> Paralle
         )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    dp_rank = ps.get_data_parallel_rank()
+    experts = create_expert_groups(ep_size, dp_rank) if ep_size is not None else None
     enforce_collective_timeout(timeout_s)
     groups = ParallelGroups(
         device=device,
@@ -84,8 +100,9 @@ def init_parallel(tp_size: int, device: torch.device, timeout_s: int) -> Paralle
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
         dp_group=ps.get_data_parallel_group(),
-        dp_rank=ps.get_data_parallel_rank(),
+        dp_rank=dp_rank,
         dp_size=ps.get_data_parallel_world_size(),
+        experts=experts,
     )
     logger.debug("parallel layout: tp %d/%d, dp %d/%d", groups.tp_rank, groups.tp_size, groups.dp_rank, groups.dp_size)
     return groups
@@ -98,9 +115,7 @@ def enforce_collective_timeout(timeout_s: float) -> None:
     its TP/DP groups with its own 30-minute default and DeepSpeed its expert-parallel groups
     with torch's (30 minutes on gloo, 10 on NCCL), so a stopped peer would hang a TP
     all-reduce for half an hour whatever train.dist_timeout_s says. Call again after
-    creating groups (the GPT's MoE layers create DeepSpeed's at construction)."""
-    from torch.distributed.distributed_c10d import GroupMember, _set_pg_timeout, _world
-
+    creating groups."""
     timeout = datetime.timedelta(seconds=timeout_s)
     for group in list(_world.pg_map):
         if group is not None and group is not GroupMember.NON_GROUP_MEMBER:
@@ -110,9 +125,7 @@ def enforce_collective_timeout(timeout_s: float) -> None:
 def shutdown_parallel() -> None:
     """Tear down megatron-core groups, DeepSpeed's expert-parallel groups and the default
     process group (idempotent)."""
-    from tti_dist.models.moe import reset_expert_parallel_state
-
-    reset_expert_parallel_state()
+    reset_expert_groups()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
@@ -124,8 +137,6 @@ def single_process_env() -> Iterator[None]:
     """The launcher environment of a one-rank job (RANK=0, WORLD_SIZE=1, a free loopback
     port), restored on exit: for a real size-1 process group in-process (single-rank runs,
     benchmarks, tests) without the elastic agent."""
-    from torch.distributed.elastic.utils.distributed import get_free_port
-
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_free_port())}
     with environ_set(env):
