@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.feature_selection import mutual_info_classif
 
+from tti_dist.eval.metrics import _unit_metrics
 from tti_dist.metrics.activation_stats import (
     TC_NOISE_FLOOR,
     dead_and_dense,
@@ -453,8 +454,6 @@ def test_monosemanticity():
     assert out["per_unit_live"].tolist() == [True, True, False, True]
     assert out["share_above"] == pytest.approx(2 / 3)  # the dead unit is not counted
     # tti eval's mono_mean averages over the live units, as documented (not over all 4).
-    from tti_dist.eval.report import _unit_metrics
-
     got = _unit_metrics("p/", codes, {"a": a, "b": b})
     assert got["p/mono_mean"] == pytest.approx((2.0 + score[1]) / 3, abs=1e-12)
     assert got["p/mono_share"] == pytest.approx(2 / 3)

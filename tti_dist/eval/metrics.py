@@ -1,4 +1,4 @@
-"""The metrics `tti eval` reports, from full-width activations on one rank, and its outputs.
+"""The metrics `tti eval` reports, from full-width activations on one rank.
 
 Tags (docs/evaluation.md has every formula):
 
@@ -17,23 +17,19 @@ Tags (docs/evaluation.md has every formula):
 Which tags compare across model widths and eval sizes: docs/evaluation.md, "Width and
 sample size".
 
-Outputs under RUN/eval/: <STEP>.parquet (one row: step, tokens, one column per tag) and
-<STEP>.json, tb/ (TensorBoard scalars and histograms at the checkpoint's step), and the
-summary <STEP>.md, also written as summary.md (the latest evaluation).
+RUN/eval/ files and the summary: tti_dist/eval/outputs.py.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from tti_dist.metrics.activation_stats import dead_and_dense, direction_cosines, gaussian_tc_per_unit, l0, unit_density
+from tti_dist.metrics.disentanglement import mig, monosemanticity
+from tti_dist.metrics.probes import linear_probe, sparse_probe, train_test_split_indices
 
 SPARSE_PROBE_KS = (1, 2, 5)
 MONOSEMANTIC_THRESHOLD = 0.5
@@ -48,9 +44,6 @@ def _matches(name: str, patterns) -> bool:
 def compute_metrics(plan, acts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
                     weights: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(scalars, histograms of log10 density) for the collected activations."""
-    from tti_dist.metrics.activation_stats import (dead_and_dense, direction_cosines, gaussian_tc_per_unit, l0,
-                                                   unit_density)
-
     scalars: dict[str, float] = {}
     histograms: dict[str, np.ndarray] = {}
     factors = {k.removeprefix("factor_"): v.numpy() for k, v in labels.items() if k.startswith("factor_")}
@@ -78,8 +71,6 @@ def compute_metrics(plan, acts: dict[str, torch.Tensor], labels: dict[str, torch
 
 
 def _probe_metrics(prefix: str, x: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, float]:
-    from tti_dist.metrics.probes import linear_probe, sparse_probe, train_test_split_indices
-
     out = {}
     for name, y in factors.items():
         defined = y >= 0
@@ -97,8 +88,6 @@ def _probe_metrics(prefix: str, x: np.ndarray, factors: dict[str, np.ndarray]) -
 
 
 def _unit_metrics(prefix: str, x: np.ndarray, factors: dict[str, np.ndarray]) -> dict[str, float]:
-    from tti_dist.metrics.disentanglement import mig, monosemanticity
-
     out = {}
     hist = mig(x, factors, estimator="histogram", num_bins=20)
     out[prefix + "mig_hist20"] = float(hist["mig"])
@@ -110,69 +99,3 @@ def _unit_metrics(prefix: str, x: np.ndarray, factors: dict[str, np.ndarray]) ->
     out[prefix + "mono_mean"] = float(live_scores.mean()) if live_scores.size else float("nan")
     out[prefix + "mono_share"] = float(mono["share_above"])
     return out
-
-
-def write_outputs(plan, scalars: dict[str, float], histograms: dict[str, np.ndarray]) -> None:
-    """RUN/eval/<STEP>.{parquet,json,md}, summary.md and tb/ (files written atomically)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from torch.utils.tensorboard import SummaryWriter
-
-    out = Path(plan.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    step = max(plan.step, 0)
-    cfg = plan.cfg
-    tokens = step * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.dp_size * cfg.data.seq_len
-    columns = {"step": [step], "tokens": [tokens]}
-    columns.update({k: [float(v)] for k, v in sorted(scalars.items())})
-    name = plan.out_name
-    tmp = out / f".{name}.parquet.tmp"
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, out / f"{name}.parquet")
-    with SummaryWriter(str(out / "tb")) as writer:
-        for k, v in sorted(scalars.items()):
-            writer.add_scalar(k, float(v), step)
-        for k, v in sorted(histograms.items()):
-            writer.add_histogram(k, v, step)
-    text = summary_markdown(plan, scalars)
-    for target in (f"{name}.md", "summary.md"):  # summary.md: the latest evaluation
-        tmp = out / f".{target}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / target)
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps({k: float(v) for k, v in sorted(scalars.items())}, indent=1) + "\n")
-    os.replace(tmp, out / f"{name}.json")
-    logger.info("wrote %s/%s.{parquet,json,md}, summary.md and tb/", out, name)
-
-
-def summary_markdown(plan, scalars: dict[str, float]) -> str:
-    """A short human-readable summary: capability, then per-site headline metrics."""
-    lines = [f"# tti eval: {plan.run_dir} @ {plan.tag}", "", "## Capability", "",
-             "| data | loss (nats/token) | perplexity |", "|---|---|---|"]
-    for name, _ in plan.datasets:
-        prefix = "eval/" if name == "val" else f"eval/{name}/"
-        lines.append(f"| {name} | {scalars[prefix + 'loss']:.4f} | {scalars[prefix + 'ppl']:.3f} |")
-    sites = sorted({k.split("/")[1] for k in scalars if k.startswith("interp/")})
-    cols = ("l0", "l0_frac", "dead_frac", "dense_10pct_frac", "gaussian_tc_per_unit_bc", "mig_hist20", "mono_share",
-            "mean_sq_cos_rel")
-    lines += ["", "## Interpretability (per site)", "", "| site | " + " | ".join(cols) + " |",
-              "|---" * (len(cols) + 1) + "|"]
-    for site in sites:
-        vals = [scalars.get(f"interp/{site}/{c}") for c in cols]
-        lines.append(f"| {site} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals) + " |")
-    probes = sorted(k for k in scalars if k.startswith("interp/") and "/probe_" in k and not k.endswith("_chance")
-                    and "/probe_k" not in k)
-    if probes:
-        lines += ["", "## Linear probes (accuracy / chance)", "", "| site | factor | accuracy | chance | k=1 | k=2 | k=5 |",
-                  "|---|---|---|---|---|---|---|"]
-        for k in probes:
-            site, factor = k.split("/")[1], k.rsplit("/probe_", 1)[1]
-            base = f"interp/{site}/"
-            ks = [scalars.get(f"{base}probe_k{j}_{factor}") for j in SPARSE_PROBE_KS]
-            lines.append(f"| {site} | {factor} | {scalars[k]:.3f} | {scalars[base + 'probe_' + factor + '_chance']:.3f} | "
-                         + " | ".join("" if v is None else f"{v:.3f}" for v in ks) + " |")
-    moe = sorted(k for k in scalars if k.startswith("moe/"))
-    if moe:
-        lines += ["", "## MoE routing", ""] + [f"- `{k}`: {scalars[k]:.4f}" for k in moe]
-    lines += ["", "Every tag is in the .parquet/.json next to this file and in TensorBoard (RUN/eval/tb).", ""]
-    return "\n".join(lines)
