@@ -13,8 +13,9 @@ import yaml
 from tti_dist.cli import main
 from tti_dist.errors import ConfigError
 from tti_dist.orchestrate.presets import MODEL_SIZES
-from tti_dist.orchestrate.sweep import (check_resources, concurrent_trials, embedded_resources, load_sweep,
-                                        trial_specs)
+from tti_dist.orchestrate.sweep_config import load_sweep
+from tti_dist.orchestrate.sweep_prepare import trial_specs
+from tti_dist.orchestrate.sweep_resources import check_resources, concurrent_trials, embedded_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "configs" / "scaling_base.yaml"
@@ -34,7 +35,7 @@ def test_demo_sweep_expands_to_the_grid():
     assert first.name == "t000-xs-coefficient0.0-seed1" and last.name == "t011-m-coefficient0.05-seed2"
     assert first.model_size == "xs" and first.cfg.model.hidden_size == MODEL_SIZES["xs"]["hidden_size"]
     assert last.cfg.model.num_layers == MODEL_SIZES["m"]["num_layers"]
-    assert last.cfg.regularizers[0]["coefficient"] == 0.05 and last.cfg.train.seed == 2
+    assert last.cfg.regularizers[0].coefficient == 0.05 and last.cfg.train.seed == 2
     # Trials that differ only by seed share a setting label.
     assert sweep.trials[0].setting == sweep.trials[1].setting == "regularizers.0.coefficient=0.0"
     assert {t.setting for t in sweep.trials} == {"regularizers.0.coefficient=0.0", "regularizers.0.coefficient=0.05"}

@@ -113,7 +113,7 @@ def validate_file(path: str | Path, overrides: list[str] | tuple[str, ...], work
     """Check a sweep or run config as the cluster will read it (`load_sweep`: every trial
     validated; a run config is a one-trial sweep); returns "sweep" or "run"."""
     from tti_dist.config.load import read_yaml_mapping
-    from tti_dist.orchestrate.sweep import load_sweep
+    from tti_dist.orchestrate.sweep_config import load_sweep
 
     path = Path(path)
     raw = read_yaml_mapping(path, field="CONFIG")
