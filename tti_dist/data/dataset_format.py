@@ -50,4 +50,3 @@ def manifest_bytes(manifest: dict) -> bytes:
 def column_order(columns: dict) -> list[str]:
     """Column order inside a shard file: `tokens`, then the extra columns sorted by name."""
     return [TOKENS_COLUMN] + sorted(c for c in columns if c != TOKENS_COLUMN)
-

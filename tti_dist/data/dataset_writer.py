@@ -390,4 +390,3 @@ class DatasetWriter:
 
     def __exit__(self, *exc) -> None:
         self.abort()  # a no-op after commit
-

@@ -427,4 +427,3 @@ class ParquetSink:
         for index, part in targets.items():
             _write_atomically(part.table(self._tags), self._table_dir / part_name(index))
         self._backfill = _Part(0)
-
