@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
     shape = resolve_shape(args)
 
     from tti_dist.capture.hookpoints import ActivationCapture
-    from tti_dist.config import load_config, validate_config
-    from tti_dist.distributed.runtime import init_parallel, resolve_device, shutdown_parallel, single_process_env
+    from tti_dist.config import load_config
+    from tti_dist.config.regularizers import parse_regularizers
+    from tti_dist.distributed.groups import init_parallel, resolve_device, shutdown_parallel, single_process_env
     from tti_dist.errors import ConfigError
-    from tti_dist.train.worker import quiet_dependency_warnings
+    from tti_dist.regularizers import build_regularizers, validate_run_config
+    from tti_dist.runtime.session import quiet_dependency_warnings
     from tti_dist.utils.logging import setup_logging
 
     base = config_overrides(shape, args)
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
             model_sets, entries = variant_settings(name, args, shape.layers, base_cfg.model.ffn_size,
                                                    shape.hidden)
             cfg = load_config(None, base + model_sets)
-            cfg = dataclasses.replace(cfg, regularizers=tuple(entries))
-            validate_config(cfg, world_size=1)
+            cfg = dataclasses.replace(cfg, regularizers=parse_regularizers(entries))
+            validate_run_config(cfg, world_size=1)
             configs[name] = cfg
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -171,9 +173,8 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
     groups = init_parallel(1, device, first.train.dist_timeout_s)
     try:
         from tti_dist.models import GPT, lm_loss
-        from tti_dist.regularizers.base import build_regularizers, parse_specs
         from tti_dist.train.engine import build_engine, resolve_bf16
-        from tti_dist.train.seeding import seed_runtime, seed_weights
+        from tti_dist.utils.seeding import seed_runtime, seed_weights
 
         gen = torch.Generator().manual_seed(args.seed)
         tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq + 1), generator=gen).to(device)
@@ -185,10 +186,10 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
         runners = {}
         for name, cfg in configs.items():
             seed_weights(cfg.train.seed)
-            model = GPT(cfg.model, groups.tp_group)
+            model = GPT(cfg.model, groups)
             seed_runtime(cfg.train.seed, groups.dp_rank)
             engine, _ = build_engine(model, cfg, groups)
-            regs = build_regularizers(parse_specs(cfg.regularizers, cfg.model, 1), engine.module, groups)
+            regs = build_regularizers(cfg.regularizers, engine.module, groups)
             hookpoints = {hp.name: hp for reg in regs for hp in reg.captures}
             capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
             engine.train()

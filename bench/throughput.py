@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from tti_dist.config import load_config, validate_config
     from tti_dist.distributed.groups import init_parallel, resolve_device, shutdown_parallel
     from tti_dist.errors import ConfigError
-    from tti_dist.train.worker import quiet_dependency_warnings
+    from tti_dist.runtime.session import quiet_dependency_warnings
     from tti_dist.utils.logging import setup_logging
 
     try:

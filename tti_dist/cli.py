@@ -18,28 +18,25 @@
 
 User errors (bad config, bad paths, layout mismatches) print one line, `tti: error: ...`,
 with no traceback, and exit with code 2 before any process group starts.
+
+This module only builds the parser and dispatches: each verb is a module of
+tti_dist.commands with `main(args)`, imported when the verb runs (so `tti report` never
+loads megatron-core, and `tti train` never loads Ray).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import os
-import shutil
 import sys
-import time
-from pathlib import Path
 
 from tti_dist.config.schema import DataConfig
-from tti_dist.errors import ConfigError, RunWriteError
-
-logger = logging.getLogger("tti_dist.cli")
-
-EXIT_USER_ERROR = 2
-EXIT_RUN_FAILED = 1
+from tti_dist.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, ConfigError, RunWriteError
+from tti_dist.utils.logging import setup_logging
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tti", description="Distributed training-time interpretability.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -189,424 +186,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_train(args: argparse.Namespace):
-    """Load, override and validate the config and check the run directory (no processes yet)."""
-    from tti_dist.config import ignored_settings, load_config, validate_config
-    from tti_dist.train import checkpoint as ckpt
-
-    cfg = load_config(args.config, args.overrides)
-    nproc = args.nproc if args.nproc is not None else cfg.parallel.world_size
-    # Only a given --nproc is checked here; a bad default (tp_size * dp_size) is reported by
-    # validation as the parallel.* field it comes from.
-    if args.nproc is not None and nproc < 1:
-        raise ConfigError(f"--nproc: {nproc} must be >= 1")
-    validate_config(cfg, world_size=nproc)
-    for note in ignored_settings(cfg):  # on the user's config, before data.path is resolved
-        logger.warning(note)
-
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-    elif args.resume:
-        raise ConfigError("--resume: needs --run-dir naming the run to continue")
-    else:
-        run_dir = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir: '{run_dir}' is a file, not a directory; name a new or existing run directory")
-    ckpt_dir = run_dir / "checkpoints"
-    has_checkpoint = ckpt.latest_tag(ckpt_dir) is not None
-    if args.resume:
-        if not has_checkpoint:
-            raise ConfigError(f"--resume: '{run_dir}' holds no complete checkpoint to resume from")
-        _check_resume_compatible(cfg, run_dir)
-        # Every rank's RNG file is read here first, so a refused one is one line before
-        # launch rather than a traceback from the rank that reads it.
-        tag_dir = ckpt_dir / ckpt.latest_tag(ckpt_dir)
-        for rank in range(nproc):
-            ckpt.read_rng_state(tag_dir, rank)
-    elif has_checkpoint:
-        raise ConfigError(
-            f"--run-dir: '{run_dir}' already holds checkpoints; pass --resume to continue it or choose another directory"
-        )
-    created = not run_dir.exists()
-    try:
-        cfg = _prepare_data(cfg, run_dir)
-    except ConfigError:
-        if created:  # bad input leaves nothing behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return cfg, run_dir, nproc
-
-
-def _prepare_data(cfg, run_dir: Path):
-    from tti_dist.data.prepare import prepare_run_data
-
-    return prepare_run_data(cfg, run_dir)
-
-
-def _check_resume_compatible(cfg, run_dir: Path) -> None:
-    """The model, layout and ZeRO stage must match the checkpointed run's."""
-    import json
-
-    import yaml
-
-    from tti_dist.config import config_from_dict, config_to_dict
-    from tti_dist.distributed.zero_config import engine_zero_stage
-
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = config_from_dict(yaml.safe_load(saved_file.read_text()))
-    for section in ("model", "parallel"):
-        old, new = config_to_dict(getattr(saved, section)), config_to_dict(getattr(cfg, section))
-        for key in old:
-            if old[key] != new[key]:
-                raise ConfigError(
-                    f"{section}.{key}: {new[key]!r} differs from the checkpointed run's {old[key]!r}; resume needs the same value"
-                )
-    if saved.zero.stage != cfg.zero.stage:
-        raise ConfigError(
-            f"zero.stage: {cfg.zero.stage} differs from the checkpointed run's {saved.zero.stage}; resume needs the same value"
-        )
-    # The checkpoint files follow the stage DeepSpeed ran, recorded next to them; a run from
-    # before stages 1-2 ran as stage 0 at dp_size 1 cannot be read by this engine.
-    ds_file = run_dir / "deepspeed_config.json"
-    if ds_file.is_file():
-        ran = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage")
-        if ran is not None and ran != engine_zero_stage(cfg):
-            raise ConfigError(
-                f"zero.stage: this run's checkpoints were written by a ZeRO stage-{ran} engine, and zero.stage "
-                f"{cfg.zero.stage} at parallel.dp_size {cfg.parallel.dp_size} runs stage {engine_zero_stage(cfg)}; "
-                "resume is not possible across that change: start a new run (tti export keeps the weights)"
-            )
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    # Validate first: a user error should answer in a second, before megatron and the
-    # launcher are imported.
-    cfg, run_dir, nproc = prepare_train(args)
-    from tti_dist.train.launcher import launch_local
-    from tti_dist.train.worker import quiet_dependency_warnings
-
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from tti_dist.train.stop_request import EXIT_STOPPED, signal_name
-
-    quiet_dependency_warnings()
-    logger.info("run directory: %s (%d processes)", run_dir, nproc)
-    ckpt_dir = run_dir / "checkpoints"
-    try:
-        results = launch_local(cfg, str(run_dir), nproc, resume=args.resume)
-    except ChildFailedError as exc:
-        if all(f.exitcode == EXIT_STOPPED for f in exc.failures.values()):
-            # The ranks alone were signalled (not this process): each saved and exited so.
-            print(f"tti: stopped by a signal to the ranks. {_resume_hint(ckpt_dir)}", file=sys.stderr)
-            return EXIT_STOPPED
-        # Each rank that raised printed its traceback; end with one line naming the dead.
-        print(f"tti: training failed: {describe_failures(exc.failures)}. {_resume_hint(ckpt_dir)}",
-              file=sys.stderr)
-        return EXIT_RUN_FAILED
-    except SignalException as exc:
-        # This process was signalled; the agent forwarded the signal and the ranks, which
-        # save on it (checkpoint.on_signal), have exited.
-        print(f"tti: stopped by {signal_name(exc.sigval)}. {_resume_hint(ckpt_dir)}", file=sys.stderr)
-        saved = cfg.checkpoint.on_signal and ckpt_dir.joinpath("latest").is_file()
-        return EXIT_STOPPED if saved else EXIT_RUN_FAILED
-    result = results[min(results)]
-    if result.nonfinite:
-        print(f"tti: {result.nonfinite}; no update was applied and the run stopped (train.nonfinite: stop). "
-              f"{_resume_hint(ckpt_dir)}", file=sys.stderr)
-        return EXIT_RUN_FAILED
-    if result.stopped_by:
-        print(f"tti: stopped by {result.stopped_by} after step {result.final_step}. {_resume_hint(ckpt_dir)}",
-              file=sys.stderr)
-        return EXIT_STOPPED
-    if result.losses:
-        first, last = min(result.losses), max(result.losses)
-        print(f"trained to step {result.final_step}: train/task_loss {result.losses[first]:.4f} (step {first}) "
-              f"-> {result.losses[last]:.4f} (step {last})")
-    if result.eval_losses:
-        step = max(result.eval_losses)
-        print(f"eval/loss {result.eval_losses[step]:.4f} at step {step}")
-    print(f"run directory: {run_dir}")
-    return 0
-
-
-def describe_failures(failures: dict) -> str:
-    """'rank 1 (pid 4242) was killed by SIGKILL; rank 0 (pid 4241) exited with code 1' from
-    torch elastic's {global rank: ProcessFailure}, ranks killed by a signal first (the
-    others usually failed because a peer vanished)."""
-    from tti_dist.train.stop_request import signal_name
-
-    def one(rank, failure) -> str:
-        code = failure.exitcode
-        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
-        reason = _failure_reason(failure)
-        return f"rank {rank} (pid {failure.pid}) {how}" + (f" ({reason})" if reason else "")
-
-    ordered = sorted(failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0]))
-    return "; ".join(one(rank, failure) for rank, failure in ordered)
-
-
-def _failure_reason(failure) -> str:
-    """The last line of the exception a failed rank raised ('CollectiveFailure: a collective
-    did not complete ...'), from the error file torch elastic's @record wrote; '' if none."""
-    message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", "")
-    if not isinstance(message, str) or message.startswith("To enable traceback") or message.startswith("Signal "):
-        return ""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def _resume_hint(ckpt_dir: Path) -> str:
-    from tti_dist.train.checkpoint import latest_tag
-
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return f"No complete checkpoint in {ckpt_dir}."
-    run_dir = ckpt_dir.parent
-    return (f"The latest complete checkpoint is {ckpt_dir / tag}; continue with: "
-            f"tti train {run_dir / 'config.yaml'} --run-dir {run_dir} --resume")
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from tti_dist.train.export import export_safetensors
-
-    out = export_safetensors(args.run_dir, args.out, args.checkpoint)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    if args.data_command == "build":
-        from tti_dist.data.build import DEFAULT_BUFFER_BYTES, build_dataset
-
-        manifest = build_dataset(
-            args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction, text_field=args.text_field, max_bytes=args.max_bytes,
-            shard_tokens=args.shard_tokens, overwrite=args.overwrite, eos_token=args.eos_token,
-            bpe_sample_bytes=args.bpe_sample_bytes, workers=args.workers,
-            buffer_bytes=DEFAULT_BUFFER_BYTES if args.buffer_bytes is None else args.buffer_bytes,
-        )
-    elif args.data_command == "synth":
-        from tti_dist.data.synthetic import write_synthetic_dataset
-
-        manifest = write_synthetic_dataset(_load_synth_config(args.config, args.overrides), args.out,
-                                           overwrite=args.overwrite)
-    else:
-        from tti_dist.data.arrow_dataset import open_dataset
-
-        manifest = open_dataset(args.path, verify=not args.no_verify).manifest
-    print(_describe_manifest(manifest, getattr(args, "out", None) or args.path))
-    return 0
-
-
-def _load_synth_config(path: str | None, overrides: list[str]):
-    """FactoredConfig from an optional YAML file plus --set overrides, strictly typed."""
-    import yaml
-
-    from tti_dist.config.load import apply_override, section_from_dict
-    from tti_dist.data.synthetic import FactoredConfig
-
-    raw: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"--config: '{path}' does not exist or is not a file")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config: '{path}' must hold a mapping of generator settings")
-    for override in overrides:
-        apply_override(raw, override)
-    cfg = section_from_dict(FactoredConfig, raw, "synth.")
-    cfg.validate()
-    return cfg
-
-
-def _describe_manifest(manifest: dict, path: str) -> str:
-    tok = manifest["tokenizer"]
-    lines = [f"dataset {path}: tokenizer {tok['name']} (vocab {tok['vocab_size']}, eos {tok['eos_id']})"]
-    for split, info in manifest["splits"].items():
-        lines.append(f"  {split}: {info['num_tokens']:,} tokens, {info['num_documents']:,} documents, "
-                     f"{len(info['shards'])} shard(s)")
-    extra = [c for c in manifest.get("columns", {}) if c != "tokens"]
-    if extra:
-        lines.append(f"  per-token columns: {', '.join(extra)}")
-    return "\n".join(lines)
-
-
-def _launch(what: str, fn, *args):
-    """Run a multi-rank job; (result, None), or (None, exit code) after one line naming the
-    failed ranks (each printed its traceback already)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from tti_dist.train.worker import quiet_dependency_warnings
-
-    quiet_dependency_warnings()
-    try:
-        return fn(*args), None
-    except ChildFailedError as exc:
-        print(f"tti: {what} failed: {describe_failures(exc.failures)}", file=sys.stderr)
-        return None, EXIT_RUN_FAILED
-
-
-def cmd_sae(args: argparse.Namespace) -> int:
-    from tti_dist.sae.fit import METRICS_FILE, format_table, launch_fit, prepare_fit
-
-    plan = prepare_fit(args.run_dir, args.site, args.latents, args.k, checkpoint=args.checkpoint, steps=args.steps,
-                       lr=args.lr, out=args.out, seed=args.seed, nproc=args.nproc)
-    results, code = _launch("sae fit", launch_fit, plan)
-    if code is not None:
-        return code
-    result = results[min(results)]
-    print(f"SAE on {plan.site} of {plan.run_dir} ({plan.tag}): {plan.sae_cfg.num_latents} latents, "
-          f"k={plan.sae_cfg.k}, {plan.steps} steps")
-    print(format_table(result["metrics"], plan.site))
-    print(f"wrote {Path(plan.out_dir) / METRICS_FILE}")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from tti_dist.eval.evaluate import launch_eval, prepare_eval
-
-    plan = prepare_eval(args.run_dir, checkpoint=args.checkpoint, data=args.data, weights=args.weights,
-                        nproc=args.nproc, batches=args.batches, max_tokens=args.max_tokens)
-    results, code = _launch("eval", launch_eval, plan)
-    if code is not None:
-        return code
-    print((Path(plan.out_dir) / f"{plan.out_name}.md").read_text(), end="")
-    print(f"wrote {plan.out_dir}/{plan.out_name}.parquet, {plan.out_name}.json, {plan.out_name}.md, summary.md and tb/")
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from tti_dist.eval.inspect import format_contexts, launch_inspect, prepare_inspect
-
-    plan, settings = prepare_inspect(args.run_dir, args.site, args.unit, top=args.top, checkpoint=args.checkpoint,
-                                     batches=args.batches, context=args.context, sae=args.sae)
-    contexts, code = _launch("inspect", launch_inspect, plan, settings)
-    if code is not None:
-        return code
-    print(format_contexts(settings, contexts))
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    # Everything is checked (sweep keys, every trial's config and dataset) before Ray starts.
-    from tti_dist.orchestrate.sweep import load_sweep, preflight, prepare_trials, run_sweep
-
-    sweep = load_sweep(args.sweep, args.overrides)
-    out = Path(args.out) if args.out else Path("sweeps") / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    preflight(sweep, out, args.address)
-    specs = prepare_trials(sweep, out)
-    print(f"sweep {sweep.name}: {len(specs)} trial(s) -> {out}", flush=True)
-    outcome = run_sweep(sweep, specs, args.address, emit=lambda line: print(line, flush=True))
-    failed = [name for name, status in outcome.items() if status != "completed"]
-    print(f"{len(outcome) - len(failed)}/{len(outcome)} trials completed"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    print(f"runs: {out / 'runs'}   report: tti report {out}   TensorBoard: tti tensorboard {out}")
-    return EXIT_RUN_FAILED if failed else 0
-
-
-def cmd_toy(args: argparse.Namespace) -> int:
-    # Config and run-directory checks come first: one-line errors before anything trains.
-    from tti_dist.toy.run import format_summary, prepare_toy, run_toy
-
-    cfg, run_dir = prepare_toy(args.config, args.overrides, args.run_dir, overwrite=args.overwrite)
-    summary = run_toy(cfg, run_dir)
-    print(format_summary(summary))
-    print(f"run directory: {run_dir}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from tti_dist.report.markdown import format_tax
-    from tti_dist.report.sweep_report import write_report
-
-    result = write_report(args.sweep_dir, metrics=args.metrics or None, target=args.target)
-    for path in [result["summary"], *result["plots"], result["report"]]:
-        print(f"wrote {path}")
-    if result["taxes"]:
-        print(format_tax(result["taxes"]))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    return 0
-
-
-def cmd_tensorboard(args: argparse.Namespace) -> int:
-    from tti_dist.report.tensorboard_server import resolve_logdir, serve_tensorboard
-
-    logdir = resolve_logdir(args.dir)
-
-    def announce(url: str) -> None:
-        print(f"TensorBoard serving {logdir} at {url} (Ctrl-C to stop)", flush=True)
-
-    serve_tensorboard(logdir, port=args.port, host=args.host, on_start=announce)
-    return 0
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from tti_dist.orchestrate import jobs
-
-    job_id = jobs.submit(args.config, args.address, out=args.out, overrides=args.overrides,
-                         working_dir=args.working_dir, runtime_env=args.runtime_env)
-    print(job_id, flush=True)
-    address = jobs.normalize_address(args.address)
-    if not args.wait:
-        print(f"follow it with: tti jobs logs {job_id} --address {address} --follow", file=sys.stderr)
-        return 0
-    return _follow_job(jobs, job_id, address)
-
-
-def _follow_job(jobs, job_id: str, address: str) -> int:
-    cluster = jobs.connect(address)
-    try:
-        for chunk in jobs.logs(job_id, None, follow=True, cluster=cluster):
-            print(chunk, end="", flush=True)
-    except KeyboardInterrupt:
-        print(f"\ntti: stopped following; the job keeps running (tti jobs stop {job_id} --address {address})",
-              file=sys.stderr)
-        return 130
-    final = jobs.wait_for(job_id, None, cluster=cluster)
-    print(f"{job_id}: {final}", file=sys.stderr)
-    return 0 if final == "SUCCEEDED" else EXIT_RUN_FAILED
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from tti_dist.orchestrate import jobs
-
-    if args.jobs_command == "status":
-        details = jobs.info(args.job_id, args.address)
-        message = f" ({details.message})" if details.message else ""
-        print(f"{args.job_id}: {details.status}{message}")
-    elif args.jobs_command == "logs":
-        if args.follow:
-            return _follow_job(jobs, args.job_id, jobs.normalize_address(args.address))
-        print(jobs.logs(args.job_id, args.address), end="")
-    else:
-        cluster = jobs.connect(args.address)
-        if jobs.stop(args.job_id, None, cluster=cluster):
-            print(f"{args.job_id}: stop requested")
-        else:
-            print(f"{args.job_id}: not running ({jobs.status(args.job_id, None, cluster=cluster)})")
-    return 0
-
-
-COMMANDS = {"train": cmd_train, "export": cmd_export, "data": cmd_data, "sae": cmd_sae, "eval": cmd_eval,
-            "submit": cmd_submit, "jobs": cmd_jobs,
-            "tensorboard": cmd_tensorboard,
-            "inspect": cmd_inspect, "toy": cmd_toy, "sweep": cmd_sweep, "report": cmd_report}
+COMMAND_MODULES = {"train": "train", "export": "export", "data": "data", "sae": "sae_fit", "eval": "eval",
+                   "inspect": "inspect", "toy": "toy", "sweep": "sweep", "report": "report",
+                   "tensorboard": "tensorboard", "submit": "submit", "jobs": "jobs"}
+"""Each verb's module in tti_dist.commands."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tti` console script."""
-    args = _parser().parse_args(argv)
-    from tti_dist.utils.logging import setup_logging
-
+    args = build_parser().parse_args(argv)
     setup_logging("INFO")
     try:
-        return COMMANDS[args.command](args)
+        # The verb's module is imported here, not at the top: each command loads only its
+        # own dependencies, and a config error answers before megatron-core or Ray load.
+        command = importlib.import_module(f"tti_dist.commands.{COMMAND_MODULES[args.command]}")
+        return command.main(args)
     except ConfigError as exc:
         print(f"tti: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

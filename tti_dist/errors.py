@@ -1,9 +1,16 @@
-"""User-facing errors.
+"""User-facing errors, and the exit codes of `tti`.
 
 A `ConfigError` is a mistake in a config file or on the command line. Its message is one
 line naming the field path, the value given and what is allowed; the CLI prints it without
 a traceback and exits with code 2.
 """
+
+EXIT_RUN_FAILED = 1
+"""A run (or a rank of it) failed; its traceback and a one-line summary were printed."""
+EXIT_USER_ERROR = 2
+"""Bad input, reported in one line before any process started."""
+EXIT_STOPPED = 3
+"""Stopped by a signal after saving a checkpoint of the last step: `--resume` continues."""
 
 
 class ConfigError(ValueError):

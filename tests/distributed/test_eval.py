@@ -23,9 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tti_dist.config import load_config, validate_config
-from tti_dist.data.synthetic import FactoredConfig, write_synthetic_dataset
-from tti_dist.train.launcher import launch_local
+from tti_dist.config import load_config
+from tti_dist.data.synthetic_config import FactoredConfig
+from tti_dist.data.synthetic_dataset import write_synthetic_dataset
+from tti_dist.regularizers.validation import validate_run_config
+from tti_dist.train.worker import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +49,7 @@ def run_dir(tmp_path_factory):
         "regularizers=[{type: sae, name: sae, coefficient: 0.1, hookpoints: ['blocks.1.resid_post'], "
         "num_latents: 64, k: 4, aux_k: 8}]",
     ])
-    validate_config(cfg, world_size=2)
+    validate_run_config(cfg, world_size=2)
     run = tmp_path_factory.mktemp("eval") / "run"
     launch_local(cfg, str(run), nproc=2)
     yield run
@@ -171,14 +173,14 @@ def _max_activation(weights: str, dataset: str) -> float:
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
     from tti_dist.data.loader import DistributedBatchLoader
     from tti_dist.data.prepare import run_windows
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT
     from tti_dist.train.export import load_exported
 
     groups = init_parallel(1, torch.device("cpu"), 60)
     try:
         model_cfg, state = load_exported(weights)
-        model = GPT(model_cfg, groups.tp_group)
+        model = GPT(model_cfg, groups)
         model.load_state_dict(state)
         model.eval()
         cfg = load_config(None, ["data.seq_len=32", "train.micro_batch_size=8", f"data.path={dataset}"])

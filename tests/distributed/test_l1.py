@@ -34,7 +34,7 @@ def _l1_rank() -> dict:
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, tp_partition_dims
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(int(os.environ["WORLD_SIZE"]), torch.device("cpu"), 120)
@@ -42,7 +42,7 @@ def _l1_rank() -> dict:
         cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, max_seq_len=16)
         seed_weights(3)
         model = GPT(cfg, groups)
-        (reg,) = build_regularizers(parse_specs([ENTRY], cfg), model, groups)
+        (reg,) = build_regularizers(checked_regularizers([ENTRY], cfg), model, groups)
         tokens = torch.randint(0, cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(5))
         with ActivationCapture(reg.hookpoints) as cap:
             model(tokens)
@@ -134,9 +134,10 @@ def test_l1_training_lowers_activation_magnitude(tmp_path):
     ends lower than in the same run with coefficient 0 (which still logs the metric)."""
     import pyarrow.parquet as pq
 
-    from tti_dist.config import load_config, validate_config
+    from tti_dist.config import load_config
     from tti_dist.data.build import build_dataset
-    from tti_dist.train.launcher import launch_local
+    from tti_dist.regularizers.validation import validate_run_config
+    from tti_dist.train.worker import launch_local
 
     build_dataset("stdlib", tmp_path / "data", max_bytes=300_000, val_fraction=0.05)
     final = {}
@@ -148,7 +149,7 @@ def test_l1_training_lowers_activation_magnitude(tmp_path):
             "logging.progress_bar=false", "data.seq_len=32", f"data.path={tmp_path / 'data'}",
             "regularizers=[{type: l1, name: l1_mlp, coefficient: %s, hookpoints: ['blocks.*.mlp.act']}]" % coefficient,
         ])
-        validate_config(cfg, world_size=2)
+        validate_run_config(cfg, world_size=2)
         run_dir = tmp_path / f"run{coefficient}"
         launch_local(cfg, str(run_dir), nproc=2)
         table = pq.read_table(run_dir / "metrics.parquet").to_pydict()

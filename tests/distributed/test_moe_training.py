@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from spawn import run_ranks
-from tti_dist.config import load_config, validate_config
+from tti_dist.config import load_config
 from tti_dist.data.build import build_dataset
-from tti_dist.train.launcher import launch_local
+from tti_dist.regularizers.validation import validate_run_config
+from tti_dist.train.worker import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ DATASET_DIR = Path(os.environ.setdefault(
 def make_config(tp: int, dp: int, ep: int, zero: int):
     cfg = load_config(None, BASE + [f"parallel.tp_size={tp}", f"parallel.dp_size={dp}", f"parallel.ep_size={ep}",
                                     f"zero.stage={zero}", f"data.path={DATASET_DIR}"])
-    validate_config(cfg, world_size=tp * dp)
+    validate_run_config(cfg, world_size=tp * dp)
     return cfg
 
 

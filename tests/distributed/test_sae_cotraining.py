@@ -34,11 +34,11 @@ def _tokens(i: int) -> torch.Tensor:
 def _rank() -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, tp_partition_dims
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.sae import ParallelSAE
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     world = int(os.environ["WORLD_SIZE"])
     groups = init_parallel(world, torch.device("cpu"), 120)
@@ -47,8 +47,8 @@ def _rank() -> dict:
         out = {"tp_rank": groups.tp_rank}
         for key, entry in (("joint", JOINT), ("detached", DETACHED)):
             seed_weights(5)
-            model = GPT(cfg, groups.tp_group)
-            (reg,) = build_regularizers(parse_specs([entry], cfg, groups.tp_size), model, groups)
+            model = GPT(cfg, groups)
+            (reg,) = build_regularizers(checked_regularizers([entry], cfg, groups.tp_size), model, groups)
             res = {"layout": tp_partition_dims(model), "weighted": [], "metrics": [], "acts": []}
             # Two micro-steps (the second has dead latents, so AuxK is active), then the SAE's step.
             with ActivationCapture(reg.captures) as cap:
@@ -73,8 +73,8 @@ def _rank() -> dict:
             # Reference for the joint-mode gradient trick: a plain backward of
             # coefficient x training loss through an identical SAE, on the same activations.
             seed_weights(5)
-            model = GPT(cfg, groups.tp_group)
-            (reg,) = build_regularizers(parse_specs([JOINT], cfg), model, groups)
+            model = GPT(cfg, groups)
+            (reg,) = build_regularizers(checked_regularizers([JOINT], cfg), model, groups)
             sae = ParallelSAE(32, reg.sae_cfg, seed=JOINT["seed"])
             tracker_dead = torch.zeros(64, dtype=torch.bool)
             with ActivationCapture(reg.captures) as cap:
@@ -176,10 +176,10 @@ def test_state_dict_contents(tp_results):
 
 def _parse(entry: dict, tp_size: int = 1):
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.regularizers import parse_specs
+    from tti_dist.regularizers import checked_regularizers
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
-    return parse_specs([entry], cfg, tp_size)
+    return checked_regularizers([entry], cfg, tp_size)
 
 
 @pytest.mark.parametrize("change, tp_size, match", [
@@ -201,8 +201,10 @@ def test_config_errors(change, tp_size, match):
 
 
 def test_valid_config_parses():
+    from tti_dist.regularizers.sae import sae_config
+
     (spec,) = _parse(JOINT, 2)
-    assert spec.params.mode == "joint" and spec.params.sae_config().k == 6
+    assert spec.params.mode == "joint" and sae_config(spec.params).k == 6
 
 
 # ---------------------------------------------------------------- through the product
@@ -224,18 +226,19 @@ DATASET_DIR = Path(os.environ.setdefault(
 
 @pytest.fixture(scope="module")
 def run_cfg():
-    from tti_dist.config import load_config, validate_config
+    from tti_dist.config import load_config
     from tti_dist.data.build import build_dataset
+    from tti_dist.regularizers.validation import validate_run_config
 
     build_dataset("stdlib", DATASET_DIR, tokenizer="byte", val_fraction=0.05, max_bytes=200_000, overwrite=True)
     cfg = load_config(None, RUN_BASE + [f"data.path={DATASET_DIR}"])
-    validate_config(cfg, world_size=1)
+    validate_run_config(cfg, world_size=1)
     yield cfg
     shutil.rmtree(DATASET_DIR, ignore_errors=True)
 
 
 def test_training_run_metrics_and_resume(run_cfg, tmp_path):
-    from tti_dist.train.launcher import launch_local
+    from tti_dist.train.worker import launch_local
 
     straight_dir = tmp_path / "straight"
     results = launch_local(run_cfg, str(straight_dir), nproc=1)
@@ -299,17 +302,17 @@ DP_ENTRY = {"type": "sae", "name": "sae_dp", "coefficient": 0.5, "hookpoints": [
 def _dp_rank() -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT
-    from tti_dist.regularizers import build_regularizers, parse_specs
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)  # world 1 or 2 -> DP = world
     try:
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
         seed_weights(5)
-        model = GPT(cfg, groups.tp_group)
-        (reg,) = build_regularizers(parse_specs([DP_ENTRY], cfg, 1), model, groups)
+        model = GPT(cfg, groups)
+        (reg,) = build_regularizers(checked_regularizers([DP_ENTRY], cfg, 1), model, groups)
         out = {"metrics": []}
         with ActivationCapture(reg.captures) as cap:
             for step in range(2):

@@ -1,4 +1,4 @@
-"""Splice metrics (tti_dist.sae.splice) and `tti sae fit` (tti_dist.sae.fit, the CLI).
+"""Splice metrics (tti_dist.sae.splice) and `tti sae fit` (tti_dist.commands.sae_fit, the CLI).
 
 Splice metrics on real gloo ranks: TP=2 x DP=1 equals TP=1 x DP=2 (batches split over DP),
 a perfect reconstruction recovers all the loss (CE recovered 1, delta 0, KL 0, EV 1), a zero
@@ -57,10 +57,10 @@ def _splice_metrics_all(groups) -> dict:
     from tti_dist.models.gpt import GPT
     from tti_dist.sae import ParallelSAE, SAEConfig
     from tti_dist.sae.splice import splice_metrics
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     seed_weights(0)
-    model = GPT(_model_cfg(), groups.tp_group)
+    model = GPT(_model_cfg(), groups)
     batches = _batches()
     if groups.dp_size > 1:  # DP: this rank's share of the batches
         batches = batches[groups.dp_rank::groups.dp_size]
@@ -91,7 +91,7 @@ def _splice_rank() -> dict:
     """On 2 ranks: TP=2 x DP=1 (megatron's groups), then TP=1 x DP=2 (singleton TP groups)."""
     import torch.distributed as dist
 
-    from tti_dist.distributed.runtime import ParallelGroups, init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import ParallelGroups, init_parallel, shutdown_parallel
 
     groups = init_parallel(2, torch.device("cpu"), 120)
     try:
@@ -167,9 +167,10 @@ FIT_SITE = "blocks.1.resid_post"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A TP=1 run of 6 steps on a byte-level stdlib dataset (trained in-process)."""
-    from tti_dist.config import load_config, validate_config
+    from tti_dist.config import load_config
     from tti_dist.data.build import build_dataset
-    from tti_dist.train.launcher import launch_local
+    from tti_dist.regularizers.validation import validate_run_config
+    from tti_dist.train.worker import launch_local
 
     root = tmp_path_factory.mktemp("saefit")
     data = root / "data"
@@ -180,7 +181,7 @@ def tiny_run(tmp_path_factory):
         "data.seq_len=32", f"data.path={data}", "logging.progress_bar=false", "checkpoint.every=0",
         "parallel.tp_size=1", "parallel.dp_size=1", "zero.stage=0",
     ])
-    validate_config(cfg, world_size=1)
+    validate_run_config(cfg, world_size=1)
     run_dir = root / "run"
     launch_local(cfg, str(run_dir), nproc=1)
     return run_dir
@@ -236,9 +237,10 @@ def test_sae_fit_not_a_run_dir_subprocess(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run_tp2(tmp_path_factory):
     """A TP=2, ZeRO-1 run of 4 steps (2 ranks through the launcher)."""
-    from tti_dist.config import load_config, validate_config
+    from tti_dist.config import load_config
     from tti_dist.data.build import build_dataset
-    from tti_dist.train.launcher import launch_local
+    from tti_dist.regularizers.validation import validate_run_config
+    from tti_dist.train.worker import launch_local
 
     root = tmp_path_factory.mktemp("saefit_tp2")
     data = root / "data"
@@ -249,7 +251,7 @@ def tiny_run_tp2(tmp_path_factory):
         "data.seq_len=32", f"data.path={data}", "logging.progress_bar=false", "checkpoint.every=0",
         "parallel.tp_size=2", "parallel.dp_size=1", "zero.stage=1",
     ])
-    validate_config(cfg, world_size=2)
+    validate_run_config(cfg, world_size=2)
     run_dir = root / "run"
     launch_local(cfg, str(run_dir), nproc=2)
     return run_dir

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from spawn import run_ranks
-from tti_dist.config import load_config, validate_config
+from tti_dist.config import load_config
 from tti_dist.data.build import build_dataset
-from tti_dist.train.launcher import launch_local
+from tti_dist.regularizers.validation import validate_run_config
+from tti_dist.train.worker import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def dataset_path() -> str:
 def make_config(tp: int, dp: int, zero: int, extra: tuple[str, ...] = ()):
     cfg = load_config(None, BASE + [f"parallel.tp_size={tp}", f"parallel.dp_size={dp}", f"zero.stage={zero}",
                                     f"data.path={dataset_path()}", *extra])
-    validate_config(cfg, world_size=tp * dp)
+    validate_run_config(cfg, world_size=tp * dp)
     return cfg
 
 
@@ -185,14 +186,14 @@ def test_export_matches_deepspeed_zero_to_fp32(runs, tmp_path):
 
 
 def _eval_exported(path: str, val_batches: list) -> float:
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, lm_loss
     from tti_dist.train.export import load_exported
 
     groups = init_parallel(1, torch.device("cpu"), 60)
     try:
         model_cfg, state = load_exported(path)
-        model = GPT(model_cfg, groups.tp_group)
+        model = GPT(model_cfg, groups)
         model.load_state_dict(state, strict=True)
         model.eval()
         with torch.no_grad():
@@ -222,7 +223,8 @@ def test_tp2_export_loads_into_tp1_model(runs, tmp_path, name):
 
 def _save_crashes_then_resume(run_dir: str) -> dict:
     """Train 2 steps (checkpoint), then a save that fails mid-way, then resume."""
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
+    from tti_dist.rundir import latest_tag
     from tti_dist.train import checkpoint as ckpt
     from tti_dist.train.trainer import Trainer
 
@@ -241,7 +243,7 @@ def _save_crashes_then_resume(run_dir: str) -> dict:
                                  groups, trainer.tp_layout, keep_last=0)
         except Exception as exc:  # noqa: BLE001 - the failure is the point
             error = type(exc).__name__
-        latest_after_crash = ckpt.latest_tag(trainer.ckpt_dir)
+        latest_after_crash = latest_tag(trainer.ckpt_dir)
         partial_left = (trainer.ckpt_dir / "global_step3.partial").exists()
         resumed = Trainer(cfg, run_dir, groups, resume=True)
         same = all(torch.equal(v, weights_before[k]) for k, v in resumed.engine.module.named_parameters())
@@ -249,7 +251,7 @@ def _save_crashes_then_resume(run_dir: str) -> dict:
         resumed.save()  # a good save afterwards cleans up the stale partial directory
         return dict(error=error, latest=latest_after_crash, partial_left=partial_left, resumed_step=resumed.step,
                     weights_restored=same, partial_after_good_save=(trainer.ckpt_dir / "global_step3.partial").exists(),
-                    latest_final=ckpt.latest_tag(trainer.ckpt_dir))
+                    latest_final=latest_tag(trainer.ckpt_dir))
     finally:
         shutdown_parallel()
 

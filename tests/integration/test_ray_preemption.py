@@ -95,7 +95,7 @@ def test_sigterm_to_a_ray_worker_checkpoints_that_step_and_the_restart_resumes_f
     assert driver.returncode == 0, output[-4000:]
     assert "1/1 trials completed" in output
 
-    from tti_dist.train.checkpoint import complete_tags, tag_step
+    from tti_dist.rundir import complete_tags, tag_step
 
     # The only checkpoints: the signalled step's and the final one.
     tags = complete_tags(run / "checkpoints")

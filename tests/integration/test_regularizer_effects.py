@@ -20,9 +20,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tti_dist.config import load_config, validate_config
-from tti_dist.data.synthetic import FactoredConfig, write_synthetic_dataset
-from tti_dist.train.launcher import launch_local
+from tti_dist.config import load_config
+from tti_dist.data.synthetic_config import FactoredConfig
+from tti_dist.data.synthetic_dataset import write_synthetic_dataset
+from tti_dist.regularizers.validation import validate_run_config
+from tti_dist.train.worker import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,7 @@ def final_metrics(tmp_path: Path, label: str, regularizers: str, tags: tuple[str
                   extra: tuple[str, ...] = ()) -> list[float]:
     """Train one run; for each tag the mean of its last three logged values."""
     cfg = load_config(None, BASE + [f"data.path={DATASET_DIR}", f"regularizers={regularizers}", *extra])
-    validate_config(cfg, world_size=1)
+    validate_run_config(cfg, world_size=1)
     run_dir = tmp_path / label
     launch_local(cfg, str(run_dir), nproc=1)
     table = pq.read_table(run_dir / "metrics.parquet").to_pydict()

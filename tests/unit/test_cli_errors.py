@@ -180,9 +180,10 @@ def test_nothing_written(results, name):
 
 
 def prepare(argv: list[str]):
-    from tti_dist.cli import _parser, prepare_train
+    from tti_dist.cli import build_parser
+    from tti_dist.commands.train import prepare_train
 
-    return prepare_train(_parser().parse_args(argv))
+    return prepare_train(build_parser().parse_args(argv))
 
 
 def prepare_error(argv: list[str]) -> str:
@@ -198,7 +199,8 @@ def prepare_error(argv: list[str]) -> str:
 def fake_checkpoint(run_dir: Path, step: int = 5, ranks: int = 2) -> None:
     """The minimum `latest_tag` accepts as a complete checkpoint, with the per-rank RNG files
     `tti train --resume` reads before launch."""
-    from tti_dist.train.checkpoint import rng_file_name, write_rng_state
+    from tti_dist.rundir import rng_file_name
+    from tti_dist.train.checkpoint import write_rng_state
 
     ckpt = run_dir / "checkpoints"
     (ckpt / f"global_step{step}").mkdir(parents=True)

@@ -444,12 +444,12 @@ class PassedValidation(AssertionError):
 
 @pytest.fixture
 def tripwire(monkeypatch):
-    import tti_dist.cli as cli
+    import tti_dist.commands.train as train_command
 
     def reached(cfg, run_dir):
         raise PassedValidation(f"the config passed validation (run directory {run_dir})")
 
-    monkeypatch.setattr(cli, "_prepare_data", reached)
+    monkeypatch.setattr(train_command, "prepare_run_data", reached)
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:

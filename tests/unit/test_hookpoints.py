@@ -352,7 +352,7 @@ def bn_model(groups):
 
 
 def test_bottleneck_hookpoints_follow_resid_post_and_match_static_names(bn_model):
-    from tti_dist.capture.names import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
+    from tti_dist.models.layout import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
 
     hps = list_hookpoints(bn_model)
     names = [hp.name for hp in hps]

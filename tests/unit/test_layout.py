@@ -121,8 +121,9 @@ def test_block_kinds():
 
 
 def test_layout_imports_no_megatron():
-    """Config validation uses the layout before megatron or DeepSpeed may be imported."""
-    code = ("import sys, tti_dist.models.layout, tti_dist.capture.names; "
+    """Config validation uses the layout, and commands check run directories and eval plans,
+    before megatron or DeepSpeed may be imported."""
+    code = ("import sys, tti_dist.models.layout, tti_dist.rundir, tti_dist.eval.plan, tti_dist.commands.train; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('megatron', 'deepspeed')]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -132,9 +133,9 @@ def test_layout_imports_no_megatron():
 
 
 def orthogonality(weights, cfg, tp_size=1):
-    from tti_dist.regularizers.base import parse_specs
+    from tti_dist.regularizers import checked_regularizers
 
-    return parse_specs([{"type": "orthogonality", "weights": weights}], cfg, tp_size)
+    return checked_regularizers([{"type": "orthogonality", "weights": weights}], cfg, tp_size)
 
 
 def test_orthogonality_targets_every_tp_linear_outside_moe_layers():
@@ -169,12 +170,12 @@ def test_orthogonality_on_moe_mlp_is_a_config_error():
 def test_orthogonality_on_bottleneck_and_mlp_equals_reference(models, groups):
     """The penalty on layers found through the layout: mean over matrices of the mean squared
     off-diagonal cosine of their directions (rows of enc_mu / fc1, columns of dec)."""
-    from tti_dist.regularizers.base import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
 
     cfg, model = CONFIGS["mixed"], models["mixed"]
-    specs = parse_specs([{"type": "orthogonality", "coefficient": 1.0,
-                          "weights": ["blocks.2.bottleneck.enc_mu", "blocks.2.bottleneck.dec", "blocks.0.mlp.fc1"]}],
-                        cfg)
+    specs = checked_regularizers([{"type": "orthogonality", "coefficient": 1.0,
+                                   "weights": ["blocks.2.bottleneck.enc_mu", "blocks.2.bottleneck.dec", "blocks.0.mlp.fc1"]}],
+                                 cfg)
     [reg] = build_regularizers(specs, model, groups)
     try:
         model.train()
@@ -197,13 +198,13 @@ def test_orthogonality_on_bottleneck_and_mlp_equals_reference(models, groups):
 
 
 def test_regularizer_hookpoint_globs_use_the_layout():
-    from tti_dist.regularizers.base import parse_specs
+    from tti_dist.regularizers import checked_regularizers
 
     cfg = CONFIGS["mixed"]
     with pytest.raises(ConfigError, match=r"^regularizers\[0\]\.hookpoints\[0\]: 'blocks.1.mlp.act' matches no "
                                           r"hookpoint; available: .*blocks.\{0,2\}.mlp.act"):
-        parse_specs([{"type": "l1", "hookpoints": ["blocks.1.mlp.act"]}], cfg)
+        checked_regularizers([{"type": "l1", "hookpoints": ["blocks.1.mlp.act"]}], cfg)
     # An SAE needs a replicated float site; the hint lists this model's (moe.out in MoE blocks).
     with pytest.raises(ConfigError, match=r"^regularizers\[0\]\.hookpoints: blocks.0.mlp.act is split across .*"
                                           r"blocks.\{1,3\}.moe.out"):
-        parse_specs([{"type": "sae", "hookpoints": ["blocks.0.mlp.act"], "num_latents": 8, "k": 2}], cfg)
+        checked_regularizers([{"type": "sae", "hookpoints": ["blocks.0.mlp.act"], "num_latents": 8, "k": 2}], cfg)

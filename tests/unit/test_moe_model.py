@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tti_dist.capture import ActivationCapture, list_hookpoints
-from tti_dist.capture.names import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
+from tti_dist.models.layout import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
 from tti_dist.config.schema import ModelConfig
 
 E = 4
@@ -133,12 +133,12 @@ def test_expert_weights_do_not_depend_on_expert_order_of_construction(groups):
 def test_load_balance_equals_deepspeeds_aux_loss(groups, top_k):
     # At DP=1 the load_balance regularizer is DeepSpeed's l_aux of top1gating / top2gating
     # (E * sum_e f_e P_e with f from the first choices), which the trainer does not add.
-    from tti_dist.regularizers.base import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
 
     cfg = moe_cfg(moe_top_k=top_k)
     model = build(cfg, groups, seed=11)
-    specs = parse_specs([{"type": "load_balance", "name": "lb", "coefficient": 1.0,
-                          "hookpoints": ["blocks.0.moe.router_probs"]}], cfg)
+    specs = checked_regularizers([{"type": "load_balance", "name": "lb", "coefficient": 1.0,
+                                   "hookpoints": ["blocks.0.moe.router_probs"]}], cfg)
     (reg,) = build_regularizers(specs, model, groups)
     with torch.no_grad(), ActivationCapture(reg.captures) as cap:
         model(tokens(n=4, t=16, seed=2))

@@ -1,15 +1,26 @@
-"""Regularizer interface: schedules (closed forms), config validation, static hookpoint names."""
+"""Regularizer interface: schedules (closed forms), config parsing and validation, static hookpoint names,
+the registries."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
-from tti_dist.capture.names import gpt_hookpoint_names
+from tti_dist.models.layout import gpt_hookpoint_names
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
-from tti_dist.regularizers import ScheduleConfig, parse_specs
+from tti_dist.config.regularizers import (
+    CONFIG_TYPES,
+    L1Config,
+    RegularizerTypeConfig,
+    ScheduleConfig,
+    parse_regularizers,
+    register_config,
+)
+from tti_dist.regularizers import REGISTRY, Regularizer, checked_regularizers, register
+from tti_dist.regularizers.l1 import L1Activation
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
 
@@ -33,28 +44,28 @@ def test_static_hookpoint_names_match_the_built_model():
     import torch
 
     from tti_dist.capture import list_hookpoints
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel, single_process_env
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel, single_process_env
     from tti_dist.models import GPT
 
     with single_process_env():
         groups = init_parallel(1, torch.device("cpu"), 60)
         try:
-            assert [hp.name for hp in list_hookpoints(GPT(CFG, groups.tp_group))] == gpt_hookpoint_names(CFG)
+            assert [hp.name for hp in list_hookpoints(GPT(CFG, groups))] == gpt_hookpoint_names(CFG)
         finally:
             shutdown_parallel()
 
 
 def _error(entries) -> str:
     with pytest.raises(ConfigError) as info:
-        parse_specs(entries, CFG)
+        checked_regularizers(entries, CFG)
     assert "\n" not in str(info.value)
     return str(info.value)
 
 
-def test_parse_specs_accepts_and_defaults():
-    (spec,) = parse_specs([{"type": "l1", "coefficient": "1e-3", "hookpoints": "blocks.*.mlp.act"}], CFG)
-    assert spec.name == "l1" and spec.coefficient == 0.001 and spec.hookpoints == ("blocks.*.mlp.act",)
-    assert spec.schedule == ScheduleConfig()
+def test_parse_accepts_and_defaults():
+    (reg,) = checked_regularizers([{"type": "l1", "coefficient": "1e-3", "hookpoints": "blocks.*.mlp.act"}], CFG)
+    assert reg.name == "l1" and reg.coefficient == 0.001 and reg.hookpoints == ("blocks.*.mlp.act",)
+    assert reg.schedule == ScheduleConfig() and reg.params == L1Config() and reg.where == "regularizers[0]"
 
 
 @pytest.mark.parametrize("entries, message", [
@@ -72,5 +83,62 @@ def test_parse_specs_accepts_and_defaults():
     ([{"type": "l1", "hookpoints": ["embed"]}, {"type": "l1", "hookpoints": ["final_norm"]}],
      "regularizers[1].name: 'l1' is already used"),
 ])
-def test_parse_specs_errors(entries, message):
+def test_parse_errors(entries, message):
     assert _error(entries).startswith(message)
+
+
+def test_field_errors_need_no_model():
+    """Field-level problems are found when the entries are parsed (config loading), before
+    the model is known; only the checks against the model wait for validation."""
+    with pytest.raises(ConfigError, match=r"^regularizers\[0\]\.coefficent: unknown key for type 'l1'"):
+        parse_regularizers([{"type": "l1", "hookpoints": ["x"], "coefficent": 1}])
+    with pytest.raises(ConfigError, match=r"^regularizers\[0\]\.hookpoints: 'orthogonality' acts on weights"):
+        parse_regularizers([{"type": "orthogonality", "hookpoints": ["embed"]}])
+    (reg,) = parse_regularizers([{"type": "l1", "hookpoints": ["no.such.site"]}])  # the model decides
+    assert reg.hookpoints == ("no.such.site",)
+
+
+def test_registries_refuse_a_duplicate_type_name():
+    class AnotherL1(Regularizer):
+        Config = L1Config
+
+        def loss(self, acts):
+            raise NotImplementedError
+
+    with pytest.raises(ValueError) as info:
+        register(AnotherL1)
+    msg = str(info.value)
+    assert "'l1'" in msg and "L1Activation" in msg and "AnotherL1" in msg
+    assert REGISTRY["l1"] is L1Activation
+
+    @dataclasses.dataclass(frozen=True)
+    class AnotherL1Config(RegularizerTypeConfig):
+        type_name = "l1"
+
+    with pytest.raises(ValueError) as info:
+        register_config(AnotherL1Config)
+    msg = str(info.value)
+    assert "'l1'" in msg and "L1Config" in msg and "AnotherL1Config" in msg
+    assert CONFIG_TYPES["l1"] is L1Config
+
+
+def test_register_needs_the_registered_config_class():
+    @dataclasses.dataclass(frozen=True)
+    class UnregisteredConfig(RegularizerTypeConfig):
+        type_name = "unregistered"
+
+    class Unregistered(Regularizer):
+        Config = UnregisteredConfig
+
+        def loss(self, acts):
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match="'unregistered'.*not the settings class registered"):
+        register(Unregistered)
+    assert "unregistered" not in REGISTRY
+
+
+def test_every_config_type_has_an_implementation():
+    assert set(REGISTRY) == set(CONFIG_TYPES)
+    for name, cls in REGISTRY.items():
+        assert cls.Config is CONFIG_TYPES[name]

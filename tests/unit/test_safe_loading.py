@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tti_dist.errors import ConfigError, RefusedFileError
+from tti_dist.rundir import rng_file_name
 from tti_dist.train import checkpoint as ckpt
 from tti_dist.utils.safe_load import (
     DEEPSPEED_GLOBALS,
@@ -121,7 +122,7 @@ def test_allowlist_is_exact(tmp_path):
 
 def test_deepspeed_classes_load_only_with_the_allowlist(tmp_path):
     """What DeepSpeed's optimizer files hold beyond tensors: the three allowlisted classes."""
-    from tti_dist.train.engine import import_deepspeed
+    from tti_dist.utils.deepspeed_import import import_deepspeed
 
     import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -167,7 +168,7 @@ def test_zero_to_fp32_path_refuses_a_payload(tmp_path, marker):
 
 def test_checkpoint_check_covers_optimizer_and_expert_files(tmp_path, marker):
     """resolve_checkpoint loads every DeepSpeed state file before any rank starts."""
-    from tti_dist.train.export import check_checkpoint_files
+    from tti_dist.rundir import check_checkpoint_files
 
     tag_dir = tmp_path / "global_step2"
     tag_dir.mkdir()
@@ -191,7 +192,7 @@ def test_rng_state_is_json_and_restores_every_generator(tmp_path):
     # Leave a cached gaussian in numpy and in python: part of the state.
     np.random.standard_normal()
     random.gauss(0, 1)
-    path = tmp_path / ckpt.rng_file_name(3)
+    path = tmp_path / rng_file_name(3)
     ckpt.write_rng_state(path)
     data = json.loads(path.read_text())
     assert data["format"] == ckpt.RNG_FORMAT
@@ -213,7 +214,7 @@ def test_rng_state_of_an_older_version_loads(tmp_path):
 
 def test_rng_state_refusals(tmp_path, marker):
     # A pickle in the place of the JSON file.
-    json_file = save_payload(tmp_path / ckpt.rng_file_name(0), marker)
+    json_file = save_payload(tmp_path / rng_file_name(0), marker)
     with pytest.raises(RefusedFileError) as exc:
         ckpt.read_rng_state(tmp_path, 0)
     assert_refused_once(exc, json_file, "not an RNG state file written by tti")
@@ -223,7 +224,7 @@ def test_rng_state_refusals(tmp_path, marker):
         ckpt.read_rng_state(tmp_path, 1)
     assert_refused_once(exc, legacy, "refused to unpickle posix.system")
     # JSON of the wrong shape, and no file at all.
-    good = tmp_path / ckpt.rng_file_name(2)
+    good = tmp_path / rng_file_name(2)
     ckpt.write_rng_state(good)
     data = json.loads(good.read_text())
     data["python"]["state"] = data["python"]["state"][:-1]
@@ -233,7 +234,7 @@ def test_rng_state_refusals(tmp_path, marker):
     assert_refused_once(exc, good, "python state has 624 entries, not 625")
     with pytest.raises(RefusedFileError) as exc:
         ckpt.read_rng_state(tmp_path, 4)
-    assert_refused_once(exc, tmp_path / ckpt.rng_file_name(4), "missing")
+    assert_refused_once(exc, tmp_path / rng_file_name(4), "missing")
 
 
 def _sae_meta() -> dict:

@@ -184,9 +184,9 @@ BN_CFG = dict(num_layers=2, hidden_size=16, num_heads=2, max_seq_len=16, bottlen
 
 def _parse(entry, **cfg_kwargs):
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.regularizers import parse_specs
+    from tti_dist.regularizers import checked_regularizers
 
-    return parse_specs([entry], ModelConfig(**{**BN_CFG, **cfg_kwargs}))
+    return checked_regularizers([entry], ModelConfig(**{**BN_CFG, **cfg_kwargs}))
 
 
 @pytest.mark.parametrize("entry, field", [
@@ -228,20 +228,20 @@ def test_no_bottleneck_in_model_lists_nothing_allowed(kind):
 
 
 def test_good_entries_parse_with_defaults():
-    from tti_dist.regularizers.total_correlation import TotalCorrelationParams
+    from tti_dist.config.regularizers import TotalCorrelationConfig
 
     (kl,) = _parse({"type": "kl", "coefficient": 0.1, "hookpoints": ["blocks.*.bottleneck.z"]})
     assert kl.type == "kl" and kl.hookpoints == ("blocks.*.bottleneck.z",)
     (tc,) = _parse({"type": "total_correlation", "hookpoints": ["blocks.1.bottleneck.z"]})
-    assert tc.params == TotalCorrelationParams(estimator="mss", dataset_size=None, max_tokens=256, seed=0)
+    assert tc.params == TotalCorrelationConfig(estimator="mss", dataset_size=None, max_tokens=256, seed=0)
     (tc,) = _parse({"type": "total_correlation", "hookpoints": ["blocks.1.bottleneck.z"], "estimator": "mws",
                     "dataset_size": 1_000_000, "max_tokens": 64, "seed": 3})
-    assert tc.params == TotalCorrelationParams(estimator="mws", dataset_size=1_000_000, max_tokens=64, seed=3)
+    assert tc.params == TotalCorrelationConfig(estimator="mws", dataset_size=1_000_000, max_tokens=64, seed=3)
 
 
 def test_decorrelation_knows_bottleneck_widths():
     """hookpoint_width (names.py) gives decorrelation the latent width: 1 latent is an error."""
-    from tti_dist.capture.names import hookpoint_width
+    from tti_dist.models.layout import hookpoint_width
     from tti_dist.config.schema import ModelConfig
     from tti_dist.errors import ConfigError
 

@@ -1,6 +1,6 @@
 """The torch backend of a trial's Ray Train workers: Ray Train's own, plus the stop handler.
 
-`tti train`'s ranks install `train/stop_request.py`'s SIGTERM/SIGINT handler from their main
+`tti train`'s ranks install `runtime/stop_request.py`'s SIGTERM/SIGINT handler from their main
 thread. A Ray Train worker is an actor that runs the training function in a thread of its
 own (Ray Train's ThreadRunner), and Python installs signal handlers from the main thread
 only, so the trainer's `stop_request.install()` is a no-op there, and the worker would die
@@ -27,7 +27,7 @@ import logging
 import ray
 from ray.train.torch import TorchConfig
 
-from tti_dist.train import stop_request
+from tti_dist.runtime import stop_request
 
 logger = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ class StoppedBySignal(RuntimeError):
 
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one rank of the trial."""
-    from tti_dist.train.checkpoint import latest_tag
+    from tti_dist.rundir import latest_tag
     from tti_dist.train.worker import run_worker
 
     spec: TrialSpec = config["spec"]
@@ -264,7 +264,8 @@ def _final_evaluation(spec: TrialSpec):
         import ray.train
         import torch.distributed as dist
 
-        from tti_dist.eval.evaluate import prepare_eval, run_eval
+        from tti_dist.eval.evaluate import run_eval
+        from tti_dist.eval.plan import prepare_eval
 
         scalars: dict[str, float] = {}
         own_dp = dist.new_group([groups.rank], use_local_synchronization=True)
@@ -393,8 +394,7 @@ def write_trial_record(spec: TrialSpec, status: str, error: str | None) -> dict:
         "num_params": count_parameters(cfg.model),
         "steps": last_step,
         "tokens": tokens,
-        "coefficients": {r["name"] if "name" in r else r["type"]: float(r.get("coefficient", 0.0))
-                         for r in cfg.regularizers},
+        "coefficients": {r.name: r.coefficient for r in cfg.regularizers},
         "status": status,
         "error": error,
         # Ray Train restarts of the worker group (each resumed from the checkpoint named in

@@ -1,6 +1,6 @@
 """Atomic DeepSpeed checkpoints with the state needed for exact resume.
 
-Layout under RUN/checkpoints/:
+Layout under RUN/checkpoints/ (its names: tti_dist.rundir):
 
     latest                      the tag to resume from (DeepSpeed's convention)
     global_step<N>/             a complete checkpoint (DeepSpeed's file names:
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,50 +34,16 @@ import torch
 import torch.distributed as dist
 
 from tti_dist.errors import RefusedFileError, RunWriteError
+from tti_dist.rundir import LATEST_FILE, TP_LAYOUT_FILE, checkpoint_tag, complete_tags, latest_tag, rng_file_name, tag_step
 from tti_dist.utils.safe_load import LEGACY_RNG_GLOBALS, load_torch_file
 
 if TYPE_CHECKING:  # runtime import would pull megatron into `tti train`'s validation path
-    from tti_dist.distributed.runtime import ParallelGroups
+    from tti_dist.distributed.groups import ParallelGroups
 
 logger = logging.getLogger(__name__)
 
-LATEST_FILE = "latest"
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
-_TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-def checkpoint_tag(step: int) -> str:
-    """DeepSpeed's tag naming: global_step<N>."""
-    return f"global_step{step}"
-
-
-def tag_step(tag: str) -> int | None:
-    """The step of a complete-checkpoint tag, None for anything else."""
-    m = _TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
-
-
-def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The tag named by `latest`, if it names an existing complete checkpoint."""
-    ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / LATEST_FILE
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if tag_step(tag) is None or not (ckpt_dir / tag).is_dir():
-        logger.warning("%s names %r, which is not a complete checkpoint; ignoring it", latest, tag)
-        return None
-    return tag
-
-
-def complete_tags(ckpt_dir: str | Path) -> list[str]:
-    """Complete checkpoint tags, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and tag_step(p.name) is not None]
-    return sorted(tags, key=lambda t: tag_step(t))
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -104,11 +69,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 RNG_FORMAT = "tti_dist.rng_state/1"
-
-
-def rng_file_name(rank: int) -> str:
-    """The per-rank RNG state file of a checkpoint directory."""
-    return f"rng_rank{rank:05d}.json"
 
 
 def _bytes_to_b64(t: torch.Tensor) -> str:
@@ -228,7 +188,7 @@ def save_checkpoint(
     dist.barrier()
     if groups.is_writer:
         try:
-            _write_atomic(ckpt_dir / staging / "tp_layout.json", json.dumps(tp_layout, indent=1))
+            _write_atomic(ckpt_dir / staging / TP_LAYOUT_FILE, json.dumps(tp_layout, indent=1))
             final = ckpt_dir / tag
             replaced = ckpt_dir / (tag + REPLACED_SUFFIX)
             if final.exists():  # the same step saved again (e.g. resumed at a saved step)

@@ -16,7 +16,7 @@ Two layers of sharding are undone:
   parameters are taken from TP rank 0 after checking that all ranks agree.
 
 Every file is read with torch's weights-only unpickler and tti's allowlist
-(tti_dist.utils.safe_load), zero_to_fp32's own loads included; `resolve_checkpoint` loads
+(tti_dist.utils.safe_load), zero_to_fp32's own loads included; `RunDir.resolve_checkpoint` loads
 them all (memory-mapped) before any rank starts, so a file that asks for anything else is a
 one-line error from every command that reads a checkpoint.
 """
@@ -28,69 +28,44 @@ import json
 import logging
 import os
 import pickle
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from tti_dist.config.load import config_from_dict
-from tti_dist.config.schema import RunConfig
+from tti_dist.config.load import config_to_dict
+from tti_dist.config.schema import ModelConfig, RunConfig
+from tti_dist.config.sections import section_from_dict
+from tti_dist.distributed.groups import ParallelGroups
 from tti_dist.distributed.zero_config import engine_zero_stage
-from tti_dist.errors import ConfigError
-from tti_dist.train import checkpoint as ckpt
+from tti_dist.models.gpt import GPT
+from tti_dist.rundir import (
+    EXPERT_FILE,
+    LATEST_FILE,
+    TP_LAYOUT_FILE,
+    RunDir,
+    model_states_file,
+    tp_rank_file_pattern,
+)
+from tti_dist.utils.deepspeed_import import import_deepspeed
 from tti_dist.utils.safe_load import DEEPSPEED_GLOBALS, load_torch_file, refusal, weights_only_loads
+from tti_dist.utils.seeding import seed_weights
 
 logger = logging.getLogger(__name__)
-
-EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-"""DeepSpeed's per-expert checkpoint files (MoE): layer_<moe layer>_expert_<global id>_mp_rank_<tp>."""
-
-
-def resolve_checkpoint(run_dir: str | Path, checkpoint: str | None) -> tuple[RunConfig, Path, str]:
-    """(run config, checkpoints dir, tag) for `checkpoint` = None (latest), a step or a tag."""
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise ConfigError(f"RUN: '{run_dir}' is not a tti run directory (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
-    ckpt_dir = run_dir / "checkpoints"
-    if checkpoint is None:
-        tag = ckpt.latest_tag(ckpt_dir)
-        if tag is None:
-            raise ConfigError(f"RUN: '{run_dir}' holds no complete checkpoint")
-    else:
-        tag = ckpt.checkpoint_tag(int(checkpoint)) if str(checkpoint).isdigit() else str(checkpoint)
-        if not (ckpt_dir / tag).is_dir():
-            available = ", ".join(ckpt.complete_tags(ckpt_dir)) or "none"
-            raise ConfigError(f"--checkpoint: {checkpoint!r} not found in {ckpt_dir}; available: {available}")
-    check_checkpoint_files(ckpt_dir / tag)
-    return cfg, ckpt_dir, tag
-
-
-def check_checkpoint_files(tag_dir: Path) -> None:
-    """RefusedFileError (one line) unless every DeepSpeed model, expert and optimizer state
-    file of the checkpoint loads with the weights-only unpickler and tti's allowlist.
-
-    Memory-mapped: the tensors are not read. The RNG files are not checked here: only
-    `tti train --resume` reads them, and they are JSON.
-    """
-    for f in sorted(tag_dir.glob("*_states.pt")):
-        load_torch_file(f, DEEPSPEED_GLOBALS, mmap=True)
-
 
 def _rank_view(ckpt_dir: Path, tag: str, tp_rank: int, view_root: Path) -> None:
     """Symlink TP rank `tp_rank`'s files of `tag` into view_root/tag under mp_rank_00 names."""
     src = ckpt_dir / tag
     dst = view_root / tag
     dst.mkdir(parents=True)
-    pattern = re.compile(rf"mp_rank_{tp_rank:02d}(?=_|\.)")
+    pattern = tp_rank_file_pattern(tp_rank)
     for f in src.iterdir():
         if pattern.search(f.name) and not EXPERT_FILE.match(f.name):
             os.symlink(f.resolve(), dst / pattern.sub("mp_rank_00", f.name))
-    (view_root / ckpt.LATEST_FILE).write_text(tag)
+    (view_root / LATEST_FILE).write_text(tag)
 
 
 def moe_tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int) -> dict[str, torch.Tensor]:
@@ -102,7 +77,7 @@ def moe_tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int) -> dict[str, 
     expert partitions), so these are the module weights, not the ZeRO fp32 master copies:
     identical in fp32 training, rounded to bf16 in bf16 training.
     """
-    states = load_torch_file(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", DEEPSPEED_GLOBALS)
+    states = load_torch_file(ckpt_dir / tag / model_states_file(tp_rank), DEEPSPEED_GLOBALS)
     out = {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
     for f in sorted((ckpt_dir / tag).iterdir()):
         m = EXPERT_FILE.match(f.name)
@@ -129,11 +104,10 @@ def tp_rank_state_dict(ckpt_dir: Path, tag: str, tp_rank: int, zero_stage: int) 
     if any(EXPERT_FILE.match(f.name) for f in (ckpt_dir / tag).iterdir()):
         return moe_tp_rank_state_dict(ckpt_dir, tag, tp_rank)
     if zero_stage == 0:
-        states = load_torch_file(ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt", DEEPSPEED_GLOBALS)
+        states = load_torch_file(ckpt_dir / tag / model_states_file(tp_rank), DEEPSPEED_GLOBALS)
         return {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
-    from tti_dist.train.engine import import_deepspeed
-
     import_deepspeed()
+    # lazy: deepspeed is imported only to consolidate ZeRO-partitioned checkpoints
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="tti-export-") as tmp:
@@ -166,8 +140,11 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict[str, int
 
 def consolidated_state_dict(run_dir: str | Path, checkpoint: str | None = None) -> tuple[RunConfig, dict[str, torch.Tensor], str]:
     """The whole model's fp32 weights from a checkpoint, any TP/ZeRO layout."""
-    cfg, ckpt_dir, tag = resolve_checkpoint(run_dir, checkpoint)
-    layout = json.loads((ckpt_dir / tag / "tp_layout.json").read_text())
+    run = RunDir(Path(run_dir))
+    cfg = run.load_config()
+    tag = run.resolve_checkpoint(checkpoint)
+    ckpt_dir = run.checkpoints
+    layout = json.loads((ckpt_dir / tag / TP_LAYOUT_FILE).read_text())
     shards = [tp_rank_state_dict(ckpt_dir, tag, r, engine_zero_stage(cfg)) for r in range(cfg.parallel.tp_size)]
     if cfg.model.moe_num_experts:
         layout = global_expert_layout(layout, shards[0])
@@ -176,10 +153,6 @@ def consolidated_state_dict(run_dir: str | Path, checkpoint: str | None = None) 
 
 def export_safetensors(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
     """Write the consolidated weights to `out` (atomically) with the model config as metadata."""
-    from safetensors.torch import save_file
-
-    from tti_dist.config.load import config_to_dict
-
     cfg, state, tag = consolidated_state_dict(run_dir, checkpoint)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,12 +166,26 @@ def export_safetensors(run_dir: str | Path, out: str | Path, checkpoint: str | N
 
 def load_exported(path: str | Path):
     """(ModelConfig, state_dict) from a file written by export_safetensors."""
-    from safetensors import safe_open
-
-    from tti_dist.config.load import section_from_dict
-    from tti_dist.config.schema import ModelConfig
-
     with safe_open(str(path), framework="pt") as f:
         model_cfg = section_from_dict(ModelConfig, json.loads(f.metadata()["model_config"]), "model.")
         state = {k: f.get_tensor(k) for k in f.keys()}
     return model_cfg, state
+
+
+def load_frozen_model(cfg: RunConfig, ckpt_dir: Path, tag: str, groups: ParallelGroups,
+                      weights: str | None = None) -> GPT:
+    """The run's GPT at `groups`' TP degree with its checkpoint weights (this TP rank's shard,
+    any ZeRO stage; MoE: every expert under its global id, an EP=1 model), or with an
+    exported file's weights (`weights`, TP=1), frozen: eval mode, no gradients.
+
+    The weights are seeded as at training start first, so buffers and anything the state
+    dict does not hold match the trained model's."""
+    seed_weights(cfg.train.seed)
+    model = GPT(cfg.model, groups)
+    if weights is not None:
+        _, state = load_exported(weights)
+    else:
+        state = tp_rank_state_dict(ckpt_dir, tag, groups.tp_rank, engine_zero_stage(cfg))
+    model.load_state_dict(state, strict=True)
+    model.to(groups.device).eval().requires_grad_(False)
+    return model

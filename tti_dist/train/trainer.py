@@ -27,17 +27,18 @@ from tti_dist.config.load import dump_config
 from tti_dist.config.schema import RunConfig
 from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
-from tti_dist.distributed.runtime import ParallelGroups, enforce_collective_timeout
+from tti_dist.distributed.groups import ParallelGroups, enforce_collective_timeout
 from tti_dist.capture.hookpoints import ActivationCapture
 from tti_dist.metrics import open_metrics_writer
-from tti_dist.regularizers.base import build_regularizers, parse_specs
+from tti_dist.regularizers.base import build_regularizers
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
-from tti_dist.train import stop_request
+from tti_dist.rundir import latest_tag
+from tti_dist.runtime import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
 from tti_dist.train.moe_metrics import RoutingStatsAccumulator, with_imbalance
-from tti_dist.train.seeding import seed_runtime, seed_weights
 from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
+from tti_dist.utils.seeding import seed_runtime, seed_weights
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +149,13 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.groups = groups
         seed_weights(cfg.train.seed)
-        self.model = GPT(cfg.model, groups.tp_group, cfg.parallel.ep_size)
+        self.model = GPT(cfg.model, groups)
         enforce_collective_timeout(cfg.train.dist_timeout_s)  # also DeepSpeed's expert-parallel groups
         self.model.recompute_blocks = cfg.train.activation_checkpointing
         self.tp_layout = tp_partition_dims(self.model)
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
-        self.regularizers = build_regularizers(
-            parse_specs(cfg.regularizers, cfg.model, groups.tp_size), self.engine.module, groups
-        )
+        self.regularizers = build_regularizers(cfg.regularizers, self.engine.module, groups)
         hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.captures}
         # One capture for the union of all regularizers' hookpoints, kept registered for the run.
         self.capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
@@ -178,7 +177,7 @@ class Trainer:
         )
         if resume:
             # A launcher that tracks checkpoints itself (Ray Train) names the one to load.
-            tag = resume_tag or ckpt.latest_tag(self.ckpt_dir)
+            tag = resume_tag or latest_tag(self.ckpt_dir)
             if tag is None:
                 logger.warning("resume requested but %s holds no checkpoint; starting from step 0", self.ckpt_dir)
             else:
@@ -243,7 +242,7 @@ class Trainer:
                 continue
             # The gradient-accumulation boundary: DeepSpeed updates the weights in step().
             if self._norm_before_step:
-                norm = grad_norm_now(self.engine)
+                norm = grad_norm_now(self.engine, self.groups)
             reg_means = {k: v / gas for k, v in reg_sums.items()}
             verdict = step_verdict(total_sum, norm, self.groups.device)
             if verdict.nonfinite and self.cfg.train.nonfinite == "stop":
@@ -358,7 +357,7 @@ class Trainer:
                 except NonFiniteStep as exc:
                     result.nonfinite = str(exc)
                     logger.error("%s: no update applied; stopping (train.nonfinite: stop); the latest checkpoint "
-                                 "is %s", exc, ckpt.latest_tag(self.ckpt_dir) or "none")
+                                 "is %s", exc, latest_tag(self.ckpt_dir) or "none")
                     break
                 self.step += 1
                 interval_steps += 1

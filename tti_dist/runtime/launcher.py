@@ -18,10 +18,8 @@ import uuid
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from tti_dist.config.schema import RunConfig
-from tti_dist.distributed.runtime import single_process_env
+from tti_dist.distributed.groups import single_process_env
 from tti_dist.utils.environ import environ_set
-from tti_dist.train.worker import run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +86,3 @@ def _signals_forwarded_once():
 
 
 _AGENT_SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
-
-
-def launch_local(cfg: RunConfig, run_dir: str, nproc: int, resume: bool = False) -> dict:
-    """Run `run_worker` on `nproc` local processes; returns {rank: TrainResult}."""
-    return launch_ranks(run_worker, nproc, cfg, run_dir, resume, grace_s=cfg.checkpoint.signal_grace_s)

@@ -23,14 +23,13 @@ import logging
 import signal
 import threading
 
+from tti_dist.errors import EXIT_STOPPED
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-"""The signals that stop a run after a checkpoint."""
-
-EXIT_STOPPED = 3
-"""`tti train`'s exit code after a signal stopped the run and its checkpoint was saved
-(1: a rank failed or the loss went non-finite; 2: bad input)."""
+"""The signals that stop a run after a checkpoint (the ranks then exit with
+tti_dist.errors.EXIT_STOPPED)."""
 
 _requested: int = 0
 _previous: dict[int, object] = {}

@@ -1,0 +1,113 @@
+"""A `tti sae fit` job, checked before any process starts: `prepare_fit` -> `FitPlan`.
+
+Everything a user can get wrong (run directory, checkpoint, site, SAE shape, options, data)
+is a one-line ConfigError here; the ranks then read the plan (tti_dist.train.sae_fit).
+Light on purpose: no model code is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from tti_dist.capture.hookpoints import summarize_names
+from tti_dist.config.schema import RunConfig
+from tti_dist.data.loader import DistributedBatchLoader
+from tti_dist.data.prepare import resolve_dataset, run_windows
+from tti_dist.errors import ConfigError
+from tti_dist.models.layout import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
+from tti_dist.rundir import TP_LAYOUT_FILE, RunDir
+from tti_dist.sae.config import SAEConfig
+
+DEFAULT_STEPS = 500
+DEFAULT_LR = 1e-3
+METRICS_FILE = "sae_metrics.json"
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """A validated `tti sae fit` job (built by prepare_fit, read by every rank)."""
+
+    run_dir: str
+    """The trained run's directory."""
+    cfg: RunConfig
+    """The run's resolved config (RUN/config.yaml)."""
+    ckpt_dir: str
+    """RUN/checkpoints."""
+    tag: str
+    """Checkpoint tag loaded, e.g. global_step20."""
+    site: str
+    """Replicated hookpoint the SAE reads."""
+    site_dim: int
+    """Width d of the site."""
+    sae_cfg: SAEConfig
+    """The SAE (TopK)."""
+    steps: int
+    """SAE optimizer steps (one micro-batch per DP rank each)."""
+    lr: float
+    """Adam learning rate (constant)."""
+    seed: int
+    """SAE initialisation seed."""
+    out_dir: str
+    """Where sae_metrics.json and the SAE shards go."""
+    nproc: int
+    """Processes; a multiple of the run's tp_size."""
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks of the fit job."""
+        return self.nproc // self.cfg.parallel.tp_size
+
+
+def _replicated_hint(cfg: RunConfig) -> str:
+    return summarize_names([n for n in gpt_hookpoint_names(cfg.model) if not is_tp_sharded(n)])
+
+
+def prepare_fit(run_dir: str | Path, site: str, num_latents: int, k: int, checkpoint: str | None = None,
+                steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, out: str | Path | None = None, seed: int = 0,
+                nproc: int | None = None) -> FitPlan:
+    """Validate everything before any process starts; raise a one-line ConfigError on a user error."""
+    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    tag = run.resolve_checkpoint(checkpoint)
+    ckpt_dir = run.checkpoints
+    names = gpt_hookpoint_names(cfg.model)
+    if site not in names:
+        raise ConfigError(f"--site: {site!r} is not a hookpoint of this run's model; available: {summarize_names(names)}")
+    if is_tp_sharded(site):
+        raise ConfigError(f"--site: {site} is split across tensor-parallel ranks; an SAE needs a replicated site "
+                          f"({_replicated_hint(cfg)})")
+    tp = cfg.parallel.tp_size
+    if num_latents < 2:
+        raise ConfigError(f"--latents: {num_latents} must be an integer >= 2")
+    if num_latents % tp:
+        raise ConfigError(f"--latents: {num_latents} must be divisible by the run's parallel.tp_size {tp}")
+    if not 1 <= k <= num_latents:
+        raise ConfigError(f"--k: {k} must be in 1..latents ({num_latents})")
+    if steps < 1:
+        raise ConfigError(f"--steps: {steps} must be >= 1")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr: {lr!r} must be a finite number > 0")
+    if seed < 0:
+        raise ConfigError(f"--seed: {seed} must be >= 0")
+    nproc = cfg.parallel.world_size if nproc is None else nproc
+    if nproc < 1 or nproc % tp:
+        raise ConfigError(f"--nproc: {nproc} must be a positive multiple of the run's parallel.tp_size {tp}")
+    if not (ckpt_dir / tag / TP_LAYOUT_FILE).is_file():
+        raise ConfigError(f"--checkpoint: {ckpt_dir / tag} has no tp_layout.json; not a tti checkpoint")
+    d = hookpoint_width(site, cfg.model)
+    tokens_per_step = cfg.train.micro_batch_size * (nproc // tp) * cfg.data.seq_len
+    # Short fits: a latent counts as dead after a quarter of the fit's tokens (at most the
+    # default dead_window_tokens, 10M), so AuxK can act at all.
+    window = max(1, min(10_000_000, steps * tokens_per_step // 4))
+    sae_cfg = SAEConfig(num_latents=num_latents, activation="topk", k=k, dead_window_tokens=window)
+    sae_cfg.validate(d, tp, "sae")
+    cfg, dataset = resolve_dataset(cfg, run_dir)
+    windows = run_windows(cfg, dataset)
+    for split in ("train", "val"):
+        DistributedBatchLoader(windows, split, cfg.train.micro_batch_size, 0, nproc // tp, cfg.train.seed)
+    out_dir = Path(out) if out is not None else run.sae_fit / f"{site}-n{num_latents}-k{k}"
+    return FitPlan(run_dir=str(run_dir), cfg=cfg, ckpt_dir=str(ckpt_dir), tag=tag, site=site, site_dim=d,
+                   sae_cfg=sae_cfg, steps=steps, lr=lr, seed=seed, out_dir=str(out_dir), nproc=nproc)

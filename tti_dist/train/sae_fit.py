@@ -1,0 +1,133 @@
+"""The ranks of `tti sae fit`: train a fresh TopK SAE on a trained run's frozen activations,
+then measure it (the plan comes checked from tti_dist.sae.fit_plan).
+
+    tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR]
+                    [--out DIR] [--seed S] [--nproc P]
+
+1. `prepare_fit` (tti_dist/sae/fit_plan.py; launching process, no process group): reads
+   RUN/config.yaml, resolves the checkpoint, checks the site, the SAE shape and the data;
+   every problem is a one-line ConfigError (the CLI prints `tti: error: ...`, exit 2).
+2. `tti sae fit` (tti_dist/commands/sae_fit.py) runs `run_fit` on P ranks (default: the
+   run's world size; P must be a multiple of the run's tp_size, the rest is data parallel),
+   in-process for one rank, otherwise through torch's elastic agent exactly like `tti train`.
+3. Each rank builds the GPT at the run's TP layout and loads its TP shard's fp32 weights
+   from the checkpoint with the export path (`tti_dist.train.export.tp_rank_state_dict`:
+   module states for ZeRO-0, DeepSpeed's zero_to_fp32 for ZeRO 1-3, so every stage that
+   `tti export` reads works; no DeepSpeed engine is built). The model is frozen (eval mode,
+   requires_grad False).
+4. The SAE (ParallelSAE, TopK, latents sharded over TP) trains on the site's activations of
+   the training split, read by the training data loader (same windows, seed and DP split),
+   one micro-batch of train.micro_batch_size windows per DP rank per step: b_pre from the
+   first batch (geometric median over DP), loss = MSE + AuxK/32 (dead latents from a
+   FiringTracker), gradients averaged over DP (one all-reduce per step), the decoder's
+   parallel gradient removed, its own Adam step, decoder columns renormalized.
+5. `splice_metrics` (tti_dist.sae.splice) on the run's fixed validation batches
+   (max(1, train.eval_batches) micro-batches per DP rank); rank 0 writes OUT/sae_metrics.json
+   and each DP-rank-0 rank its SAE shard OUT/sae_tp_rank<R>.safetensors (tti_dist.sae.files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tti_dist.capture.hookpoints import ActivationCapture, list_hookpoints
+from tti_dist.data.loader import DistributedBatchLoader
+from tti_dist.data.prepare import run_windows
+from tti_dist.sae.files import shard_name, write_shard
+from tti_dist.sae.firing_tracker import FiringTracker
+from tti_dist.sae.fit_plan import METRICS_FILE, FitPlan
+from tti_dist.sae.metrics import explained_variance
+from tti_dist.sae.model import ParallelSAE
+from tti_dist.sae.splice import splice_metrics
+from tti_dist.train.export import load_frozen_model
+
+logger = logging.getLogger(__name__)
+
+
+def run_fit(plan: FitPlan, groups) -> dict:
+    """Train the SAE on this rank's share and measure it; returns {"metrics", "train_log"} (same on all ranks)."""
+    cfg = plan.cfg
+    model = load_frozen_model(cfg, Path(plan.ckpt_dir), plan.tag, groups)
+    site = next(hp for hp in list_hookpoints(model) if hp.name == plan.site)
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
+    dp_group = groups.dp_group if groups.dp_size > 1 else None
+    sae = ParallelSAE(plan.site_dim, plan.sae_cfg, tp_group, groups.tp_size, groups.tp_rank, seed=plan.seed,
+                      device=groups.device)
+    tracker = FiringTracker(sae.num_local_latents, plan.sae_cfg.dead_window_tokens, dp_group=dp_group,
+                            device=groups.device)
+    opt = torch.optim.Adam(sae.parameters(), lr=plan.lr)
+    windows = run_windows(cfg)
+    mbs = cfg.train.micro_batch_size
+    train = DistributedBatchLoader(windows, "train", mbs, groups.dp_rank, groups.dp_size, cfg.train.seed)
+    val = DistributedBatchLoader(windows, "val", mbs, groups.dp_rank, groups.dp_size, cfg.train.seed, shuffle=False)
+    val_batches = val.fixed_batches(max(1, cfg.train.eval_batches))
+    log_every = max(1, plan.steps // 10)
+    train_log = []
+    with ActivationCapture([site]) as capture:
+        for step in range(1, plan.steps + 1):
+            batch = train.next_batch().to(groups.device)
+            with torch.no_grad():
+                model(batch[:, :-1])
+            acts = capture.captured[site.name].detach()
+            capture.clear()
+            if step == 1:
+                sae.init_b_pre(acts.reshape(-1, plan.site_dim), dp_group=dp_group)
+            out = sae(acts)
+            dead = tracker.dead_mask() if tracker.may_have_dead() else None
+            loss, parts = sae.training_loss(out.x_in, out, dead)
+            loss.backward()
+            _dp_mean_grads(sae, dp_group, groups.dp_size)
+            sae.remove_parallel_gradient()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sae.normalize_decoder()
+            tracker.update(out.latents)
+            if step % log_every == 0 or step == plan.steps:
+                vals = torch.stack([parts["mse"].double(), explained_variance(out.x_in, out.x_hat)]).to(groups.device)
+                if dp_group is not None:
+                    dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=dp_group)
+                mse, ev = (vals / groups.dp_size).tolist()
+                train_log.append({"step": step, "mse": mse, "ev": ev})
+                if groups.is_writer:
+                    logger.info("sae fit step %d/%d: mse %.5g, ev %.4f", step, plan.steps, mse, ev)
+    metrics = splice_metrics(model, sae, site, val_batches, groups)
+    out_dir = Path(plan.out_dir)
+    if groups.dp_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_shard(out_dir / shard_name(groups.tp_rank), sae.state_dict(),
+                    {"sae_config": asdict(plan.sae_cfg), "d_model": plan.site_dim, "tp_rank": groups.tp_rank,
+                     "tp_size": groups.tp_size, "seed": plan.seed})
+    if groups.is_writer:
+        tokens = plan.steps * cfg.train.micro_batch_size * groups.dp_size * cfg.data.seq_len
+        record = {
+            "run": plan.run_dir, "checkpoint": plan.tag, "site": plan.site, "d_model": plan.site_dim,
+            "num_latents": plan.sae_cfg.num_latents, "k": plan.sae_cfg.k, "steps": plan.steps, "lr": plan.lr,
+            "seed": plan.seed, "tp_size": groups.tp_size, "dp_size": groups.dp_size, "train_tokens": tokens,
+            "eval_batches": len(val_batches), "dead_window_tokens": plan.sae_cfg.dead_window_tokens,
+            "metrics": metrics, "train_log": train_log,
+        }
+        (out_dir / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    if groups.world_size > 1:
+        dist.barrier()
+    return {"metrics": metrics, "train_log": train_log}
+
+
+@torch.no_grad()
+def _dp_mean_grads(sae, dp_group, dp_size: int) -> None:
+    """Average the SAE's gradients over the DP group (one all-reduce of all local gradients)."""
+    if dp_group is None:
+        return
+    params = [p for p in sae.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=dp_group)
+    flat /= dp_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
