@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "train": 4, "eval": 4, "runtime": 4, "orchestrate": 4, "report": 4, "toy": 4,
     "regularizers": 3, "sae": 3,
     "models": 2, "capture": 2, "metrics": 2,
-    "config": 1, "data": 1, "distributed": 1,
+    "config": 1, "data": 1, "distributed": 1, "rundir": 1,
     "utils": 0, "errors": 0, "__init__": 0,
 }
 """Layer of each top-level module or subpackage of tti_dist (docs/design.md, "Layers")."""

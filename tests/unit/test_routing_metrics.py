@@ -144,7 +144,7 @@ def test_nmi_matches_sklearn():
 def test_imbalance_is_that_of_the_global_shares():
     """Two DP ranks whose busiest experts differ: each alone reads 2 x 0.6 = 1.2, but the
     global shares are uniform, imbalance 1 (the mean of per-rank maxima would say 1.2)."""
-    from tti_dist.train.moe_metrics import with_imbalance
+    from tti_dist.metrics.routing_stats import with_imbalance
 
     per_rank = [[0.6, 0.4], [0.4, 0.6]]
     reduced = {f"moe/blocks.0/share_e{j}": sum(r[j] for r in per_rank) / 2 for j in range(2)}

@@ -36,7 +36,7 @@ from tti_dist.train import checkpoint as ckpt
 from tti_dist.rundir import latest_tag
 from tti_dist.runtime import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
-from tti_dist.train.moe_metrics import RoutingStatsAccumulator, with_imbalance
+from tti_dist.metrics.routing_stats import RoutingStatsAccumulator, with_imbalance
 from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
 from tti_dist.utils.seeding import seed_runtime, seed_weights
 
