@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tti_dist.data.dataset_reader import open_dataset
-from tti_dist.data.synthetic import FactoredConfig, entropy_bounds, unigram_entropy, write_synthetic_dataset
+from tti_dist.data.synthetic_config import FactoredConfig
+from tti_dist.data.synthetic_dataset import write_synthetic_dataset
+from tti_dist.data.synthetic_entropy import entropy_bounds, unigram_entropy
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -15,9 +15,12 @@ import logging
 from pathlib import Path
 
 from tti_dist.config.schema import RunConfig
-from tti_dist.data.dataset_reader import TokenDataset, open_dataset
 from tti_dist.data.build import build_dataset
-from tti_dist.data.loader import DatasetWindows
+from tti_dist.data.dataset_reader import TokenDataset, open_dataset
+from tti_dist.data.loader import DatasetWindows, DistributedBatchLoader
+from tti_dist.data.sources import sha256_file
+from tti_dist.data.synthetic_config import FactoredConfig
+from tti_dist.data.synthetic_dataset import write_synthetic_dataset
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +59,6 @@ def _check_reused(cfg: RunConfig, manifest: dict, where: Path) -> None:
             )
     tokenizer_file = Path(cfg.data.tokenizer)
     if cfg.data.tokenizer.endswith(".json") and tokenizer_file.is_file():
-        from tti_dist.data.sources import sha256_file
-
         # The same path may hold another file now; the dataset's copy is what it was built with.
         recorded = manifest.get("tokenizer", {}).get("sha256")
         if sha256_file(tokenizer_file) != recorded:
@@ -79,8 +80,6 @@ def resolve_dataset(cfg: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Tok
             dataset = open_dataset(out, verify=cfg.data.verify)
             _check_reused(cfg, dataset.manifest, out)
         elif cfg.data.source == SYNTHETIC_FACTORED:
-            from tti_dist.data.synthetic import FactoredConfig, write_synthetic_dataset
-
             # The default generator settings (docs/data.md); to change them, generate with
             # `tti data synth factored --set ...` and point data.path at the result.
             logger.info("generating the synthetic factored corpus into %s", out)
@@ -122,8 +121,6 @@ def prepare_run_data(cfg: RunConfig, home: str | Path) -> RunConfig:
     one) and check that both splits hold a whole global micro-batch: such problems are
     one-line ConfigErrors before launch, not a traceback from every rank. Returns the config
     with data.path resolved."""
-    from tti_dist.data.loader import DistributedBatchLoader
-
     cfg, dataset = resolve_dataset(cfg, home)
     windows = run_windows(cfg, dataset)
     for split in ("train", "val"):
