@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from tensorboard.compat.proto.summary_pb2 import Summary
+# At module level: every rank imports it anyway (megatron.core's timers do), so importing it
+# only on the writing rank would save nothing.
+from torch.utils.tensorboard import SummaryWriter
 
 from tti_dist.errors import RunWriteError
 from tti_dist.metrics.write_failure import os_reason
@@ -88,11 +91,8 @@ class TensorBoardSink:
         self.resume_step = resume_step
         self._writer = self._open()
 
-    def _open(self) -> Any:
+    def _open(self) -> SummaryWriter:
         """Open the SummaryWriter, purging events a restart (or a fresh run) makes stale."""
-        # Imported here so that non-writer ranks, which never build one, skip the import.
-        from torch.utils.tensorboard import SummaryWriter
-
         tb_dir = self.run_dir / TB_DIRNAME
         has_old_events = bool(_event_file_timestamps(tb_dir))
         if self.resume_step is not None:

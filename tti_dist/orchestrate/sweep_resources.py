@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
+
 from tti_dist.errors import ConfigError
 
 
@@ -14,8 +16,6 @@ def embedded_resources() -> dict[str, float]:
     """What the embedded local Ray (loopback only) offers: the machine's cores plus one logical CPU for the
     trial drivers (each reserves 0.1 CPU and only waits on Ray Train's controller, so a
     trial whose workers use every core still fits), and its GPUs."""
-    import torch
-
     resources = {"CPU": float((os.cpu_count() or 1) + 1)}
     if torch.cuda.is_available():
         resources["GPU"] = float(torch.cuda.device_count())
