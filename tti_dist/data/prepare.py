@@ -22,10 +22,11 @@ from tti_dist.data.sources import sha256_file
 from tti_dist.data.synthetic_config import FactoredConfig
 from tti_dist.data.synthetic_dataset import write_synthetic_dataset
 from tti_dist.errors import ConfigError
+from tti_dist.rundir import DATASET_DIR
 
 logger = logging.getLogger(__name__)
 
-RUN_DATASET_DIR = "dataset"
+RUN_DATASET_DIR = DATASET_DIR
 SYNTHETIC_FACTORED = "synthetic:factored"
 
 # Build settings in the manifest that must match the config when RUN/dataset is reused.

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from torch.utils.tensorboard import SummaryWriter
 
 from tti_dist.eval.metrics import SPARSE_PROBE_KS
+from tti_dist.rundir import TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def write_outputs(plan, scalars: dict[str, float], histograms: dict[str, np.ndar
     tmp = out / f".{name}.parquet.tmp"
     pq.write_table(pa.table(columns), tmp)
     os.replace(tmp, out / f"{name}.parquet")
-    with SummaryWriter(str(out / "tb")) as writer:
+    with SummaryWriter(str(out / TENSORBOARD_DIR)) as writer:
         for k, v in sorted(scalars.items()):
             writer.add_scalar(k, float(v), step)
         for k, v in sorted(histograms.items()):

@@ -39,7 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-PARQUET_NAME = "metrics.parquet"
+from tti_dist.rundir import METRICS_NAME
+
+PARQUET_NAME = METRICS_NAME
 """Name of the metrics table (a directory of Parquet parts) inside the run directory."""
 
 RESERVED_COLUMNS = ("step", "tokens")

@@ -22,10 +22,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tti_dist.errors import RunWriteError
 from tti_dist.metrics.write_failure import os_reason
+from tti_dist.rundir import TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
-TB_DIRNAME = "tb"
+TB_DIRNAME = TENSORBOARD_DIR
 """Sub-directory of the run directory holding TensorBoard event files."""
 
 _EVENT_FILE_PREFIX = "events.out.tfevents."

@@ -41,6 +41,7 @@ from typing import Any
 
 from tti_dist.config.schema import RunConfig
 from tti_dist.report.tensorboard import write_sweep_layout, write_trial_hparams
+from tti_dist.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class RayStepReporter:
     reports, since ray.train.report is a barrier over the workers)."""
 
     def __init__(self, run_dir: str, rank: int):
-        self.ckpt_dir = Path(run_dir) / "checkpoints"
+        self.ckpt_dir = RunDir(Path(run_dir)).checkpoints
         self.rank = rank
 
     def __call__(self, step: int, scalars: dict[str, float], checkpoint_tag: str | None) -> None:
@@ -157,12 +158,11 @@ class StoppedBySignal(RuntimeError):
 
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one rank of the trial."""
-    from tti_dist.rundir import latest_tag
     from tti_dist.train.worker import run_worker
 
     spec: TrialSpec = config["spec"]
     tag = resume_tag_from_ray()
-    if tag is not None and not (Path(spec.run_dir) / "checkpoints" / tag).is_dir():
+    if tag is not None and not (RunDir(Path(spec.run_dir)).checkpoints / tag).is_dir():
         tag = None  # pruned by checkpoint.keep_last after a newer one Ray had not yet registered
     source = "ray" if tag is not None else None
     if tag is None:
@@ -170,7 +170,7 @@ def worker_loop(config: dict) -> None:
         # registered its pointer. The run directory belongs to this trial alone (tti sweep
         # refuses an OUT that holds runs), so a complete checkpoint there was written by an
         # earlier attempt of this trial: continue from it rather than start over.
-        tag = latest_tag(Path(spec.run_dir) / "checkpoints")
+        tag = RunDir(Path(spec.run_dir)).latest_tag()
         source = "run_dir" if tag is not None else None
     if tag is not None:
         logger.info("restarted by Ray Train: resuming %s from %s", spec.name, tag)
@@ -365,7 +365,7 @@ def final_scalars(run_dir: str | Path) -> tuple[dict[str, float], int, int]:
             tokens = max(tokens, int(row.get("tokens") or 0))
             step = max(step, int(row.get("step") or 0))
             out.update({k: v for k, v in row.items() if k not in ("step", "tokens") and _is_number(v)})
-    eval_dir = Path(run_dir) / "eval"
+    eval_dir = RunDir(Path(run_dir)).eval
     evals = sorted(eval_dir.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
     evals = [p for p in evals if p.stem.isdigit()]
     if evals:
@@ -409,10 +409,10 @@ def write_trial_record(spec: TrialSpec, status: str, error: str | None) -> dict:
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / TRIAL_FILE)
     if status == "completed" and cfg.logging.tensorboard:
-        write_trial_hparams(run_dir / "tb", trial_hparams(record, cfg), final, step=last_step or None)
+        write_trial_hparams(RunDir(run_dir).tensorboard, trial_hparams(record, cfg), final, step=last_step or None)
         # Each trial writes the custom-scalars layout of its own tags; TensorBoard merges
         # the layouts of all runs, so every trial's lines share the sweep's charts.
-        write_sweep_layout(run_dir / "tb", sorted(final))
+        write_sweep_layout(RunDir(run_dir).tensorboard, sorted(final))
     return record
 
 

@@ -33,7 +33,7 @@ from tti_dist.metrics import open_metrics_writer
 from tti_dist.regularizers.base import build_regularizers
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
-from tti_dist.rundir import latest_tag
+from tti_dist.rundir import RunDir, latest_tag
 from tti_dist.runtime import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
 from tti_dist.metrics.routing_stats import RoutingStatsAccumulator, with_imbalance
@@ -146,7 +146,7 @@ class Trainer:
         self.cfg = cfg
         self.observer = observer
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = RunDir(self.run_dir).checkpoints
         self.groups = groups
         seed_weights(cfg.train.seed)
         self.model = GPT(cfg.model, groups)
@@ -201,8 +201,8 @@ class Trainer:
     def _write_run_files(self) -> None:
         """RUN/config.yaml (the resolved config) and RUN/deepspeed_config.json (as used)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.run_dir / "config.yaml")
-        (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        dump_config(self.cfg, RunDir(self.run_dir).config_file)
+        RunDir(self.run_dir).deepspeed_config_file.write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
     # -- one optimizer step --------------------------------------------------------------
     def _micro_step(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
