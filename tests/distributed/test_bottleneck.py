@@ -84,13 +84,13 @@ def _gather_tp(x: torch.Tensor, groups) -> torch.Tensor:
 
 def _plain(groups) -> dict:
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
 
     cfg = ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_seq_len=16, bottleneck_layer=0, bottleneck_dim=Z)
     full = _plain_tensors()
     out = {}
     for key, entry in PLAIN_ENTRIES.items():
-        (reg,) = build_regularizers(parse_specs([entry], cfg, groups.tp_size), _toy_model(), groups)
+        (reg,) = build_regularizers(checked_regularizers([entry], cfg, groups.tp_size), _toy_model(), groups)
 
         def call():
             local = {k: v.chunk(groups.dp_size, dim=0)[groups.dp_rank].chunk(groups.tp_size, dim=-1)[groups.tp_rank]
@@ -121,13 +121,13 @@ def _gpt_pass(groups, fixed_noise: bool) -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
     from tti_dist.models import GPT, lm_loss, tp_partition_dims
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.train.seeding import seed_runtime, seed_weights
 
     cfg = ModelConfig(**GPT_CFG)
     seed_weights(5)
     model = GPT(cfg, groups.tp_group)
-    regs = build_regularizers(parse_specs(GPT_ENTRIES, cfg, groups.tp_size), model, groups)
+    regs = build_regularizers(checked_regularizers(GPT_ENTRIES, cfg, groups.tp_size), model, groups)
     captures = {hp.name: hp for reg in regs for hp in reg.captures}
     seed_runtime(5, groups.dp_rank)
     bn = model.blocks[0].bottleneck

@@ -129,12 +129,13 @@ def _train(overrides: list[str], run_dir: str) -> dict:
     """One rank of a trainer run; its loss curve and the Dynamo graph breaks it met."""
     from torch._dynamo.utils import counters
 
-    from tti_dist.config import load_config, validate_config
+    from tti_dist.config import load_config
+    from tti_dist.regularizers.validation import validate_run_config
     from tti_dist.train.worker import run_worker
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, BASE + [f"data.path={DATASET_DIR}", *overrides])
-    validate_config(cfg, world_size=world)
+    validate_run_config(cfg, world_size=world)
     result = run_worker(cfg, run_dir)
     return {"losses": [result.losses[s] for s in range(1, STEPS + 1)],
             "graph_breaks": sum(counters["graph_break"].values()),

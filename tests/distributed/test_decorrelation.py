@@ -63,7 +63,7 @@ def _rank(tp_size: int) -> dict:
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, tp_partition_dims
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.regularizers import decorrelation  # noqa: F401  (registers the type)
     from tti_dist.train.seeding import seed_weights
 
@@ -75,7 +75,7 @@ def _rank(tp_size: int) -> dict:
         cfg_small = ModelConfig(num_layers=1, hidden_size=D_RES, num_heads=2, max_seq_len=16)
         full = _full_acts()
         for key, entry in PLAIN_ENTRIES.items():
-            (reg,) = build_regularizers(parse_specs([entry], cfg_small), _toy_model(), groups)
+            (reg,) = build_regularizers(checked_regularizers([entry], cfg_small), _toy_model(), groups)
             local = {}
             for name in [hp.name for hp in reg.hookpoints]:
                 a = full[name].chunk(groups.dp_size, dim=0)[groups.dp_rank]
@@ -91,7 +91,7 @@ def _rank(tp_size: int) -> dict:
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
         seed_weights(5)
         model = GPT(cfg, groups.tp_group)
-        (reg,) = build_regularizers(parse_specs([GPT_ENTRY], cfg), model, groups)
+        (reg,) = build_regularizers(checked_regularizers([GPT_ENTRY], cfg), model, groups)
         tokens = torch.randint(0, cfg.vocab_size, (4, 12), generator=torch.Generator().manual_seed(9))
         tokens = tokens.chunk(groups.dp_size, dim=0)[groups.dp_rank]
         with ActivationCapture(reg.hookpoints) as cap:
@@ -280,21 +280,21 @@ def test_gpt_value_equals_reference_on_captured_activations(layouts):
 def test_bad_params_name_the_field(extra, field):
     from tti_dist.config.schema import ModelConfig
     from tti_dist.errors import ConfigError
-    from tti_dist.regularizers import parse_specs
+    from tti_dist.regularizers import checked_regularizers
     from tti_dist.regularizers import decorrelation  # noqa: F401
 
     entry = {"type": "decorrelation", "name": "dc", "coefficient": 1.0, "hookpoints": ["blocks.0.mlp.act"], **extra}
     with pytest.raises(ConfigError) as exc:
-        parse_specs([entry], ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_seq_len=16))
+        checked_regularizers([entry], ModelConfig(num_layers=1, hidden_size=8, num_heads=2, max_seq_len=16))
     assert str(exc.value).startswith(field), str(exc.value)
 
 
 def test_good_params_parse():
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.regularizers import parse_specs
-    from tti_dist.regularizers.decorrelation import DecorrelationParams
+    from tti_dist.regularizers import checked_regularizers
+    from tti_dist.config.regularizers import DecorrelationConfig
 
     entry = {"type": "decorrelation", "name": "dc", "coefficient": 1.0, "hookpoints": ["blocks.*.mlp.act"],
              "normalize": True, "max_tokens": 256, "seed": 4, "eps": 1e-4}
-    (spec,) = parse_specs([entry], ModelConfig(num_layers=2, hidden_size=8, num_heads=2, max_seq_len=16))
-    assert spec.params == DecorrelationParams(normalize=True, max_tokens=256, seed=4, eps=1e-4)
+    (spec,) = checked_regularizers([entry], ModelConfig(num_layers=2, hidden_size=8, num_heads=2, max_seq_len=16))
+    assert spec.params == DecorrelationConfig(normalize=True, max_tokens=256, seed=4, eps=1e-4)

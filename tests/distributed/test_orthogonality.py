@@ -1,7 +1,7 @@
 """Orthogonality regularizer: single-process reference, TP=2 == TP=1, sampled estimators' targets.
 
 Each rank builds the GPT with the product's seeding, builds several orthogonality
-regularizers at once through parse_specs/build_regularizers, and runs forwards (the
+regularizers at once through checked_regularizers/build_regularizers, and runs forwards (the
 penalties are computed in forward hooks of the targeted linear layers). Step 0 also returns
 each regularizer's gradients on the targeted local weights. Later steps only record the
 values, for the statistical tests of the sampled estimators (fixed weights, fresh samples
@@ -18,7 +18,7 @@ from spawn import run_ranks
 import tti_dist.regularizers.orthogonality  # noqa: F401  (registers "orthogonality")
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
-from tti_dist.regularizers.base import parse_specs
+from tti_dist.regularizers import checked_regularizers
 
 MODEL = dict(num_layers=2, hidden_size=64, num_heads=4, max_seq_len=16)
 ALL = ["blocks.*.attn.*", "blocks.*.mlp.*"]
@@ -75,7 +75,7 @@ def _run(entries: list[dict], num_steps: int) -> dict:
     import tti_dist.regularizers.orthogonality  # noqa: F401
     from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, tp_partition_dims
-    from tti_dist.regularizers.base import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.train.seeding import seed_weights
 
     groups = init_parallel(_world(), torch.device("cpu"), 120)
@@ -84,9 +84,9 @@ def _run(entries: list[dict], num_steps: int) -> dict:
         seed_weights(7)
         model = GPT(cfg, groups.tp_group)
         _add_half_structure(model, groups.tp_rank, groups.tp_size)
-        regs = build_regularizers(parse_specs(entries, cfg), model, groups)
+        regs = build_regularizers(checked_regularizers(entries, cfg), model, groups)
         try:
-            for extra in build_regularizers(parse_specs(TOO_BIG_AT_TP2, cfg), model, groups):
+            for extra in build_regularizers(checked_regularizers(TOO_BIG_AT_TP2, cfg), model, groups):
                 extra.remove_hooks()
             build_error = None
         except ConfigError as exc:
@@ -295,7 +295,7 @@ CFG = ModelConfig(**MODEL)
 ])
 def test_bad_config(entry, field):
     with pytest.raises(ConfigError) as info:
-        parse_specs([{"type": "orthogonality", "coefficient": 1.0, **entry}], CFG)
+        checked_regularizers([{"type": "orthogonality", "coefficient": 1.0, **entry}], CFG)
     assert str(info.value).startswith(field), str(info.value)
     assert "\n" not in str(info.value)
 
@@ -304,14 +304,14 @@ def test_k_checked_against_local_width_before_launch():
     """With the run's tp_size, a k that fits the global but not the local width is a
     config error before any process starts (not a failure inside the ranks)."""
     entry = {"type": "orthogonality", "coefficient": 1.0, "mode": "sampled_local", "k": 200}
-    parse_specs([entry], CFG, tp_size=1)
+    checked_regularizers([entry], CFG, tp_size=1)
     with pytest.raises(ConfigError) as info:
-        parse_specs([entry], CFG, tp_size=2)
+        checked_regularizers([entry], CFG, tp_size=2)
     assert str(info.value).startswith("regularizers[0].k: 200 exceeds the local width 128 of blocks.0.mlp.fc1 "
                                       "(global width 256 / tp_size 2")
 
 
 def test_good_config_parses():
-    (spec,) = parse_specs([{"type": "orthogonality", "coefficient": 0.1, "weights": ["blocks.0.mlp.fc2"],
-                            "mode": "sampled_global", "k": 16, "seed": 3}], CFG)
+    (spec,) = checked_regularizers([{"type": "orthogonality", "coefficient": 0.1, "weights": ["blocks.0.mlp.fc2"],
+                                     "mode": "sampled_global", "k": 16, "seed": 3}], CFG)
     assert spec.params.weights == ("blocks.0.mlp.fc2",) and spec.params.k == 16

@@ -51,9 +51,9 @@ def _fixed_batch():
 
 def _dp_part(model, groups) -> dict:
     """Each DP rank: its rows of the fixed batch; loss, metrics and d loss / d logits."""
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
 
-    regs = build_regularizers(parse_specs(ENTRIES, model.cfg), model, groups)
+    regs = build_regularizers(checked_regularizers(ENTRIES, model.cfg), model, groups)
     logits_all, ids_all = _fixed_batch()
     rows = slice(groups.dp_rank * B // groups.dp_size, (groups.dp_rank + 1) * B // groups.dp_size)
     out = {}
@@ -73,9 +73,9 @@ def _dp_part(model, groups) -> dict:
 def _tp_part(model, groups) -> dict:
     """Forward fixed tokens through the MoE GPT; per regularizer: loss, metrics, router weight grads."""
     from tti_dist.capture.hookpoints import ActivationCapture
-    from tti_dist.regularizers import build_regularizers, parse_specs
+    from tti_dist.regularizers import build_regularizers, checked_regularizers
 
-    regs = build_regularizers(parse_specs(ENTRIES, model.cfg, groups.tp_size), model, groups)
+    regs = build_regularizers(checked_regularizers(ENTRIES, model.cfg, groups.tp_size), model, groups)
     params = dict(model.named_parameters())
     gates = [params[n] for n in GATES]
     tokens = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(5))

@@ -303,8 +303,8 @@ def test_every_scaling_trial_is_valid_and_fits_one_gpu_node():
         preset = presets[trial.model_size]
         assert (cfg.model.num_layers, cfg.model.hidden_size) == (preset["num_layers"], preset["hidden_size"])
         assert cfg.train.device == "auto"
-        assert cfg.regularizers[0]["type"] == "l1"
-        assert cfg.regularizers[0]["coefficient"] == trial.axes["regularizers.0.coefficient"]
+        assert cfg.regularizers[0].type == "l1"
+        assert cfg.regularizers[0].coefficient == trial.axes["regularizers.0.coefficient"]
         workers = cfg.parallel.world_size
         for where, gpus, cpus in [("ray-up gpu_8x", node["GPU"], node["CPU"]),
                                   ("kuberay gpu-8x", int(pod["nvidia.com/gpu"]), int(pod["cpu"]))]:

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tti_dist.config import (
     ModelConfig,
@@ -22,8 +23,10 @@ from tti_dist.config import (
     load_config,
     validate_config,
 )
+from tti_dist.config.regularizers import L1Config, RegularizerConfig, ScheduleConfig
 from tti_dist.distributed.zero_config import deepspeed_config, engine_zero_stage
 from tti_dist.errors import ConfigError
+from tti_dist.regularizers.validation import validate_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -40,8 +43,9 @@ def config_error(fn, *args, **kwargs) -> str:
 
 
 def validation_error(overrides: list[str], world_size: int | None = None) -> str:
-    cfg = load_config(None, overrides)
-    return config_error(validate_config, cfg, world_size=world_size)
+    """The error of loading and fully validating the defaults with `overrides` (a regularizer
+    entry's field errors come from loading, its checks against the model from validation)."""
+    return config_error(lambda: validate_run_config(load_config(None, overrides), world_size=world_size))
 
 
 # --------------------------------------------------------------------------- loading
@@ -167,8 +171,10 @@ def test_override_list_entries_by_index():
     raw = {"regularizers": [{"type": "l1", "coefficient": 1.0}]}
     apply_override(raw, "regularizers.0.coefficient=1e-3")
     # The value is parsed as a YAML scalar (YAML 1.1 reads '1e-3' as a string); a regularizer
-    # entry is a free-form mapping that its type validates, so the raw value stays as parsed.
+    # entry is a free-form mapping that its type validates, so the raw value stays as parsed
+    # until the entry is typed when the config is built.
     assert raw["regularizers"][0]["coefficient"] == "1e-3"
+    assert config_from_dict(raw).regularizers[0].coefficient == 0.001
     apply_override(raw, "regularizers.0.coefficient=0.5")
     assert raw["regularizers"][0]["coefficient"] == 0.5
     msg = config_error(apply_override, raw, "regularizers.3.coefficient=1")
@@ -378,7 +384,13 @@ def test_dump_and_load_round_trip(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert isinstance(again.regularizers, tuple)
-    assert again.regularizers[0] == {"type": "l1", "coefficient": 0.5, "hookpoints": ["blocks.*.mlp.act"]}
+    assert again.regularizers[0] == RegularizerConfig(0, "l1", "l1", 0.5, ("blocks.*.mlp.act",), ScheduleConfig(),
+                                                      L1Config())
+    # The entries are written resolved, every key explicit, like the sections.
+    assert yaml.safe_load(path.read_text())["regularizers"] == [
+        {"type": "l1", "name": "l1", "coefficient": 0.5, "hookpoints": ["blocks.*.mlp.act"],
+         "schedule": {"kind": "constant", "start_step": 0, "stop_step": None, "warmup_steps": 0,
+                      "anneal_steps": 0, "final_ratio": 0.0}}]
     # The defaults round-trip too, including ffn_hidden_size: None.
     dump_config(RunConfig(), path)
     assert load_config(path) == RunConfig()
@@ -389,7 +401,8 @@ def test_config_to_dict_is_plain_and_complete():
     cfg = load_config(None, ["regularizers=[{type: l1}]"])
     d = config_to_dict(cfg)
     assert list(d) == [f.name for f in dataclasses.fields(RunConfig)]
-    assert d["regularizers"] == [{"type": "l1"}]
+    assert d["regularizers"] == [{"type": "l1", "name": "l1", "coefficient": 0.0, "hookpoints": [],
+                                  "schedule": config_to_dict(ScheduleConfig())}]
     assert d["model"]["hidden_size"] == 128
     assert config_from_dict(d) == cfg
 

@@ -15,7 +15,7 @@ import torch
 
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
-from tti_dist.regularizers import build_regularizers, parse_specs
+from tti_dist.regularizers import build_regularizers, checked_regularizers
 
 E = 4
 MOE_CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, max_seq_len=16, vocab_size=64,
@@ -45,7 +45,7 @@ def model_groups():
 def _build(model_groups, kind: str, hookpoints, name: str | None = None):
     model, groups = model_groups
     entry = {"type": kind, "name": name or kind, "coefficient": 1.0, "hookpoints": hookpoints}
-    (reg,) = build_regularizers(parse_specs([entry], MOE_CFG), model, groups)
+    (reg,) = build_regularizers(checked_regularizers([entry], MOE_CFG), model, groups)
     return reg
 
 
@@ -246,8 +246,8 @@ def test_closed_forms(model_groups):
 
 # ---------------------------------------------------------------- config validation
 
-def test_parse_specs_accepts_router_sites():
-    specs = parse_specs([
+def test_router_sites_are_accepted():
+    specs = checked_regularizers([
         {"type": "load_balance", "coefficient": 0.01, "hookpoints": ["blocks.*.moe.router_probs"],
          "schedule": {"kind": "linear_anneal", "anneal_steps": 10, "final_ratio": 0.1}},
         {"type": "router_z", "coefficient": 1e-3, "hookpoints": "blocks.*.moe.router_logits"},
@@ -260,7 +260,7 @@ def test_parse_specs_accepts_router_sites():
 
 def _error(entries, cfg=MOE_CFG) -> str:
     with pytest.raises(ConfigError) as info:
-        parse_specs(entries, cfg)
+        checked_regularizers(entries, cfg)
     assert "\n" not in str(info.value)
     return str(info.value)
 

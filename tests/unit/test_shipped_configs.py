@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tti_dist.config import load_config, validate_config
+from tti_dist.config import load_config
+from tti_dist.regularizers.validation import validate_run_config
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")
                  if not p.name.startswith("toy_"))
@@ -21,4 +22,4 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_validates(path):
     cfg = load_config(str(path), [])
-    validate_config(cfg, world_size=cfg.parallel.world_size)
+    validate_run_config(cfg, world_size=cfg.parallel.world_size)

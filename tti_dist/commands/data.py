@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from tti_dist.config.load import apply_override, section_from_dict
+from tti_dist.config.load import apply_override
+from tti_dist.config.sections import section_from_dict
 from tti_dist.data.build import DEFAULT_BUFFER_BYTES, build_dataset
 from tti_dist.data.dataset_reader import open_dataset
 from tti_dist.data.synthetic_config import FactoredConfig

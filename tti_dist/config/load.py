@@ -1,7 +1,9 @@
 """YAML -> typed `RunConfig`, with `--set a.b=value` overrides.
 
-Loading is strict: an unknown key is an error that names the closest valid key, and a
-value of the wrong type is an error naming the field, the value and the expected type.
+Loading is strict (config.sections): an unknown key is an error that names the closest
+valid key, and a value of the wrong type is an error naming the field, the value and the
+expected type. The `regularizers` list is parsed into typed entries at the same time
+(config.regularizers).
 Overrides are parsed as YAML scalars (`--set train.steps=20`, `--set optim.lr=1e-3`,
 `--set model.tie_embeddings=false`) and then checked like file values, so they are typed
 by the schema, not by guesswork.
@@ -10,15 +12,14 @@ by the schema, not by guesswork.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from tti_dist.config.regularizers import RegularizerConfig, parse_regularizers, regularizer_to_dict
 from tti_dist.config.schema import RunConfig
+from tti_dist.config.sections import section_from_dict
 from tti_dist.errors import ConfigError
 
 
@@ -128,18 +129,21 @@ def _list_index(node: list, part: str, where: str) -> int:
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build a `RunConfig` from a plain mapping, checking keys and types strictly."""
-    return _build(RunConfig, raw, "")
+    """Build a `RunConfig` from a plain mapping, checking keys and types strictly.
 
-
-def section_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    """Build one config section (e.g. ModelConfig) strictly; `prefix` names it in errors."""
-    return _build(cls, raw, prefix)
+    The `regularizers` list is parsed into typed entries here, after the other sections
+    (config.regularizers.parse_regularizers)."""
+    if not isinstance(raw, dict) or "regularizers" not in raw:
+        return section_from_dict(RunConfig, raw, "")
+    sections = {k: v for k, v in raw.items() if k != "regularizers"}
+    cfg = section_from_dict(RunConfig, sections, "")
+    return dataclasses.replace(cfg, regularizers=parse_regularizers(raw["regularizers"]))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, YAML-serialisable mapping of a config (tuples become lists)."""
-    return _plain(dataclasses.asdict(cfg))
+    """A plain, YAML-serialisable mapping of a config (tuples become lists, regularizer
+    entries the mappings a config file holds) that `config_from_dict` reads back."""
+    return _plain(cfg)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
@@ -149,100 +153,12 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def _plain(obj: Any) -> Any:
+    if isinstance(obj, RegularizerConfig):
+        return regularizer_to_dict(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of settings, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"{prefix}{key}: unknown key; {hint}valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp` and convert where lossless."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        allowed = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected {allowed}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item_tp = args[0] if args else Any
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads '1e-3' (no dot) as a string; accept it as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise AssertionError(f"unsupported annotation {tp!r} at {where}")
-
-
-_TYPE_NAMES = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-"""How an annotation reads in an error message (YAML's words, not Python's type names)."""
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
-    if typing.get_origin(tp) in (tuple, list):
-        return "a list"
-    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))

@@ -11,7 +11,9 @@ Units: steps are optimizer steps; batch sizes are in sequences; lengths are in t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from tti_dist.config.regularizers import RegularizerConfig
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,6 @@ class RunConfig:
     """Metrics and logs."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
-    regularizers: tuple[dict[str, Any], ...] = ()
+    regularizers: tuple[RegularizerConfig, ...] = ()
     """Interpretability regularizers, one entry each ({type, name, coefficient, hookpoints,
     schedule, ...}); each type validates its own entry."""

@@ -3,6 +3,9 @@
 Each check raises `ConfigError` with one line: the field path, the value given and what is
 allowed. Checks that involve the number of processes take it as an argument, because the
 launcher knows it (`--nproc`, or the Ray worker count) and the config alone does not.
+The regularizer entries are field-checked when they are loaded (config.regularizers); their
+checks against the model's layout are in tti_dist.regularizers.validation, whose
+`validate_run_config` runs these checks and then those.
 """
 
 from __future__ import annotations
@@ -10,19 +13,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tti_dist.config.schema import RunConfig
+import torch
+
+from tti_dist.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig, ZeroConfig
+from tti_dist.data.tokenizer import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, load_pretrained_tokenizer
 from tti_dist.errors import ConfigError
 
 
 def validate_config(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Raise `ConfigError` on the first problem found; return None when the config is usable."""
+    """Raise `ConfigError` on the first problem found in the sections' fields; None when they
+    are usable. The regularizer entries' checks against the model are not made here
+    (tti_dist.regularizers.validation.validate_run_config makes both)."""
     _validate_model(cfg)
     _validate_parallel(cfg, world_size)
     _validate_optim(cfg)
     _validate_train(cfg)
     _validate_data(cfg)
     _validate_logging_and_checkpoint(cfg)
-    _validate_regularizers(cfg)
 
 
 def _finite(value: float, where: str) -> None:
@@ -196,8 +203,6 @@ def _validate_train(cfg: RunConfig) -> None:
         # manual_seed overflows past 2**64 once the per-rank strides are added.
         raise ConfigError(f"train.seed: {t.seed!r} must be an integer in 0..2**63 - 1")
     if t.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     _validate_compile(cfg)
@@ -272,8 +277,6 @@ def _validate_data(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte-level tokenizer's 257 tokens"
         )
-    from tti_dist.data.tokenizer import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, load_pretrained_tokenizer
-
     if d.tokenizer == "bpe" and not MIN_BPE_VOCAB_SIZE <= cfg.model.vocab_size <= MAX_BPE_VOCAB_SIZE:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is not allowed with data.tokenizer bpe, which trains "
@@ -297,20 +300,11 @@ def _validate_logging_and_checkpoint(cfg: RunConfig) -> None:
     _positive(cfg.checkpoint.signal_grace_s, "checkpoint.signal_grace_s")
 
 
-def _validate_regularizers(cfg: RunConfig) -> None:
-    # Each type validates its own entry (tti_dist.regularizers.base.parse_specs).
-    from tti_dist.regularizers.base import parse_specs
-
-    parse_specs(cfg.regularizers, cfg.model, cfg.parallel.tp_size)
-
-
 def ignored_settings(cfg: RunConfig) -> list[str]:
     """Settings that the rest of the config makes ineffective; the trainer warns once about each.
 
     Compared against the schema defaults, so only values a user actually set are reported.
     """
-    from tti_dist.config.schema import DataConfig, ModelConfig, TrainConfig, ZeroConfig
-
     notes = []
     if cfg.model.position_embedding != "rope" and cfg.model.rope_base != ModelConfig.rope_base:
         notes.append(f"model.rope_base: {cfg.model.rope_base!r} is ignored with position_embedding "

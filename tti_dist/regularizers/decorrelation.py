@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from tti_dist.config.regularizers import DecorrelationConfig
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width
 from tti_dist.regularizers.base import Regularizer, register
-
-
-@dataclass(frozen=True)
-class DecorrelationParams:
-    """Settings of the `decorrelation` regularizer."""
-
-    normalize: bool = False
-    """False: penalize the covariance matrix C of the units. True: penalize the correlation
-    matrix R_ij = C_ij / sqrt((C_ii + eps)(C_jj + eps)) instead, which is scale-free (a unit
-    cannot lower its penalty by shrinking)."""
-    max_tokens: int | None = None
-    """Tokens used per DP rank per micro-step (a uniform sample without replacement, the
-    same tokens on every TP rank of a DP group); None uses all local tokens. Bounds the
-    Gram cost, which is linear in tokens. Must be >= 2."""
-    seed: int = 0
-    """Seed of the token sample when max_tokens is set. The sample of a call depends on
-    (seed, dp_rank, number of previous calls of this instance in this process); a private
-    torch.Generator is used, the global RNG is never touched."""
-    eps: float = 1e-5
-    """Added to each unit's variance before normalizing (normalize: true only), so that
-    dead / constant units get correlation ~0 instead of NaN. Must be > 0."""
 
 
 class _GatherUnitsTP(torch.autograd.Function):
@@ -129,8 +108,7 @@ class Decorrelation(Regularizer):
     normalize), averaged over the hookpoints, detached.
     """
 
-    type_name = "decorrelation"
-    Params = DecorrelationParams
+    Config = DecorrelationConfig
 
     def __init__(self, spec, model, groups) -> None:
         super().__init__(spec, model, groups)
@@ -149,7 +127,7 @@ class Decorrelation(Regularizer):
         self._calls = int(state["calls"])
 
     @classmethod
-    def check_params(cls, params: DecorrelationParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+    def check_params(cls, params: DecorrelationConfig, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:
         if params.max_tokens is not None and params.max_tokens < 2:
             raise ConfigError(f"{where}.max_tokens: {params.max_tokens!r} must be an integer >= 2 or null (all tokens)")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
+from tti_dist.config.regularizers import KLConfig
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import gpt_hookpoint_names, is_bottleneck_latent
@@ -67,11 +68,11 @@ class KLDivergence(Regularizer):
     prior), reduced over TP; the trainer averages it over micro-steps and DP ranks.
     """
 
-    type_name = "kl"
+    Config = KLConfig
 
     @classmethod
     def check_params(cls, params, model_cfg: ModelConfig, hookpoints: list[str], where: str, tp_size: int) -> None:
-        check_bottleneck_hookpoints(cls.type_name, model_cfg, hookpoints, where)
+        check_bottleneck_hookpoints(cls.Config.type_name, model_cfg, hookpoints, where)
 
     @property
     def captures(self) -> list[HookPointInfo]:

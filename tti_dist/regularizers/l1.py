@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tti_dist.config.regularizers import L1Config
 from tti_dist.regularizers.base import Regularizer, register
 
 
@@ -34,7 +35,7 @@ class L1Activation(Regularizer):
     reduced over TP like the loss.
     """
 
-    type_name = "l1"
+    Config = L1Config
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tti_dist.capture.hookpoints import is_recomputing, summarize_names
+from tti_dist.config.regularizers import OrthogonalityConfig
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import Direction, Linear, model_layout
@@ -99,30 +98,6 @@ def _mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-@dataclass(frozen=True)
-class OrthogonalityParams:
-    """Settings of `type: orthogonality`."""
-
-    weights: tuple[str, ...] = ("blocks.*.mlp.fc1",)
-    """Globs over linear layer names: blocks.{i}.attn.qkv, blocks.{i}.attn.proj, and in dense
-    blocks blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2; in the bottleneck's block also
-    blocks.{i}.bottleneck.enc_mu, .enc_logvar, .dec (`targetable_layers`; MoE blocks have no
-    mlp.* layers and their experts are not targetable). The direction is inferred from the
-    layer type: column-parallel (qkv, fc1, enc_*) -> rows of the weight (input directions of
-    units), row-parallel (proj, fc2, dec) -> columns (output directions of units)."""
-    mode: Literal["full", "sampled_local", "sampled_global"] = "full"
-    """full: exact penalty over all direction pairs (all-gathers the normalized directions
-    over TP). sampled_local: k sampled directions per TP rank, within-shard pairs only
-    (one scalar all-reduce). sampled_global: k sampled directions per TP rank, all-gathered,
-    all pairs, reweighted to an unbiased estimate of the full penalty."""
-    k: int | None = None
-    """Directions sampled per TP rank per matrix (sampled modes only; required there, not
-    allowed with mode full). 2 <= k <= the local width (global width / tp_size)."""
-    seed: int = 0
-    """Base seed of the sampling generator (a private torch.Generator keyed on this seed,
-    the layer, the TP rank and a per-layer forward counter; the global RNG is untouched)."""
-
-
 @register
 class Orthogonality(Regularizer):
     """Soft orthogonality: mean squared off-diagonal cosine similarity of neuron directions.
@@ -176,12 +151,10 @@ class Orthogonality(Regularizer):
     mean |cos| over all pairs), detached.
     """
 
-    type_name = "orthogonality"
-    Params = OrthogonalityParams
-    uses_hookpoints = False
+    Config = OrthogonalityConfig
 
     @classmethod
-    def check_params(cls, params: OrthogonalityParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+    def check_params(cls, params: OrthogonalityConfig, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:
         names = _match_targets(params.weights, model_cfg, where)
         if params.mode == "full":
@@ -202,7 +175,7 @@ class Orthogonality(Regularizer):
 
     def __init__(self, spec, model: nn.Module, groups) -> None:
         super().__init__(spec, model, groups)
-        p: OrthogonalityParams = self.params
+        p: OrthogonalityConfig = self.params
         self.tp_group = groups.tp_group
         self.tp_size = groups.tp_size
         self.tp_rank = groups.tp_rank
@@ -254,7 +227,7 @@ class Orthogonality(Regularizer):
 
     def _partial(self, weight: torch.Tensor, index: int, direction: Direction, local: int, count: int):
         """This rank's share of (penalty, mean |cos|) for one matrix; summed over TP in `loss`."""
-        p: OrthogonalityParams = self.params
+        p: OrthogonalityConfig = self.params
         dirs = weight.t() if direction == "columns" else weight  # [n_local, d], a view
         if p.mode == "full":
             k = local

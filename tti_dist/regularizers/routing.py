@@ -17,6 +17,12 @@ import torch
 import torch.distributed as dist
 
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
+from tti_dist.config.regularizers import (
+    LoadBalanceConfig,
+    RouterZConfig,
+    RoutingConsistencyConfig,
+    RoutingEntropyConfig,
+)
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import gpt_hookpoint_names, is_moe_site
@@ -49,7 +55,7 @@ class _RouterRegularizer(Regularizer):
 
     @classmethod
     def check_params(cls, params, model_cfg: ModelConfig, hookpoints: list[str], where: str, tp_size: int) -> None:
-        check_router_hookpoints(cls.type_name, cls.site, model_cfg, hookpoints, where)
+        check_router_hookpoints(cls.Config.type_name, cls.site, model_cfg, hookpoints, where)
 
 
 @register
@@ -81,7 +87,7 @@ class LoadBalance(_RouterRegularizer):
     the same share of first choices; E: one expert takes all), global over DP.
     """
 
-    type_name = "load_balance"
+    Config = LoadBalanceConfig
     site = "moe.router_probs"
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -116,7 +122,7 @@ class RouterZLoss(_RouterRegularizer):
     Communication: none. Cost: O(N E) (one logsumexp).
     """
 
-    type_name = "router_z"
+    Config = RouterZConfig
     site = "moe.router_logits"
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -147,7 +153,7 @@ class RoutingEntropy(_RouterRegularizer):
     Communication: none. Cost: O(N E).
     """
 
-    type_name = "routing_entropy"
+    Config = RoutingEntropyConfig
     site = "moe.router_probs"
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -197,7 +203,7 @@ class RoutingConsistency(_RouterRegularizer):
     batches). Token ids seen once count as consistent.
     """
 
-    type_name = "routing_consistency"
+    Config = RoutingConsistencyConfig
     site = "moe.router_probs"
 
     @property

@@ -10,15 +10,15 @@ See docs/sae.md, "Co-training (`type: sae`)", for the design and its reasons.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from tti_dist.capture.hookpoints import summarize_names
+from tti_dist.config.regularizers import SAERegularizerConfig
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width, is_tp_sharded, model_layout
@@ -28,60 +28,10 @@ from tti_dist.sae.model import FiringTracker, ParallelSAE, SAEConfig
 
 logger = logging.getLogger(__name__)
 
-_SAE_FIELDS = ("num_latents", "activation", "k", "l1_coefficient", "aux_k", "aux_coefficient",
-               "dead_window_tokens", "normalize_input", "b_pre_init")
-
-
-@dataclass(frozen=True)
-class SAEParams:
-    """Settings of the `sae` regularizer: the SAE (as tti_dist.sae.SAEConfig), its mode and its optimizer."""
-
-    mode: Literal["joint", "detached"] = "detached"
-    """"detached": the SAE trains on x.detach(); the model gets no gradient from it.
-    "joint": the model also receives coefficient x the gradient of the SAE's training loss
-    with respect to the activation (normalized reconstruction + AuxK or L1 term)."""
-    recon_normalize: Literal["fvu", "token", "none"] = "fvu"
-    """Normalization of the reconstruction term (ParallelSAE.reconstruction_loss): "fvu" =
-    sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the micro-batch (1 - EV), which the model
-    can lower neither by shrinking its activations nor by collapsing tokens onto their mean;
-    "token" = mean of ||x - x_hat||^2 / ||x||^2 per token (scale-free only: in joint mode the
-    model can drive EV negative while lowering it); "none" = plain MSE."""
-    num_latents: int = 4096
-    """Latents n of the whole SAE (all TP ranks); divisible by the TP size. Typical 8x-64x d."""
-    activation: Literal["topk", "relu"] = "topk"
-    """"topk" (Gao et al. 2024: sparsity set by k, AuxK for dead latents) or "relu" (L1 penalty)."""
-    k: int = 32
-    """topk: active latents per token, 1 <= k <= num_latents."""
-    l1_coefficient: float = 5.0
-    """relu: weight of the decoder-norm-weighted L1 penalty (>= 0). The reconstruction term is
-    normalized (recon_normalize), the L1 term is not: use normalize_input: true or tune it."""
-    aux_k: int | None = 256
-    """topk: dead latents per token in the AuxK loss; null = d // 2."""
-    aux_coefficient: float = 1.0 / 32.0
-    """topk: weight of the AuxK loss (Gao et al.: 1/32; 0 disables it)."""
-    dead_window_tokens: int = 10_000_000
-    """A latent is dead when it fired on no token of the global batch (all DP ranks) in this
-    many tokens; drives AuxK and reg/<name>/dead_fraction."""
-    normalize_input: bool = False
-    """Mean-centre each token over d and scale it to unit norm before the SAE (Gao et al.)."""
-    b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """b_pre from the first micro-batch of all DP ranks (geometric median, mean) or zeros."""
-    lr: float = 1e-3
-    """Learning rate of the SAE's own Adam (constant; no warmup or decay). > 0."""
-    betas: tuple[float, ...] = (0.9, 0.999)
-    """Adam betas of the SAE's optimizer, two numbers in [0, 1)."""
-    adam_eps: float = 1e-8
-    """Adam epsilon of the SAE's optimizer, > 0."""
-    seed: int = 0
-    """Initialisation seed of the SAE (the weights do not depend on the TP size). >= 0."""
-    redundancy_every: int = 100
-    """Recompute reg/<name>/decoder_redundancy every this many optimizer steps (and at
-    construction); the last value is reported at every step. 0 = never (no such metric).
-    Costs an all-gather of W_dec and 2 d n^2 / tp FLOPs per computation."""
-
-    def sae_config(self) -> SAEConfig:
-        """The SAEConfig these settings describe."""
-        return SAEConfig(**{f: getattr(self, f) for f in _SAE_FIELDS})
+def sae_config(params: SAERegularizerConfig) -> SAEConfig:
+    """The SAEConfig of an `sae` entry: its fields of that name (the settings class is in the
+    config layer, which cannot hold the SAE's own class)."""
+    return SAEConfig(**{f.name: getattr(params, f.name) for f in dataclasses.fields(SAEConfig)})
 
 
 def _replicated_hint(model_cfg: ModelConfig) -> str:
@@ -131,17 +81,16 @@ class SAECoTraining(Regularizer):
     current optimizer step so far, all DP ranks), decoder_redundancy (last computed value).
     """
 
-    type_name = "sae"
-    Params = SAEParams
+    Config = SAERegularizerConfig
 
     def __init__(self, spec, model, groups) -> None:
         super().__init__(spec, model, groups)
-        p: SAEParams = self.params
+        p: SAERegularizerConfig = self.params
         if len(self.hookpoints) != 1 or self.hookpoints[0].tp_sharded:
             raise ConfigError(f"{spec.where}.hookpoints: type 'sae' needs exactly one replicated site; "
                               f"got {[hp.name for hp in self.hookpoints]}")
         self.site = self.hookpoints[0]
-        self.sae_cfg = p.sae_config()
+        self.sae_cfg = sae_config(p)
         self.sae = ParallelSAE(self.site.global_dim, self.sae_cfg, groups.tp_group, groups.tp_size, groups.tp_rank,
                                seed=p.seed, device=groups.device)
         self._dp_group = groups.dp_group if groups.dp_size > 1 else None
@@ -161,7 +110,7 @@ class SAECoTraining(Regularizer):
     # ------------------------------------------------------------------ config checks
 
     @classmethod
-    def check_params(cls, params: SAEParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+    def check_params(cls, params: SAERegularizerConfig, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:
         if len(hookpoints) != 1:
             raise ConfigError(f"{where}.hookpoints: matches {len(hookpoints)} sites ({', '.join(hookpoints)}); "
@@ -173,7 +122,7 @@ class SAECoTraining(Regularizer):
         if params.activation == "topk" and params.k > params.num_latents:
             raise ConfigError(f"{where}.k: {params.k} is larger than the whole SAE (num_latents "
                               f"{params.num_latents}); must be in 1..num_latents")
-        params.sae_config().validate(hookpoint_width(name, model_cfg), tp_size, where)
+        sae_config(params).validate(hookpoint_width(name, model_cfg), tp_size, where)
         if not (math.isfinite(params.lr) and params.lr > 0):
             raise ConfigError(f"{where}.lr: {params.lr!r} must be a finite number > 0")
         if len(params.betas) != 2 or not all(0 <= b < 1 for b in params.betas):

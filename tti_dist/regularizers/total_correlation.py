@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.distributed as dist
 
 from tti_dist.capture.hookpoints import HookPointInfo
+from tti_dist.config.regularizers import TotalCorrelationConfig
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.metrics.total_correlation import gaussian_log_density, log_importance_weights
 from tti_dist.regularizers.base import Regularizer, register
 from tti_dist.regularizers.kl import bottleneck_captures, check_bottleneck_hookpoints, sibling_names
-
-
-@dataclass(frozen=True)
-class TotalCorrelationParams:
-    """Settings of the `total_correlation` regularizer."""
-
-    estimator: Literal["mss", "mws"] = "mss"
-    """Importance weights of the minibatch estimate (tti_dist.metrics.total_correlation):
-    "mss" (minibatch stratified sampling; rows of weights sum to 1, read it as a value) or
-    "mws" (minibatch weighted sampling, weights 1/(M N); its value is the uniform-weight
-    estimate plus the constant (D - 1) log N, D = bottleneck_dim: same gradients)."""
-    dataset_size: int | None = None
-    """N, the number of data points x_n the aggregate posterior q(z) = (1/N) sum_n q(z|x_n)
-    is over; a data point is one token in its context. null: N = M, the number of tokens in
-    the global sample of the micro-step (all DP ranks' samples), i.e. q(z) is the mixture of
-    the sampled tokens' posteriors and the estimate is a Monte-Carlo estimate of exactly that
-    mixture's TC (with mss the weights become uniform 1/M). Set it to the training split's
-    number of tokens to estimate the TC of the whole data distribution as Chen et al. do
-    (mss then gives the own token weight 1/N, nearly leave-one-out; mws adds (D-1) log N).
-    Must be >= 2."""
-    max_tokens: int = 256
-    """Tokens sampled per DP rank per micro-step (uniform, without replacement; the same
-    tokens on every TP rank of a DP group); all local tokens when there are at most this
-    many. The cost is quadratic in the sample: rows (this rank's sample) x M (all ranks').
-    Must be >= 2."""
-    seed: int = 0
-    """Seed of the token sample. The sample of a call depends on (seed, dp_rank, number of
-    previous calls of this instance in this process, checkpointed); a private
-    torch.Generator is used, the global RNG is never touched."""
 
 
 class _GatherRowsDP(torch.autograd.Function):
@@ -120,15 +89,14 @@ class TotalCorrelation(Regularizer):
     Metric: `tc_mss` or `tc_mws` (by estimator), the detached loss value.
     """
 
-    type_name = "total_correlation"
-    Params = TotalCorrelationParams
+    Config = TotalCorrelationConfig
 
     def __init__(self, spec, model, groups) -> None:
         super().__init__(spec, model, groups)
         self._calls = 0
 
     @classmethod
-    def check_params(cls, params: TotalCorrelationParams, model_cfg: ModelConfig, hookpoints: list[str], where: str,
+    def check_params(cls, params: TotalCorrelationConfig, model_cfg: ModelConfig, hookpoints: list[str], where: str,
                      tp_size: int) -> None:
         if params.dataset_size is not None and params.dataset_size < 2:
             raise ConfigError(f"{where}.dataset_size: {params.dataset_size!r} must be an integer >= 2 or null "
@@ -137,7 +105,7 @@ class TotalCorrelation(Regularizer):
             raise ConfigError(f"{where}.max_tokens: {params.max_tokens!r} must be an integer >= 2")
         if params.seed < 0:
             raise ConfigError(f"{where}.seed: {params.seed!r} must be an integer >= 0")
-        check_bottleneck_hookpoints(cls.type_name, model_cfg, hookpoints, where)
+        check_bottleneck_hookpoints(cls.Config.type_name, model_cfg, hookpoints, where)
 
     @property
     def captures(self) -> list[HookPointInfo]:
