@@ -286,7 +286,7 @@ def test_every_scaling_trial_is_valid_and_fits_one_gpu_node():
     model-size preset and the other axes); each trial's workers fit on one GPU node of
     cluster/ray-up.yaml and of the KubeRay worker group."""
     from tti_dist.orchestrate.presets import resolve_presets
-    from tti_dist.orchestrate.sweep import load_sweep
+    from tti_dist.orchestrate.sweep_config import load_sweep
 
     raw = _load(SWEEP)
     sweep = load_sweep(SWEEP, [])

@@ -44,6 +44,7 @@ from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.sae.fit_plan import METRICS_FILE, FitPlan
 from tti_dist.sae.metrics import explained_variance
 from tti_dist.sae.model import ParallelSAE
+from tti_dist.sae.optimizer_step import sae_optimizer_step
 from tti_dist.sae.splice import splice_metrics
 from tti_dist.train.export import load_frozen_model
 
@@ -82,11 +83,7 @@ def run_fit(plan: FitPlan, groups) -> dict:
             dead = tracker.dead_mask() if tracker.may_have_dead() else None
             loss, parts = sae.training_loss(out.x_in, out, dead)
             loss.backward()
-            _dp_mean_grads(sae, dp_group, groups.dp_size)
-            sae.remove_parallel_gradient()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sae.normalize_decoder()
+            sae_optimizer_step(sae, opt, dp_group, groups.dp_size)
             tracker.update(out.latents)
             if step % log_every == 0 or step == plan.steps:
                 vals = torch.stack([parts["mse"].double(), explained_variance(out.x_in, out.x_hat)]).to(groups.device)
@@ -116,18 +113,3 @@ def run_fit(plan: FitPlan, groups) -> dict:
     if groups.world_size > 1:
         dist.barrier()
     return {"metrics": metrics, "train_log": train_log}
-
-
-@torch.no_grad()
-def _dp_mean_grads(sae, dp_group, dp_size: int) -> None:
-    """Average the SAE's gradients over the DP group (one all-reduce of all local gradients)."""
-    if dp_group is None:
-        return
-    params = [p for p in sae.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=dp_group)
-    flat /= dp_size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
