@@ -122,7 +122,7 @@ def _gpt_pass(groups, fixed_noise: bool) -> dict:
     from tti_dist.config.schema import ModelConfig
     from tti_dist.models import GPT, lm_loss, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
-    from tti_dist.train.seeding import seed_runtime, seed_weights
+    from tti_dist.utils.seeding import seed_runtime, seed_weights
 
     cfg = ModelConfig(**GPT_CFG)
     seed_weights(5)

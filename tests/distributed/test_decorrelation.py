@@ -65,7 +65,7 @@ def _rank(tp_size: int) -> dict:
     from tti_dist.models import GPT, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.regularizers import decorrelation  # noqa: F401  (registers the type)
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(tp_size, torch.device("cpu"), 120)
     try:

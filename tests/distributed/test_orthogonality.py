@@ -76,7 +76,7 @@ def _run(entries: list[dict], num_steps: int) -> dict:
     from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
     from tti_dist.models import GPT, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
-    from tti_dist.train.seeding import seed_weights
+    from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(_world(), torch.device("cpu"), 120)
     try:

@@ -26,7 +26,7 @@ from tti_dist.sae import (
     latent_density,
     shrinkage,
 )
-from tti_dist.sae.model import INIT_CHUNK_LATENTS, _init_decoder_rows
+from tti_dist.sae.initialisation import INIT_CHUNK_LATENTS, init_decoder_rows
 
 
 def _data(rows=64, d=8, seed=0):
@@ -121,9 +121,9 @@ def test_init_unit_norm_tied_and_independent_of_slicing():
     assert not getattr(sae.b_pre, "tensor_model_parallel", False)
     # a slice crossing a generator-chunk boundary equals the slice of the full draw
     n = 2 * INIT_CHUNK_LATENTS + 100
-    full = _init_decoder_rows(n, 4, 9, 0, n)
+    full = init_decoder_rows(n, 4, 9, 0, n)
     lo, hi = INIT_CHUNK_LATENTS - 50, 2 * INIT_CHUNK_LATENTS + 30
-    assert torch.equal(_init_decoder_rows(n, 4, 9, lo, hi), full[lo:hi])
+    assert torch.equal(init_decoder_rows(n, 4, 9, lo, hi), full[lo:hi])
 
 
 def test_topk_exactly_k_nonnegative_and_sparse_decode_equals_dense():

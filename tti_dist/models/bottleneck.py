@@ -18,7 +18,7 @@ Tensor parallelism: mu and logvar are two column-parallel layers (not one fused 
 rank r holds mu and logvar of the same contiguous latent slice [r z/tp, (r+1) z/tp); the
 decoder is row-parallel over that slice and all-reduces its partial products. The noise eps
 is drawn at FULL width [.., z] from the global RNG and each rank keeps its slice: the ranks
-of a TP group share the runtime seed (train/seeding.py), so TP=2 draws exactly the noise of
+of a TP group share the runtime seed (utils/seeding.py), so TP=2 draws exactly the noise of
 TP=1 and the model is the same function at every TP degree.
 
 Hookpoints (in data-flow order): `bottleneck.mu`, `bottleneck.logvar`, `bottleneck.z`

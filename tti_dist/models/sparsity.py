@@ -27,10 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# torch >= 2.13 renames all_gather_into_tensor (deprecated) to all_gather_single; same collective.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-_MASK64 = (1 << 64) - 1
+from tti_dist.distributed.collectives import all_gather_single
+from tti_dist.utils.seeding import splitmix_seed
 
 
 def _first_n(key: torch.Tensor, threshold: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -109,7 +107,7 @@ def topk_mask(
         return _first_n(key, vals[:, -1:], n).view(x.shape)
     if tp_size > 1:
         gathered = torch.empty((tp_size * vals.shape[0], k_local), dtype=vals.dtype, device=vals.device)
-        _all_gather_single(gathered, vals, group=tp_group)
+        all_gather_single(gathered, vals, group=tp_group)
         gathered = gathered.view(tp_size, vals.shape[0], k_local)
     else:
         gathered = vals.unsqueeze(0)
@@ -126,13 +124,6 @@ def topk_mask(
     return _first_n(key, threshold, n).view(x.shape)
 
 
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
 def hard_mask_units(ffn_size: int, density: float, seed: int, layer_index: int) -> torch.Tensor:
     """The fixed hard mask of one layer: bool [ffn_size], exactly round(density * ffn_size) True.
 
@@ -147,7 +138,7 @@ def hard_mask_units(ffn_size: int, density: float, seed: int, layer_index: int) 
     if not 0 <= num_kept <= ffn_size:
         raise ValueError(f"hard_mask_units: density {density!r} keeps {num_kept} of {ffn_size} units")
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(_splitmix64(_splitmix64(seed) ^ layer_index) >> 1)  # < 2**63
+    generator.manual_seed(splitmix_seed(seed, layer_index))
     kept = torch.randperm(ffn_size, generator=generator)[:num_kept]
     mask = torch.zeros(ffn_size, dtype=torch.bool)
     mask[kept] = True

@@ -9,63 +9,15 @@ import torch.distributed as dist
 
 from tti_dist.config.regularizers import DecorrelationConfig
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.collectives import gather_with_summed_grad, sum_with_identity_grad, sum_with_scaled_grad
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width
 from tti_dist.regularizers.base import Regularizer, register
-
-
-class _GatherUnitsTP(torch.autograd.Function):
-    """[n, D/tp] local units -> [n, D] all units over the TP group.
-
-    Forward: all_gather_into_tensor (TP group). Backward: reduce-scatter (SUM) of the
-    [n, D] gradient, each rank keeping its own unit slice: every TP rank computes a
-    different part of the loss from its own copy of the gathered tensor, so the gradient
-    of a unit is the sum of all ranks' contributions. (megatron's gather_from_tensor_model_
-    parallel_region allocates on CUDA and its backward only splits, so it is not used.)
-    """
-
-    @staticmethod
-    def forward(ctx, x, group, size):
-        ctx.group, ctx.size = group, size
-        x = x.contiguous()
-        out = x.new_empty((size * x.shape[0], x.shape[1]))
-        dist.all_gather_into_tensor(out, x, group=group)
-        return torch.cat(out.chunk(size, dim=0), dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        stacked = torch.cat(grad.chunk(ctx.size, dim=-1), dim=0).contiguous()
-        out = grad.new_empty((grad.shape[0], grad.shape[1] // ctx.size))
-        dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None, None
-
-
-class _SumOverDP(torch.autograd.Function):
-    """All-reduce (SUM) over the DP group; backward multiplies the gradient by dp_size.
-
-    The loss built on the sum is the same replicated scalar on every DP rank, and so is the
-    upstream gradient arriving here. The exact gradient of the objective sum_ranks L = dp * L
-    would all-reduce that gradient; since it is identical on every rank, that sum is
-    dp_size x the local gradient (no communication). DeepSpeed then divides the parameter
-    gradients by dp_size, which leaves exactly the gradient of the global-batch loss L.
-    Only valid because the upstream gradient is replicated across the DP group (it is for
-    this module's use).
-    """
-
-    @staticmethod
-    def forward(ctx, x, group, size):
-        ctx.size = size
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.size, None, None
+from tti_dist.regularizers.token_sample import TokenSample
 
 
 @register
-class Decorrelation(Regularizer):
+class Decorrelation(TokenSample, Regularizer):
     """DeCov activation decorrelation: mean squared off-diagonal covariance of the units.
 
     Source: Cogswell, Ahmed, Girshick, Zitnick, Batra (2016), "Reducing Overfitting in Deep
@@ -92,11 +44,11 @@ class Decorrelation(Regularizer):
       of the [n, D] gradient (same volume). TP rank r then computes only its row block of
       the Gram matrix, rows = its own D/tp units, columns = all D units.
     - DP, forward: all-reduce of that [D/tp, D] centred Gram block plus the D centred sums
-      of squares (D^2/tp + D floats); backward: none (gradient x dp_size, see _SumOverDP),
-      which makes the update after DeepSpeed's DP averaging that of the global-batch loss.
+      of squares (D^2/tp + D floats); backward: none (gradient x dp_size,
+      tti_dist.distributed.collectives.sum_with_scaled_grad), which makes the update after
+      DeepSpeed's DP averaging that of the global-batch loss.
     - TP (once per call, if any hookpoint is sharded): all-reduce of 2 floats (the row-block
-      sums of the loss and of the metric; megatron's reduce_from_tensor_model_parallel_region,
-      identity backward).
+      sums of the loss and of the metric; sum_with_identity_grad, identity backward).
     Replicated hookpoints (e.g. resid_post) have every TP rank compute the whole D x D block
     (no TP communication; their gradient must be complete on each TP rank anyway).
     Example: D = 3072 (mlp.act of d=768), tp = 2, dp = 8, n = 16k local tokens: TP gather
@@ -139,15 +91,6 @@ class Decorrelation(Regularizer):
             if hookpoint_width(name, model_cfg) < 2:
                 raise ConfigError(f"{where}.hookpoints: {name} has width < 2; decorrelation needs at least 2 units")
 
-    def token_index(self, num_tokens: int, call: int, device: torch.device) -> torch.Tensor | None:
-        """Indices of the tokens used by call number `call` (None: all of them)."""
-        m = self.params.max_tokens
-        if m is None or num_tokens <= m:
-            return None
-        seed = (self.params.seed * 1_000_003 + self.groups.dp_rank * 7_919 + call) % (2**63 - 1)
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randperm(num_tokens, generator=gen)[:m].to(device)
-
     def _block(self, hp, a: torch.Tensor, idx: torch.Tensor | None):
         """(sum of squared, sum of |.|) off-diagonal entries of this rank's row block."""
         g = self.groups
@@ -158,7 +101,7 @@ class Decorrelation(Regularizer):
             x = x.float()
             sharded = hp.tp_sharded and g.tp_size > 1
             if sharded:
-                x = _GatherUnitsTP.apply(x, g.tp_group, g.tp_size)
+                x = gather_with_summed_grad(x, g.tp_group, dim=-1)
             dim = x.shape[1]
             assert dim == hp.global_dim, (hp.name, dim, hp.global_dim)
             stats = torch.cat([x.detach().sum(0), x.new_tensor([x.shape[0]])])
@@ -171,7 +114,7 @@ class Decorrelation(Regularizer):
             gram = xc[:, lo:lo + rows].t() @ xc  # [rows, D]
             packed = torch.cat([gram.reshape(-1), (xc * xc).sum(0)])
             if g.dp_size > 1:
-                packed = _SumOverDP.apply(packed, g.dp_group, g.dp_size)
+                packed = sum_with_scaled_grad(packed, g.dp_group)
             c = packed[: rows * dim].view(rows, dim) / num
             if self.params.normalize:
                 std = (packed[rows * dim:] / num + self.params.eps).sqrt()
@@ -183,8 +126,6 @@ class Decorrelation(Regularizer):
             return (off * off).sum(), off.detach().abs().sum(), sharded
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
         call, self._calls = self._calls, self._calls + 1
         first = acts[self.hookpoints[0].name]
         num_tokens = first.numel() // first.shape[-1]
@@ -202,7 +143,7 @@ class Decorrelation(Regularizer):
                 total = total + pair[0]
                 abs_total = abs_total + pair[1]
         if sharded_part is not None:
-            sharded_part = reduce_from_tensor_model_parallel_region(sharded_part, group=self.groups.tp_group)
+            sharded_part = sum_with_identity_grad(sharded_part, self.groups.tp_group)
             total = total + sharded_part[0]
             abs_total = abs_total + sharded_part[1].detach()
         n = len(self.hookpoints)

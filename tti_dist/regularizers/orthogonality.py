@@ -5,16 +5,17 @@ from __future__ import annotations
 import fnmatch
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from tti_dist.capture.hookpoints import is_recomputing, summarize_names
 from tti_dist.config.regularizers import OrthogonalityConfig
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.collectives import gather_with_summed_grad, sum_with_identity_grad
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import Direction, Linear, model_layout
 from tti_dist.regularizers.base import Regularizer, register
+from tti_dist.utils.seeding import fold_seed
 
 
 def targetable_layers(cfg: ModelConfig) -> dict[str, Linear]:
@@ -58,44 +59,6 @@ def _moe_hint(pattern: str, cfg: ModelConfig) -> str:
         which, its = f"blocks {listed} are MoE blocks", "their"
     return (f" ({which} with model.moe_num_experts {cfg.moe_num_experts}: no mlp.fc1 / mlp.fc2, and {its} experts "
             f"are not targetable)")
-
-
-# torch 2.13 renamed these (the old names warn); older torch (2.11 on the GPU machines) lacks the new ones.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather along dim 0 over `group`; backward: reduce-scatter (sum) along dim 0.
-
-    The sum in backward is right when every rank computes a *different* part of a loss that
-    is then summed over ranks (each rank's part depends on all ranks' gathered rows).
-    megatron's gather_from_sequence_parallel_region does the same but allocates on CUDA.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        size = dist.get_world_size(group)
-        out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_single(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        size = dist.get_world_size(ctx.group)
-        out = torch.empty((grad.shape[0] // size,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        _reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64-style mixing), stable across runs and platforms."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 @register
@@ -236,7 +199,7 @@ class Orthogonality(Regularizer):
             picked = dirs.clone()
         else:
             k = p.k
-            gen = torch.Generator().manual_seed(_mix_seed(p.seed, index, self.tp_rank, count))
+            gen = torch.Generator().manual_seed(fold_seed(p.seed, index, self.tp_rank, count))
             idx = torch.randperm(local, generator=gen)[:k].to(weight.device)
             picked = dirs.index_select(0, idx)  # a copy; backward saves only idx
         unit = F.normalize(picked.float(), dim=1)  # [k, d]
@@ -247,7 +210,7 @@ class Orthogonality(Regularizer):
             ab = gram.detach().abs()[off].sum() / (k * (k - 1))
             return sq / self.tp_size, ab / self.tp_size
         # full / sampled_global: rows of this rank against all ranks' gathered rows.
-        everyone = _GatherRows.apply(unit, self.tp_group)  # [tp * k, d]
+        everyone = gather_with_summed_grad(unit, self.tp_group)  # [tp * k, d]
         gram = unit @ everyone.t()  # [k, tp * k]
         cols = torch.arange(self.tp_size * k, device=gram.device)
         rows = torch.arange(k, device=gram.device)
@@ -273,9 +236,7 @@ class Orthogonality(Regularizer):
         parts = [self._stash.pop(name) for name, _, _ in self.targets]
         stacked = torch.stack([torch.stack([sq, ab]) for sq, ab in parts])  # [num_matrices, 2]
         if self.tp_size > 1:
-            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
             # All-reduce forward, identity backward: each rank's graph holds only its own share.
-            stacked = reduce_from_tensor_model_parallel_region(stacked, group=self.tp_group)
+            stacked = sum_with_identity_grad(stacked, self.tp_group)
         means = stacked.mean(dim=0)
         return means[0], {"mean_abs_cos": means[1].detach()}

@@ -23,8 +23,10 @@ from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width, is_tp_sharded, model_layout
 from tti_dist.regularizers.base import Regularizer, register
+from tti_dist.sae.config import SAEConfig
+from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.sae.metrics import decoder_redundancy, explained_variance, shrinkage
-from tti_dist.sae.model import FiringTracker, ParallelSAE, SAEConfig
+from tti_dist.sae.model import ParallelSAE
 
 logger = logging.getLogger(__name__)
 

@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from tti_dist.capture.hookpoints import HookPointInfo
 from tti_dist.config.regularizers import TotalCorrelationConfig
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.collectives import gather_with_summed_grad, sum_with_identity_grad
 from tti_dist.errors import ConfigError
 from tti_dist.metrics.total_correlation import gaussian_log_density, log_importance_weights
 from tti_dist.regularizers.base import Regularizer, register
 from tti_dist.regularizers.kl import bottleneck_captures, check_bottleneck_hookpoints, sibling_names
-
-
-class _GatherRowsDP(torch.autograd.Function):
-    """[m, k] local rows -> [dp m, k] all DP ranks' rows (in DP rank order).
-
-    Forward: all_gather_into_tensor over `group`. Backward: reduce-scatter (SUM) of the
-    [dp m, k] gradient, each rank keeping its own rows: every DP rank computes a different
-    part of the loss (its own rows i) from its copy of the gathered columns j, so the
-    gradient of a rank's mu/logvar is the sum of all ranks' contributions.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group, size):
-        ctx.group, ctx.size = group, size
-        x = x.contiguous()
-        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // ctx.size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None, None
+from tti_dist.regularizers.token_sample import TokenSample
 
 
 @register
-class TotalCorrelation(Regularizer):
+class TotalCorrelation(TokenSample, Regularizer):
     """Total correlation of the bottleneck's aggregate posterior (beta-TCVAE), minibatch estimate.
 
     Source: Chen, Li, Grosse, Duvenaud (2018), "Isolating Sources of Disentanglement in
@@ -61,11 +37,11 @@ class TotalCorrelation(Regularizer):
 
     Reduce groups:
     - DP: mu and logvar of the sampled tokens are all-gathered over the DP group
-      (_GatherRowsDP: all-gather forward, reduce-scatter SUM backward, explicit group=);
+      (gather_with_summed_grad: all-gather forward, reduce-scatter SUM backward);
       each rank keeps only its own rows' z.
     - TP: each rank evaluates log q(z_id|x_j) on its own D/tp latents; the sum over d (per
       pair i, j) and the sum over d of the per-latent logsumexps are completed with one
-      reduce_from_tensor_model_parallel_region (all-reduce forward, identity backward),
+      sum_with_identity_grad (all-reduce forward, identity backward),
       correct because the loss is the same replicated scalar on every TP rank.
 
     Why DP=k gives exactly the DP=1 global-batch gradient: the DP=1 loss is
@@ -120,20 +96,9 @@ class TotalCorrelation(Regularizer):
         """Restore the counter saved by `state_dict`."""
         self._calls = int(state["calls"])
 
-    def token_index(self, num_tokens: int, call: int, device: torch.device) -> torch.Tensor | None:
-        """Indices of this DP rank's tokens used by call number `call` (None: all of them)."""
-        m = self.params.max_tokens
-        if num_tokens <= m:
-            return None
-        seed = (self.params.seed * 1_000_003 + self.groups.dp_rank * 7_919 + call) % (2**63 - 1)
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randperm(num_tokens, generator=gen)[:m].to(device)
-
     def _rows(self, hp: HookPointInfo, acts: dict[str, torch.Tensor], idx: torch.Tensor | None,
               log_w: torch.Tensor) -> torch.Tensor:
         """TC_i [m] for this rank's rows."""
-        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
         g = self.groups
         mu_name, lv_name = sibling_names(hp.name)
         z, mu, logvar = (acts[n].reshape(-1, acts[n].shape[-1]) for n in (hp.name, mu_name, lv_name))
@@ -143,7 +108,7 @@ class TotalCorrelation(Regularizer):
             z, mu, logvar = z.float(), mu.float(), logvar.float()
             m, dim_local = z.shape
             if g.dp_size > 1:
-                both = _GatherRowsDP.apply(torch.cat([mu, logvar], dim=-1), g.dp_group, g.dp_size)
+                both = gather_with_summed_grad(torch.cat([mu, logvar], dim=-1), g.dp_group)
                 mu, logvar = both[:, :dim_local], both[:, dim_local:]
             num_cols = mu.shape[0]
             log_q = gaussian_log_density(z[:, None, :], mu[None, :, :], logvar[None, :, :])  # [m, M, D/tp]
@@ -151,7 +116,7 @@ class TotalCorrelation(Regularizer):
             marginals_local = torch.logsumexp(log_q + log_w.unsqueeze(-1), dim=1).sum(-1)  # [m]
             packed = torch.cat([joint_local.reshape(-1), marginals_local])
             if hp.tp_sharded and g.tp_size > 1:
-                packed = reduce_from_tensor_model_parallel_region(packed, group=g.tp_group)
+                packed = sum_with_identity_grad(packed, g.tp_group)
             joint = packed[: m * num_cols].view(m, num_cols)
             marginals = packed[m * num_cols:]
             return torch.logsumexp(joint + log_w, dim=1) - marginals

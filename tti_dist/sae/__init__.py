@@ -13,7 +13,9 @@ from tti_dist.sae.metrics import (
     latent_density,
     shrinkage,
 )
-from tti_dist.sae.model import FiringTracker, ParallelSAE, SAEConfig, SAEOutput
+from tti_dist.sae.config import SAEConfig
+from tti_dist.sae.firing_tracker import FiringTracker
+from tti_dist.sae.model import ParallelSAE, SAEOutput
 
 __all__ = [
     "ExplainedVarianceAccumulator",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tti_dist.models.sparsity import _all_gather_single
+from tti_dist.distributed.collectives import all_gather_single
 
 _F64 = torch.float64
 
@@ -173,7 +173,7 @@ def decoder_redundancy(
     if size > 1:
         rank = dist.get_rank(tp_group)
         full = w.new_empty((size * n_l, w.shape[1]))
-        _all_gather_single(full, w, group=tp_group)
+        all_gather_single(full, w, group=tp_group)
     else:
         rank, full = 0, w
     if full.shape[0] < 2:

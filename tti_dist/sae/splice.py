@@ -52,7 +52,8 @@ from tti_dist.sae.metrics import (
     delta_lm_loss,
     kl_score,
 )
-from tti_dist.sae.model import _NORM_EPS, ParallelSAE
+from tti_dist.sae.config import NORM_EPS
+from tti_dist.sae.model import ParallelSAE
 
 _F64 = torch.float64
 
@@ -136,7 +137,7 @@ def reconstruct_site(sae: ParallelSAE, x: torch.Tensor):
     if sae.cfg.normalize_input:
         xf = x.to(x_hat.dtype)
         mean = xf.mean(dim=-1, keepdim=True)
-        scale = (xf - mean).norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+        scale = (xf - mean).norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         x_hat = x_hat * scale + mean
     return out, x_hat.to(x.dtype)
 
