@@ -15,12 +15,14 @@ from tti_dist.config.regularizers import (
     CONFIG_TYPES,
     L1Config,
     RegularizerTypeConfig,
+    SAERegularizerConfig,
     ScheduleConfig,
     parse_regularizers,
     register_config,
 )
 from tti_dist.regularizers import REGISTRY, Regularizer, checked_regularizers, register
 from tti_dist.regularizers.l1 import L1Activation
+from tti_dist.regularizers.sae import sae_config
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
 
@@ -142,3 +144,11 @@ def test_every_config_type_has_an_implementation():
     assert set(REGISTRY) == set(CONFIG_TYPES)
     for name, cls in REGISTRY.items():
         assert cls.Config is CONFIG_TYPES[name]
+
+
+def test_sae_entry_settings_cover_the_sae_config():
+    """The `sae` type's settings hold every SAEConfig field, with the same defaults."""
+    cfg = sae_config(SAERegularizerConfig())
+    assert cfg == type(cfg)()
+    custom = sae_config(SAERegularizerConfig(num_latents=64, k=4, aux_k=None, b_pre_init="zeros"))
+    assert (custom.num_latents, custom.k, custom.aux_k, custom.b_pre_init) == (64, 4, None, "zeros")
