@@ -14,11 +14,13 @@ tokenizers), not pyarrow or torch. Each worker's tokenizer runs single-threaded
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
 
 from tti_dist.data.tokenizer import BPETokenizer, ByteTokenizer, PretrainedTokenizer, Tokenizer
 
@@ -122,8 +124,6 @@ def release_free_memory() -> None:
     global _libc_malloc_trim
     if _libc_malloc_trim is None:
         try:
-            import ctypes
-
             _libc_malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _libc_malloc_trim = False
@@ -153,8 +153,6 @@ def tokenizer_from_spec(spec: tuple) -> Tokenizer:
         return ByteTokenizer()
     if spec[0] == "pretrained":
         return PretrainedTokenizer(spec[1], spec[2])
-    from tokenizers import Tokenizer as HFTokenizer
-
     return BPETokenizer(HFTokenizer.from_str(spec[1].decode("utf-8")), spec[2])
 
 

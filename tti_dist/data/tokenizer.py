@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tti_dist.errors import ConfigError
 
@@ -208,8 +210,6 @@ class PretrainedTokenizer(BPETokenizer):
 
     def __init__(self, raw: bytes, eos_token: str) -> None:
         """`raw`: the tokenizer.json bytes; `eos_token`: the text of its end-of-document token."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         super().__init__(HFTokenizer.from_str(raw.decode("utf-8")), eos_token)
         self._raw = raw
 
@@ -258,8 +258,6 @@ def load_pretrained_tokenizer(path: str | Path, eos_token: str | None = None, *,
             or not a tokenizers JSON file, `eos_token` is not one of its tokens, or no EOS
             token can be determined.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{field}: {str(path)!r} does not exist or is not a file; "
@@ -314,9 +312,6 @@ def train_bpe(docs: Iterable[bytes], vocab_size: int) -> BPETokenizer:
     A small corpus can run out of pairs to merge; the vocabulary is then smaller than asked
     for (a warning says so) and `vocab_size` of the result is the real size.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     check_bpe_vocab_size(vocab_size)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -408,8 +403,6 @@ def load_tokenizer(dataset_dir: str | Path, info: dict) -> Tokenizer:
                 f"{info.get('sha256')}, got {got}); the dataset is corrupt or was modified"
             )
         if name == "bpe":
-            from tokenizers import Tokenizer as HFTokenizer
-
             tok = BPETokenizer(HFTokenizer.from_str(data.decode("utf-8")))
         elif name == "pretrained":
             try:

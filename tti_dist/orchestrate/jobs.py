@@ -25,18 +25,25 @@ and RAY_AUTH_MODE is unset, RAY_AUTH_MODE=token is set for this process, which i
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 import logging
 import os
 import re
 import shlex
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tti_dist.config.load import read_yaml_mapping
 from tti_dist.errors import ConfigError
+from tti_dist.orchestrate.sweep_config import load_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +119,6 @@ def _inside(path: Path, root: Path) -> bool:
 def validate_file(path: str | Path, overrides: list[str] | tuple[str, ...], working_dir: Path) -> str:
     """Check a sweep or run config as the cluster will read it (`load_sweep`: every trial
     validated; a run config is a one-trial sweep); returns "sweep" or "run"."""
-    from tti_dist.config.load import read_yaml_mapping
-    from tti_dist.orchestrate.sweep_config import load_sweep
-
     path = Path(path)
     raw = read_yaml_mapping(path, field="CONFIG")
     kind = "sweep" if "axes" in raw or "base" in raw else "run"
@@ -144,8 +148,6 @@ def load_runtime_env(runtime_env: str | Path | dict | None) -> dict[str, Any]:
         p = Path(runtime_env)
         if not p.is_file():
             raise ConfigError(f"--runtime-env: '{runtime_env}' does not exist or is not a file")
-        from tti_dist.config.load import read_yaml_mapping
-
         extra = read_yaml_mapping(p, field="--runtime-env")
     if "working_dir" in extra:
         raise ConfigError("--runtime-env: sets working_dir; pass --working-dir instead "
@@ -252,11 +254,6 @@ def _auth_error(url: str, status: int) -> ConfigError:
 def probe(url: str, headers: dict[str, str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> str:
     """GET URL/api/version within `timeout` seconds; the cluster's Ray version, or a one-line
     ConfigError naming --address (Ray's client has no connect timeout and would hang)."""
-    import json
-    import socket
-    import urllib.error
-    import urllib.request
-
     hint = f"start a head with `ray start --head` or check the dashboard port ({DASHBOARD_PORT})"
     request = urllib.request.Request(url + "/api/version", headers=headers or {})
     try:
@@ -297,6 +294,7 @@ def connect(address: str | None) -> _Cluster:
     url = normalize_address(address)
     headers = auth_headers()
     probe(url, headers)
+    # lazy: `tti train` and the local commands never pay for importing Ray
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -317,6 +315,7 @@ def _unknown_job(exc: Exception) -> bool:
 
 def _job_call(cluster: _Cluster, job_id: str, fn, *args):
     """Call a client method about one job; a missing job becomes a one-line ConfigError."""
+    # lazy: Ray is imported only where a cluster is contacted
     from ray.exceptions import AuthenticationError
 
     try:
@@ -345,6 +344,7 @@ def submit_entrypoint(entrypoint: str, address: str | None, runtime_env: dict[st
                       cluster: _Cluster | None = None) -> str:
     """Submit a raw shell command as a Ray Job; returns the job (submission) id."""
     cluster = cluster or connect(address)
+    # lazy: Ray is imported only where a cluster is contacted
     from ray.exceptions import AuthenticationError
 
     try:
@@ -420,8 +420,6 @@ def logs(job_id: str, address: str | None, follow: bool = False,
 
 
 def _follow(cluster: _Cluster, job_id: str) -> Iterator[str]:
-    import asyncio
-
     loop = asyncio.new_event_loop()
     stream = cluster.client.tail_job_logs(job_id)
     try:

@@ -34,14 +34,24 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from tti_dist.config.schema import RunConfig
+from tti_dist.eval.evaluate import run_eval
+from tti_dist.eval.plan import prepare_eval
+from tti_dist.metrics.metrics_table import metrics_path, read_metrics
+from tti_dist.models.gpt import count_parameters
+from tti_dist.orchestrate import ray_backend
 from tti_dist.report.tensorboard import write_sweep_layout, write_trial_hparams
 from tti_dist.rundir import RunDir
+from tti_dist.train.worker import run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +122,7 @@ class RayStepReporter:
         self.rank = rank
 
     def __call__(self, step: int, scalars: dict[str, float], checkpoint_tag: str | None) -> None:
-        import ray.train
+        import ray.train  # lazy: `tti train` runs the same trainer and never imports Ray
 
         metrics = _finite(scalars)
         if checkpoint_tag is None:
@@ -135,7 +145,7 @@ def _finite(scalars: dict[str, float]) -> dict[str, float]:
 
 def resume_tag_from_ray() -> str | None:
     """The DeepSpeed tag of the last checkpoint reported to Ray (None on a first attempt)."""
-    import ray.train
+    import ray.train  # lazy: importing the sweep modules must not import Ray
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -158,8 +168,6 @@ class StoppedBySignal(RuntimeError):
 
 def worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one rank of the trial."""
-    from tti_dist.train.worker import run_worker
-
     spec: TrialSpec = config["spec"]
     tag = resume_tag_from_ray()
     if tag is not None and not (RunDir(Path(spec.run_dir)).checkpoints / tag).is_dir():
@@ -192,7 +200,7 @@ def worker_loop(config: dict) -> None:
         # one was taken. So this report (a barrier over the ranks) returns once the
         # checkpoint's report was taken, and Ray registers the checkpoint before it sees the
         # failure below: the restarted workers resume from it through Ray's pointer.
-        import ray.train
+        import ray.train  # lazy: importing the sweep modules must not import Ray
 
         ray.train.report({"step": result.final_step})
         # Fail the group so that Ray Train restarts it from that checkpoint (a worker that
@@ -223,10 +231,7 @@ def record_worker_start(run_dir: str, rank: int, resumed_from: str | None, resum
     restart with the checkpoint it resumed from and how it was found ("ray": the pointer
     from ray.train.get_checkpoint(); "run_dir": the run's latest complete checkpoint,
     when the worker died before Ray registered the pointer). One O_APPEND write per line."""
-    import socket
-    import time
-
-    import ray
+    import ray  # lazy: importing the sweep modules must not import Ray
 
     line = json.dumps({"time": time.time(), "rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                        "hostname": socket.gethostname(), "pid": os.getpid(), "resumed_from": resumed_from,
@@ -248,7 +253,7 @@ def read_worker_starts(run_dir: str | Path) -> list[dict]:
 
 
 def _report_done(cfg, run_dir, groups, result) -> None:
-    import ray.train
+    import ray.train  # lazy: importing the sweep modules must not import Ray
 
     ray.train.report({"step": result.final_step})
 
@@ -261,11 +266,7 @@ def _final_evaluation(spec: TrialSpec):
     writes RUN/eval/ and reports the scalars to Ray."""
 
     def evaluate(cfg, run_dir, groups, result) -> None:
-        import ray.train
-        import torch.distributed as dist
-
-        from tti_dist.eval.evaluate import run_eval
-        from tti_dist.eval.plan import prepare_eval
+        import ray.train  # lazy: importing the sweep modules must not import Ray
 
         scalars: dict[str, float] = {}
         own_dp = dist.new_group([groups.rank], use_local_synchronization=True)
@@ -286,12 +287,13 @@ def _final_evaluation(spec: TrialSpec):
 
 def build_torch_trainer(spec: TrialSpec, callbacks=()):
     """The TorchTrainer of one trial: workers and resources from the parallel layout."""
+    # lazy: importing the sweep modules must not import Ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if spec.cfg.checkpoint.on_signal:
         # SIGTERM/SIGINT to a worker: finish the step, save it, restart from it (ray_backend.py).
-        from tti_dist.orchestrate.ray_backend import StopOnSignalTorchConfig as torch_config_cls
+        torch_config_cls = ray_backend.StopOnSignalTorchConfig
     else:
         torch_config_cls = TorchConfig  # Ray's handler: the worker dies, the last periodic checkpoint resumes
     use_gpu = spec.gpus_per_worker > 0
@@ -328,6 +330,7 @@ def _worker_env(spec: TrialSpec) -> dict[str, str]:
 def run_trial(config: dict, specs: list[TrialSpec]) -> None:
     """Ray Tune function trainable (config {"trial": index into specs}): run that trial's
     TorchTrainer and record the outcome in RUN/trial.json."""
+    # lazy: importing the sweep modules must not import Ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = specs[int(config["trial"])]
@@ -354,8 +357,6 @@ def _one_line(exc: BaseException) -> str:
 def final_scalars(run_dir: str | Path) -> tuple[dict[str, float], int, int]:
     """(the last logged value of every training scalar merged with the final evaluation's,
     tokens trained and optimizer steps at the last logged step)."""
-    from tti_dist.metrics.metrics_table import metrics_path, read_metrics
-
     out: dict[str, float] = {}
     tokens = step = 0
     # A directory of Parquet parts (a single file for runs written by older versions).
@@ -380,8 +381,6 @@ def _is_number(v) -> bool:
 
 def write_trial_record(spec: TrialSpec, status: str, error: str | None) -> dict:
     """RUN/trial.json (docs/sweeps.md) and, for a completed trial, the TensorBoard hparams."""
-    from tti_dist.models.gpt import count_parameters
-
     cfg = spec.cfg
     final, tokens, last_step = final_scalars(spec.run_dir)
     workers = read_worker_starts(spec.run_dir)

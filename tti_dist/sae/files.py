@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from tti_dist.errors import RefusedFileError
 from tti_dist.utils.safe_load import load_torch_file
@@ -43,8 +45,6 @@ def shard_files(sae_dir: str | Path) -> list[Path]:
 
 def write_shard(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write one shard: `state` (the SAE's state_dict) and `meta` (META_KEYS, JSON-serializable)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": FORMAT, "sae": json.dumps({k: meta[k] for k in META_KEYS})})
 
@@ -68,8 +68,6 @@ def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Te
             return {k: legacy[k] for k in META_KEYS}, dict(legacy["sae"])
         except (KeyError, TypeError, ValueError):
             raise RefusedFileError(f"{path}: not an SAE shard written by tti sae fit") from None
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -17,10 +17,11 @@ import numpy as np
 
 
 def _pyplot():
+    # lazy: matplotlib takes about a second to import and only `tti toy` draws figures
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, no display; set before pyplot is imported
+    import matplotlib.pyplot as plt  # lazy: as above
 
     return plt
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -132,8 +133,6 @@ def train_toy(cfg: ToyConfig) -> ToyResult:
 
 
 def _train(cfg: ToyConfig) -> ToyResult:
-    import time
-
     device = torch.device(cfg.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     num = cfg.num_instances

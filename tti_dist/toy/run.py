@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import yaml
 
 from tti_dist.errors import ConfigError
 from tti_dist.toy import metrics as M
 from tti_dist.toy.config import ToyConfig, load_toy_config, toy_config_to_dict
+from tti_dist.toy.figures import plot_dimensionality, plot_wtw
 from tti_dist.toy.model import ToyResult, train_toy
 
 logger = logging.getLogger(__name__)
@@ -142,11 +145,6 @@ def analyse(result: ToyResult, cfg: ToyConfig) -> tuple[dict[str, Any], dict[str
 def write_outputs(run_dir: Path, cfg: ToyConfig, result: ToyResult, table: dict[str, Any],
                   summary: dict[str, Any]) -> list[Path]:
     """Write the table, summary, config and figures into run_dir (created if needed)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tti_dist.toy.figures import plot_dimensionality, plot_wtw
-
     run_dir.mkdir(parents=True, exist_ok=True)
     columns = {}
     for name, values in table.items():

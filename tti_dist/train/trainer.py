@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from tti_dist.config.load import dump_config
 from tti_dist.config.schema import RunConfig
@@ -36,6 +37,7 @@ from tti_dist.train import checkpoint as ckpt
 from tti_dist.rundir import RunDir, latest_tag
 from tti_dist.runtime import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
+from tti_dist.metrics.routing_probe import RoutingProbe
 from tti_dist.metrics.routing_stats import RoutingStatsAccumulator, with_imbalance
 from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
 from tti_dist.utils.seeding import seed_runtime, seed_weights
@@ -168,8 +170,6 @@ class Trainer:
         self.routing_stats = RoutingStatsAccumulator(self.engine.module)
         self.routing_probe = None
         if self.routing_stats:
-            from tti_dist.metrics.routing_probe import RoutingProbe
-
             self.routing_probe = RoutingProbe(self.engine.module, val_batches, groups, cfg.model.vocab_size)
         self.step = 0
         self.tokens_per_step = (
@@ -451,6 +451,4 @@ class Trainer:
     def _progress_bar(self, total: int):
         if not (self.groups.is_writer and self.cfg.logging.progress_bar):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)

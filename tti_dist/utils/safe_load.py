@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tti_dist.errors import RefusedFileError
+from tti_dist.utils.deepspeed_import import import_deepspeed
 from tti_dist.utils.environ import environ_set
 
 DEEPSPEED_GLOBALS = (
@@ -57,8 +58,6 @@ def _resolve(name: str) -> Any | None:
     module, _, attr = name.rpartition(".")
     if module.startswith("deepspeed"):
         # DeepSpeed picks its accelerator at import; on CPU it must be told first.
-        from tti_dist.utils.deepspeed_import import import_deepspeed
-
         import_deepspeed()
     try:
         return getattr(importlib.import_module(module), attr)
