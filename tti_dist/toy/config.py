@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 
+from tti_dist.config.load import apply_override, config_to_dict, read_yaml_mapping
+from tti_dist.config.sections import section_from_dict
 from tti_dist.errors import ConfigError
 
 PREFIX = "toy."
@@ -130,8 +133,6 @@ class ToyConfig:
         return self
 
     def _check_device(self) -> None:
-        import torch
-
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -158,8 +159,6 @@ def _check_int(value: Any, field: str, minimum: int) -> None:
 def load_toy_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ToyConfig:
     """Read a flat YAML toy config (defaults when `path` is None), apply `key=value` overrides,
     build it strictly and validate it. Raises ConfigError (one line) on any mistake."""
-    from tti_dist.config.load import apply_override, read_yaml_mapping, section_from_dict
-
     raw = read_yaml_mapping(path, "a mapping of toy settings")
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -171,6 +170,4 @@ def load_toy_config(path: str | Path | None, overrides: list[str] | tuple[str, .
 
 def toy_config_to_dict(cfg: ToyConfig) -> dict[str, Any]:
     """A plain YAML-serialisable mapping of the config (what RUN/config.yaml holds)."""
-    from tti_dist.config.load import config_to_dict
-
     return config_to_dict(cfg)
