@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
     env.__enter__()
     groups = init_parallel(1, device, first.train.dist_timeout_s)
     try:
-        from tti_dist.models import GPT, lm_loss
+        from tti_dist.models.gpt import GPT, lm_loss
         from tti_dist.train.engine import build_engine, resolve_bf16
         from tti_dist.utils.seeding import seed_runtime, seed_weights
 

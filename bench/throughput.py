@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     env.__enter__()  # for the rest of this process: the benchmark is the whole job
     groups = init_parallel(1, device, cfg.train.dist_timeout_s, cfg.parallel.ep_size if cfg.model.moe_num_experts else None)
     try:
-        from tti_dist.models import GPT, lm_loss
+        from tti_dist.models.gpt import GPT, lm_loss
         from tti_dist.train.engine import build_engine, resolve_bf16
         from tti_dist.utils.seeding import seed_runtime, seed_weights
 

@@ -34,7 +34,7 @@ def _recompute_forward_backward(recompute: bool) -> dict:
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, lm_loss
+    from tti_dist.models.gpt import GPT, lm_loss
     from tti_dist.utils.seeding import seed_runtime, seed_weights
 
     world = int(os.environ["WORLD_SIZE"])

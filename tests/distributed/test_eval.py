@@ -174,7 +174,7 @@ def _max_activation(weights: str, dataset: str) -> float:
     from tti_dist.data.loader import DistributedBatchLoader
     from tti_dist.data.prepare import run_windows
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.train.export import load_exported
 
     groups = init_parallel(1, torch.device("cpu"), 60)

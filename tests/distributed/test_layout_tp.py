@@ -28,7 +28,7 @@ def _built_layouts() -> dict:
     from tti_dist.capture import list_hookpoints
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(2, torch.device("cpu"), 120)

@@ -46,7 +46,7 @@ def _global_key(name: str, ep_rank: int, num_local: int) -> str:
 def _ep_run(top_k: int, capacity_factor: float) -> dict:
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, lm_loss
+    from tti_dist.models.gpt import GPT, lm_loss
     from tti_dist.utils.seeding import seed_runtime, seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)
@@ -120,7 +120,7 @@ def test_ep2_equals_ep1(top_k, capacity_factor):
 def _tp_run(top_k: int) -> dict:
     from tti_dist.capture.hookpoints import ActivationCapture, resolve_hookpoints
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, lm_loss, tp_partition_dims
+    from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
     from tti_dist.utils.seeding import seed_weights
 
     tp = int(os.environ["WORLD_SIZE"])

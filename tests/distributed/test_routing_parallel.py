@@ -96,7 +96,7 @@ def _tp_part(model, groups) -> dict:
 
 def _rank(mode: str) -> dict:
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.utils.seeding import seed_weights
 
     world = int(os.environ["WORLD_SIZE"])

@@ -69,7 +69,7 @@ def _single_run() -> None:
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.metrics.routing import routing_agreement
     from tti_dist.metrics.routing_probe import RoutingProbe
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)
@@ -194,7 +194,7 @@ def _dp_batches(dp_rank: int) -> list[dict[str, torch.Tensor]]:
 def _dp_run() -> dict:
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.metrics.routing_probe import RoutingProbe
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)

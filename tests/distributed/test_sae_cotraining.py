@@ -35,7 +35,7 @@ def _rank() -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, tp_partition_dims
+    from tti_dist.models.gpt import GPT, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.sae import ParallelSAE
     from tti_dist.utils.seeding import seed_weights
@@ -303,7 +303,7 @@ def _dp_rank() -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.utils.seeding import seed_weights
 

@@ -70,7 +70,7 @@ def _rank(run_model: bool) -> dict:
     from tti_dist.capture import ActivationCapture, resolve_hookpoints
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, lm_loss, tp_partition_dims
+    from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
     from tti_dist.models.sparsity import topk_mask
     from tti_dist.utils.seeding import seed_weights
 

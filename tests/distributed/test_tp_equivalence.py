@@ -22,7 +22,7 @@ VARIANTS = {
 def _forward_backward(variant_kwargs: dict) -> dict:
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, lm_loss, tp_partition_dims
+    from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
     from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(_world(), torch.device("cpu"), 120)

@@ -187,7 +187,7 @@ def test_export_matches_deepspeed_zero_to_fp32(runs, tmp_path):
 
 def _eval_exported(path: str, val_batches: list) -> float:
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, lm_loss
+    from tti_dist.models.gpt import GPT, lm_loss
     from tti_dist.train.export import load_exported
 
     groups = init_parallel(1, torch.device("cpu"), 60)

@@ -47,7 +47,7 @@ def test_static_hookpoint_names_match_the_built_model():
 
     from tti_dist.capture import list_hookpoints
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel, single_process_env
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
 
     with single_process_env():
         groups = init_parallel(1, torch.device("cpu"), 60)

@@ -30,7 +30,7 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def model_groups():
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel, single_process_env
-    from tti_dist.models import GPT
+    from tti_dist.models.gpt import GPT
     from tti_dist.utils.seeding import seed_weights
 
     with single_process_env():
