@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from tti_dist.distributed.collectives import copy_with_summed_grad, sum_with_identity_grad
 from tti_dist.models.sparsity import topk_mask
@@ -73,6 +72,16 @@ class SAEOutput:
     mask: torch.Tensor | None
     """topk: local bool mask [..., n/tp] of the k selected latents (before the ReLU, so a
     selected latent with pre <= 0 has f = 0); None for relu."""
+
+
+def _mark_tp_sharded(param: nn.Parameter, partition_dim: int) -> None:
+    """The attributes megatron's TP layers put on a sharded parameter (its
+    set_tensor_model_parallel_attributes), read by `tp_partition_dims` and the checkpoint
+    export. Set here directly: importing the SAE (as every regularizer import does) must not
+    import megatron-core, which `tti train` loads only after the config was checked."""
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
 
 
 class ParallelSAE(nn.Module):
@@ -123,9 +132,9 @@ class ParallelSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.num_local_latents, **kw))  # [n/tp]
         self.W_dec = nn.Parameter(rows.t().contiguous().to(**kw))  # [d, n/tp]
         self.b_pre = nn.Parameter(torch.zeros(d_model, **kw))  # [d], replicated
-        set_tensor_model_parallel_attributes(self.W_enc, True, 0, 1)
-        set_tensor_model_parallel_attributes(self.b_enc, True, 0, 1)
-        set_tensor_model_parallel_attributes(self.W_dec, True, 1, 1)
+        _mark_tp_sharded(self.W_enc, 0)
+        _mark_tp_sharded(self.b_enc, 0)
+        _mark_tp_sharded(self.W_dec, 1)
 
     # ------------------------------------------------------------------ communication helpers
 
