@@ -120,13 +120,13 @@ def _plain(groups) -> dict:
 def _gpt_pass(groups, fixed_noise: bool) -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.models import GPT, lm_loss, tp_partition_dims
+    from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.utils.seeding import seed_runtime, seed_weights
 
     cfg = ModelConfig(**GPT_CFG)
     seed_weights(5)
-    model = GPT(cfg, groups.tp_group)
+    model = GPT(cfg, groups)
     regs = build_regularizers(checked_regularizers(GPT_ENTRIES, cfg, groups.tp_size), model, groups)
     captures = {hp.name: hp for reg in regs for hp in reg.captures}
     seed_runtime(5, groups.dp_rank)
@@ -158,7 +158,7 @@ def _gpt_pass(groups, fixed_noise: bool) -> dict:
 
 
 def _rank(tp_size: int) -> dict:
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
 
     groups = init_parallel(tp_size, torch.device("cpu"), 120)
     try:

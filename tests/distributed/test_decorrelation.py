@@ -61,8 +61,8 @@ def _toy_model() -> nn.Module:
 def _rank(tp_size: int) -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, tp_partition_dims
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
+    from tti_dist.models.gpt import GPT, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.regularizers import decorrelation  # noqa: F401  (registers the type)
     from tti_dist.utils.seeding import seed_weights
@@ -90,7 +90,7 @@ def _rank(tp_size: int) -> dict:
         # GPT: this DP rank's half of the batch, real captured activations.
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
         seed_weights(5)
-        model = GPT(cfg, groups.tp_group)
+        model = GPT(cfg, groups)
         (reg,) = build_regularizers(checked_regularizers([GPT_ENTRY], cfg), model, groups)
         tokens = torch.randint(0, cfg.vocab_size, (4, 12), generator=torch.Generator().manual_seed(9))
         tokens = tokens.chunk(groups.dp_size, dim=0)[groups.dp_rank]

@@ -73,8 +73,8 @@ def _add_half_structure(model, tp_rank: int, tp_size: int) -> None:
 
 def _run(entries: list[dict], num_steps: int) -> dict:
     import tti_dist.regularizers.orthogonality  # noqa: F401
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
-    from tti_dist.models import GPT, tp_partition_dims
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
+    from tti_dist.models.gpt import GPT, tp_partition_dims
     from tti_dist.regularizers import build_regularizers, checked_regularizers
     from tti_dist.utils.seeding import seed_weights
 
@@ -82,7 +82,7 @@ def _run(entries: list[dict], num_steps: int) -> dict:
     try:
         cfg = ModelConfig(**MODEL)
         seed_weights(7)
-        model = GPT(cfg, groups.tp_group)
+        model = GPT(cfg, groups)
         _add_half_structure(model, groups.tp_rank, groups.tp_size)
         regs = build_regularizers(checked_regularizers(entries, cfg), model, groups)
         try:

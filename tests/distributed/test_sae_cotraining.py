@@ -201,10 +201,8 @@ def test_config_errors(change, tp_size, match):
 
 
 def test_valid_config_parses():
-    from tti_dist.regularizers.sae import sae_config
-
     (spec,) = _parse(JOINT, 2)
-    assert spec.params.mode == "joint" and sae_config(spec.params).k == 6
+    assert spec.params.mode == "joint" and spec.params.k == 6
 
 
 # ---------------------------------------------------------------- through the product

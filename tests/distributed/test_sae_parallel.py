@@ -121,7 +121,7 @@ def _rank() -> dict:
 
     from megatron.core import parallel_state as ps
 
-    from tti_dist.distributed.runtime import init_parallel, shutdown_parallel
+    from tti_dist.distributed.groups import init_parallel, shutdown_parallel
     from tti_dist.sae import ExplainedVarianceAccumulator, FiringTracker, ParallelSAE, SAEConfig, latent_density
 
     world = int(os.environ["WORLD_SIZE"])

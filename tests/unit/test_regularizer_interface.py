@@ -22,7 +22,7 @@ from tti_dist.config.regularizers import (
 )
 from tti_dist.regularizers import REGISTRY, Regularizer, checked_regularizers, register
 from tti_dist.regularizers.l1 import L1Activation
-from tti_dist.regularizers.sae import sae_config
+from tti_dist.config.sae import SAEConfig
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
 
@@ -146,9 +146,14 @@ def test_every_config_type_has_an_implementation():
         assert cls.Config is CONFIG_TYPES[name]
 
 
-def test_sae_entry_settings_cover_the_sae_config():
-    """The `sae` type's settings hold every SAEConfig field, with the same defaults."""
-    cfg = sae_config(SAERegularizerConfig())
-    assert cfg == type(cfg)()
-    custom = sae_config(SAERegularizerConfig(num_latents=64, k=4, aux_k=None, b_pre_init="zeros"))
-    assert (custom.num_latents, custom.k, custom.aux_k, custom.b_pre_init) == (64, 4, None, "zeros")
+def test_sae_entry_is_the_sae_config():
+    """The `sae` type's settings are an SAEConfig (nothing copied): every SAEConfig field with
+    the same default, plus the co-training fields, parsed from one flat entry."""
+    import dataclasses
+
+    entry = SAERegularizerConfig(num_latents=64, k=4, aux_k=None, b_pre_init="zeros")
+    assert isinstance(entry, SAEConfig)
+    sae_fields = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+    assert {f.name: f.default for f in dataclasses.fields(SAERegularizerConfig) if f.name in sae_fields} == sae_fields
+    assert (entry.num_latents, entry.k, entry.aux_k, entry.b_pre_init) == (64, 4, None, "zeros")
+    entry.validate(32, 2, "regularizers[0]")  # SAEConfig's own checks

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from tti_dist.config.sae import SAEConfig
 from tti_dist.config.sections import section_from_dict
 from tti_dist.errors import ConfigError
 
@@ -256,8 +257,9 @@ class TotalCorrelationConfig(RegularizerTypeConfig):
 
 @register_config
 @dataclass(frozen=True)
-class SAERegularizerConfig(RegularizerTypeConfig):
-    """Settings of `type: sae`: the SAE (the fields of tti_dist.sae.SAEConfig), its mode and its optimizer."""
+class SAERegularizerConfig(SAEConfig, RegularizerTypeConfig):
+    """Settings of `type: sae`: the SAE itself (every field of SAEConfig, tti_dist/config/sae.py,
+    so the entry *is* the SAE's config), its mode and its own optimizer."""
 
     type_name = "sae"
 
@@ -271,26 +273,6 @@ class SAERegularizerConfig(RegularizerTypeConfig):
     can lower neither by shrinking its activations nor by collapsing tokens onto their mean;
     "token" = mean of ||x - x_hat||^2 / ||x||^2 per token (scale-free only: in joint mode the
     model can drive EV negative while lowering it); "none" = plain MSE."""
-    num_latents: int = 4096
-    """Latents n of the whole SAE (all TP ranks); divisible by the TP size. Typical 8x-64x d."""
-    activation: Literal["topk", "relu"] = "topk"
-    """"topk" (Gao et al. 2024: sparsity set by k, AuxK for dead latents) or "relu" (L1 penalty)."""
-    k: int = 32
-    """topk: active latents per token, 1 <= k <= num_latents."""
-    l1_coefficient: float = 5.0
-    """relu: weight of the decoder-norm-weighted L1 penalty (>= 0). The reconstruction term is
-    normalized (recon_normalize), the L1 term is not: use normalize_input: true or tune it."""
-    aux_k: int | None = 256
-    """topk: dead latents per token in the AuxK loss; null = d // 2."""
-    aux_coefficient: float = 1.0 / 32.0
-    """topk: weight of the AuxK loss (Gao et al.: 1/32; 0 disables it)."""
-    dead_window_tokens: int = 10_000_000
-    """A latent is dead when it fired on no token of the global batch (all DP ranks) in this
-    many tokens; drives AuxK and reg/<name>/dead_fraction."""
-    normalize_input: bool = False
-    """Mean-centre each token over d and scale it to unit norm before the SAE (Gao et al.)."""
-    b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """b_pre from the first micro-batch of all DP ranks (geometric median, mean) or zeros."""
     lr: float = 1e-3
     """Learning rate of the SAE's own Adam (constant; no warmup or decay). > 0."""
     betas: tuple[float, ...] = (0.9, 0.999)

@@ -23,7 +23,7 @@ from tti_dist.data.dataset_reader import open_dataset
 from tti_dist.distributed.collectives import all_gather_concat
 from tti_dist.eval.evaluate import eval_batches
 from tti_dist.train.export import load_frozen_model
-from tti_dist.sae.config import SAEConfig
+from tti_dist.config.sae import SAEConfig
 from tti_dist.sae.files import read_shard, shard_files
 from tti_dist.sae.model import ParallelSAE
 

@@ -8,6 +8,7 @@ from torch import nn
 from tti_dist.capture.hookpoints import HookPointInfo, resolve_hookpoints, summarize_names
 from tti_dist.config.regularizers import KLConfig
 from tti_dist.config.schema import ModelConfig
+from tti_dist.distributed.collectives import sum_with_identity_grad
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import gpt_hookpoint_names, is_bottleneck_latent
 from tti_dist.regularizers.base import Regularizer, register
@@ -56,7 +57,7 @@ class KLDivergence(Regularizer):
     The loss is the mean over the regularizer's hookpoints. Computed in fp32, autocast off.
 
     Reduce group: TP. Each rank sums over its D/tp latents; the sum over d is completed with
-    megatron's reduce_from_tensor_model_parallel_region (all-reduce forward, identity
+    `sum_with_identity_grad` (all-reduce forward, identity
     backward: the loss is the same replicated scalar on every TP rank, so each local latent
     receives exactly its TP=1 gradient). DP: a mean over the local batch; DeepSpeed's
     gradient averaging makes the update that of the global-batch mean.
@@ -80,8 +81,6 @@ class KLDivergence(Regularizer):
         return bottleneck_captures(self.model, self.hookpoints)
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
         g = self.groups
         total = None
         active = None
@@ -94,7 +93,7 @@ class KLDivergence(Regularizer):
                 kl_d = 0.5 * (mu * mu + torch.exp(logvar) - logvar - 1.0).sum(0) / mu.shape[0]  # [D/tp]
                 packed = torch.stack([kl_d.sum(), (kl_d.detach() > ACTIVE_KL_THRESHOLD).sum().float()])
                 if hp.tp_sharded and g.tp_size > 1:
-                    packed = reduce_from_tensor_model_parallel_region(packed, group=g.tp_group)
+                    packed = sum_with_identity_grad(packed, g.tp_group)
             total = packed[0] if total is None else total + packed[0]
             active = packed[1] if active is None else active + packed[1]
         n = len(self.hookpoints)

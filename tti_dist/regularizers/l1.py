@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tti_dist.config.regularizers import L1Config
+from tti_dist.distributed.collectives import sum_with_identity_grad
 from tti_dist.regularizers.base import Regularizer, register
 
 
@@ -19,7 +20,7 @@ class L1Activation(Regularizer):
     sparse-coding objective (Olshausen & Field 1996; Lee et al. 2007) that SAEs also use.
 
     Reduce group: TP. For a TP-sharded hookpoint each rank sums |a| over its D/tp units and
-    the sums are all-reduced over the TP group (megatron's reduce_from_tensor_model_parallel_region:
+    the sums are all-reduced over the TP group (`sum_with_identity_grad`:
     all-reduce forward, identity backward), so every TP rank holds the same global value and
     the gradient reaching each local unit is sign(a)/(N D), exactly as at TP=1. Replicated
     hookpoints need no communication. DP: a mean over the local batch; DeepSpeed's gradient
@@ -38,8 +39,6 @@ class L1Activation(Regularizer):
     Config = L1Config
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
         total = 0.0
         l0 = 0.0
         for hp in self.hookpoints:
@@ -52,8 +51,8 @@ class L1Activation(Regularizer):
             local = torch.linalg.vector_norm(a, ord=1, dtype=acc)
             nonzero = torch.count_nonzero(a.detach()).to(acc)
             if hp.tp_sharded and self.groups.tp_size > 1:
-                local = reduce_from_tensor_model_parallel_region(local, group=self.groups.tp_group)
-                nonzero = reduce_from_tensor_model_parallel_region(nonzero, group=self.groups.tp_group)
+                local = sum_with_identity_grad(local, self.groups.tp_group)
+                nonzero = sum_with_identity_grad(nonzero, self.groups.tp_group)
             total = total + local / (num_tokens * hp.global_dim)
             l0 = l0 + nonzero / num_tokens
         n = len(self.hookpoints)

@@ -10,7 +10,7 @@ See docs/sae.md, "Co-training (`type: sae`)", for the design and its reasons.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import math
 
@@ -23,18 +23,13 @@ from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width, is_tp_sharded, model_layout
 from tti_dist.regularizers.base import Regularizer, register
-from tti_dist.sae.config import SAEConfig
 from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.sae.metrics import decoder_redundancy, explained_variance, shrinkage
 from tti_dist.sae.model import ParallelSAE
+from tti_dist.sae.optimizer_step import sae_optimizer_step
+from tti_dist.sae.splice import splice_metrics
 
 logger = logging.getLogger(__name__)
-
-def sae_config(params: SAERegularizerConfig) -> SAEConfig:
-    """The SAEConfig of an `sae` entry: its fields of that name (the settings class is in the
-    config layer, which cannot hold the SAE's own class)."""
-    return SAEConfig(**{f.name: getattr(params, f.name) for f in dataclasses.fields(SAEConfig)})
-
 
 def _replicated_hint(model_cfg: ModelConfig) -> str:
     """The float hookpoints an SAE can read (replicated across TP), compactly."""
@@ -92,7 +87,7 @@ class SAECoTraining(Regularizer):
             raise ConfigError(f"{spec.where}.hookpoints: type 'sae' needs exactly one replicated site; "
                               f"got {[hp.name for hp in self.hookpoints]}")
         self.site = self.hookpoints[0]
-        self.sae_cfg = sae_config(p)
+        self.sae_cfg = p  # the entry is the SAE's config (SAERegularizerConfig subclasses SAEConfig)
         self.sae = ParallelSAE(self.site.global_dim, self.sae_cfg, groups.tp_group, groups.tp_size, groups.tp_rank,
                                seed=p.seed, device=groups.device)
         self._dp_group = groups.dp_group if groups.dp_size > 1 else None
@@ -124,7 +119,7 @@ class SAECoTraining(Regularizer):
         if params.activation == "topk" and params.k > params.num_latents:
             raise ConfigError(f"{where}.k: {params.k} is larger than the whole SAE (num_latents "
                               f"{params.num_latents}); must be in 1..num_latents")
-        sae_config(params).validate(hookpoint_width(name, model_cfg), tp_size, where)
+        params.validate(hookpoint_width(name, model_cfg), tp_size, where)
         if not (math.isfinite(params.lr) and params.lr > 0):
             raise ConfigError(f"{where}.lr: {params.lr!r} must be a finite number > 0")
         if len(params.betas) != 2 or not all(0 <= b < 1 for b in params.betas):
@@ -212,20 +207,7 @@ class SAECoTraining(Regularizer):
         """The SAE's own step: micro-step mean, DP mean, gradient projection, Adam, unit-norm decoder."""
         if self._pending == 0:
             return
-        params = [p for p in self.sae.parameters() if p.grad is not None]
-        if params:
-            flat = torch.cat([p.grad.reshape(-1) for p in params]) / self._pending
-            if self._dp_group is not None:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._dp_group)
-                flat /= self.groups.dp_size
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
-        self.sae.remove_parallel_gradient()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.sae.normalize_decoder()
+        sae_optimizer_step(self.sae, self.optimizer, self._dp_group, self.groups.dp_size, micro_steps=self._pending)
         self._pending = 0
         self._steps += 1
         self.tracker.reset_density()
@@ -239,14 +221,10 @@ class SAECoTraining(Regularizer):
         """Splice metrics of the co-trained SAE on the validation batches (tti_dist.sae.splice):
         `sae/<site>/ce_loss_recovered`, `delta_lm_loss`, `kl_score`, `ev`, `l0`, dead/dense
         fractions, shrinkage, redundancy, ... logged by the trainer at every eval step."""
-        from tti_dist.sae.splice import splice_metrics
-
         return splice_metrics(model, self.sae, self.site, batches, self.groups)
 
     def state_dict(self) -> dict:
         """SAE parameters, Adam state, firing tracker, counters (identical on the DP ranks of a TP rank)."""
-        import copy
-
         if self._pending:
             logger.warning("sae %s: checkpoint with %d micro-steps of unstepped SAE gradients (not saved)",
                            self.spec.name, self._pending)

@@ -13,7 +13,7 @@ from tti_dist.sae.metrics import (
     latent_density,
     shrinkage,
 )
-from tti_dist.sae.config import SAEConfig
+from tti_dist.config.sae import SAEConfig
 from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.sae.model import ParallelSAE, SAEOutput
 

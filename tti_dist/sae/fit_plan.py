@@ -18,7 +18,7 @@ from tti_dist.data.prepare import resolve_dataset, run_windows
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
 from tti_dist.rundir import TP_LAYOUT_FILE, RunDir
-from tti_dist.sae.config import SAEConfig
+from tti_dist.config.sae import SAEConfig
 
 DEFAULT_STEPS = 500
 DEFAULT_LR = 1e-3

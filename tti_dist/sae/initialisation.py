@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tti_dist.sae.config import NORM_EPS
+from tti_dist.config.sae import NORM_EPS
 from tti_dist.utils.seeding import splitmix_seed
 
 INIT_CHUNK_LATENTS = 1024

@@ -34,7 +34,7 @@ each rank's shards equal the matching slices of the TP=1 gradients (tests/distri
 Initialisation does not depend on tp_size (tti_dist/sae/initialisation.py): unit decoder
 directions from private generators, one per chunk of latents, and W_enc = W_dec^T (Gao et
 al.). b_enc = 0, b_pre = 0 until `init_b_pre`. The global RNG is never touched. Settings:
-tti_dist/sae/config.py; dead latents and firing density: tti_dist/sae/firing_tracker.py.
+tti_dist/config/sae.py; dead latents and firing density: tti_dist/sae/firing_tracker.py.
 
 Co-training with the LM (the `sae` regularizer, its own optimizer and live metrics) is in
 tti_dist/regularizers/sae.py; docs/sae.md lists what is not built yet.
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from tti_dist.distributed.collectives import copy_with_summed_grad, sum_with_identity_grad
 from tti_dist.models.sparsity import topk_mask
-from tti_dist.sae.config import NORM_EPS, SAEConfig
+from tti_dist.config.sae import NORM_EPS, SAEConfig
 from tti_dist.sae.initialisation import b_pre_estimate, init_decoder_rows
 
 

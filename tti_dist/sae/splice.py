@@ -52,7 +52,7 @@ from tti_dist.sae.metrics import (
     delta_lm_loss,
     kl_score,
 )
-from tti_dist.sae.config import NORM_EPS
+from tti_dist.config.sae import NORM_EPS
 from tti_dist.sae.model import ParallelSAE
 
 _F64 = torch.float64
