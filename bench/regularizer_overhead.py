@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
     from tti_dist.distributed.groups import init_parallel, resolve_device, shutdown_parallel, single_process_env
     from tti_dist.errors import ConfigError
     from tti_dist.regularizers import build_regularizers, validate_run_config
+    from tti_dist.regularizers.base import CoTrainedModule
     from tti_dist.runtime.session import quiet_dependency_warnings
     from tti_dist.utils.logging import setup_logging
 
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None, default_variants: tuple[str, ...] | None
                 capture.clear()
             engine.step()
             for reg in regs:
-                reg.after_optimizer_step()  # e.g. the SAE's own optimizer step, as the trainer does
+                if isinstance(reg, CoTrainedModule):
+                    reg.after_optimizer_step()  # the SAE's own optimizer step, as the trainer does
             sync()
             return time.perf_counter() - t0
 

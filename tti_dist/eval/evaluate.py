@@ -43,7 +43,7 @@ from tti_dist.eval.outputs import write_outputs
 from tti_dist.metrics.routing_probe import RoutingProbe
 from tti_dist.models.gpt import lm_loss
 from tti_dist.models.layout import model_layout
-from tti_dist.regularizers.base import build_regularizers
+from tti_dist.regularizers.base import REGISTRY, CoTrainedModule, build_regularizers
 from tti_dist.rundir import model_states_file
 from tti_dist.train.export import load_frozen_model
 from tti_dist.utils.safe_load import DEEPSPEED_GLOBALS, load_torch_file
@@ -124,7 +124,7 @@ def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[torch.Tensor], g
     model (`type: sae` regularizers), restored from the checkpoint's client state: each TP
     rank's shard is in its `mp_rank_XX_model_states.pt`. Collective; {} with --weights (an
     export holds no SAE) or without SAE regularizers."""
-    specs = [r for r in plan.cfg.regularizers if r.type == "sae"]
+    specs = [r for r in plan.cfg.regularizers if issubclass(REGISTRY[r.type], CoTrainedModule)]
     if plan.weights is not None or not specs:
         return {}
 

@@ -61,11 +61,6 @@ class Regularizer(ABC):
         """
         return self.hookpoints
 
-    def eval_metrics(self, model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
-        """Metrics measured at eval steps on the validation batches (collective; identical on
-        every rank), e.g. an SAE's splice metrics. None by default."""
-        return {}
-
     def state_dict(self) -> dict:
         """Sampling state to checkpoint (e.g. call counters keying a sampler), so that a
         resumed run draws exactly the samples the uninterrupted run would have. Must be the
@@ -74,12 +69,6 @@ class Regularizer(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
-
-    def after_optimizer_step(self) -> None:
-        """Optional hook, called by the trainer once per optimizer step, right after the
-        engine's step at the gradient-accumulation boundary (after the last micro-step), on
-        every rank. For regularizers with parameters of their own that DeepSpeed does not
-        train (e.g. `sae`'s own optimizer step). Default: nothing."""
 
     @classmethod
     def check_params(cls, params: Any, model_cfg: ModelConfig, hookpoints: list[str], where: str,
@@ -98,6 +87,27 @@ class Regularizer(ABC):
         metrics = {prefix + "loss": value.detach(), prefix + "coefficient": torch.tensor(weight)}
         metrics.update({prefix + k: v.detach() for k, v in own.items()})
         return weight * value, metrics
+
+
+class CoTrainedModule(ABC):
+    """A regularizer that trains a module of its own beside the model (the `sae` type's SAE).
+
+    Its parameters are not the model's: DeepSpeed never sees them, and the regularizer steps
+    them itself. The trainer calls `after_optimizer_step` once per optimizer step, right after
+    the engine's step at the gradient-accumulation boundary, on every rank, and adds
+    `eval_metrics` at eval steps; `tti eval` reads the same metrics from a checkpoint. Its
+    training state (weights, optimizer, counters) travels through `state_dict`, like every
+    regularizer's sampling state.
+    """
+
+    @abstractmethod
+    def after_optimizer_step(self) -> None:
+        """The module's own optimizer step (collective over its groups)."""
+
+    @abstractmethod
+    def eval_metrics(self, model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+        """Metrics on the validation batches (collective; identical on every rank), e.g. an
+        SAE's splice metrics."""
 
 
 REGISTRY: dict[str, type[Regularizer]] = {}

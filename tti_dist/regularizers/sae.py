@@ -22,7 +22,7 @@ from tti_dist.config.regularizers import SAERegularizerConfig
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width, is_tp_sharded, model_layout
-from tti_dist.regularizers.base import Regularizer, register
+from tti_dist.regularizers.base import CoTrainedModule, Regularizer, register
 from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.sae.metrics import decoder_redundancy, explained_variance, shrinkage
 from tti_dist.sae.model import ParallelSAE
@@ -37,7 +37,7 @@ def _replicated_hint(model_cfg: ModelConfig) -> str:
 
 
 @register
-class SAECoTraining(Regularizer):
+class SAECoTraining(Regularizer, CoTrainedModule):
     """A tensor-parallel SAE (tti_dist.sae.ParallelSAE) on one replicated site, co-trained with the LM.
 
     Source: Bricken et al. 2023 ("Towards Monosemanticity"), Gao et al. 2024 ("Scaling and

@@ -31,7 +31,7 @@ from tti_dist.data.prepare import run_windows
 from tti_dist.distributed.groups import ParallelGroups, enforce_collective_timeout
 from tti_dist.capture.hookpoints import ActivationCapture
 from tti_dist.metrics import open_metrics_writer
-from tti_dist.regularizers.base import build_regularizers
+from tti_dist.regularizers.base import CoTrainedModule, build_regularizers
 from tti_dist.models.gpt import GPT, lm_loss, tp_partition_dims
 from tti_dist.train import checkpoint as ckpt
 from tti_dist.rundir import RunDir, latest_tag
@@ -158,6 +158,8 @@ class Trainer:
         seed_runtime(cfg.train.seed, groups.dp_rank)
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
         self.regularizers = build_regularizers(cfg.regularizers, self.engine.module, groups)
+        self.co_trained = [reg for reg in self.regularizers if isinstance(reg, CoTrainedModule)]
+        """Regularizers that train modules of their own (the SAE): stepped after each optimizer step."""
         hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.captures}
         # One capture for the union of all regularizers' hookpoints, kept registered for the run.
         self.capture = ActivationCapture(list(hookpoints.values())).__enter__() if hookpoints else None
@@ -255,8 +257,8 @@ class Trainer:
                 if self.cfg.train.nonfinite == "stop":
                     raise NonFiniteStep(f"train/grad_norm is not finite at step {self.step + 1} "
                                         "(DeepSpeed's optimizer skipped the update)")
-            for reg in self.regularizers:
-                reg.after_optimizer_step()
+            for module in self.co_trained:
+                module.after_optimizer_step()
         if norm is None and need_norm:
             norm = global_grad_norm(self.engine)
         return task_sum / gas, total_sum / gas, {k: v / gas for k, v in reg_sums.items()}, norm, verdict
@@ -391,8 +393,8 @@ class Trainer:
                     eval_start = time.perf_counter()
                     scalars["eval/loss"] = self.evaluate()
                     result.record(result.eval_losses, self.step, scalars["eval/loss"])
-                    for reg in self.regularizers:  # e.g. sae/<site>/* splice metrics
-                        scalars.update(reg.eval_metrics(self.engine.module, self.val_batches))
+                    for module in self.co_trained:  # e.g. sae/<site>/* splice metrics
+                        scalars.update(module.eval_metrics(self.engine.module, self.val_batches))
                     if self.routing_probe is not None:  # moe/*: stability, specialization (NMI)
                         scalars.update(self.routing_probe.measure(self.engine.module))
                     if self.capture is not None:
