@@ -69,13 +69,9 @@ class MetricsWriter(_ClosableWriter):
     `tokens` (int64), then one float64 column per tag in first-seen order; a tag missing
     at a step is null, while non-finite values (NaN, inf) are kept as values.
 
-    The table is a directory of Parquet parts (see `tti_dist.metrics.metrics_table`). A flush writes
-    the schema part if a tag is new, the parts sealed since the last flush, and the tail
-    part: at most a few files of at most ~`rows_per_part` rows each, whatever the length
-    of the run. The only writes that depend on the run length are rare: logging a step
-    that an already written, sealed part covers (going back in steps) rewrites that part
-    after reading the step ranges of the parts on disk, and `resume_step` reads the parts
-    after the resume step (once, at open).
+    The table is a directory of Parquet parts (`tti_dist.metrics.metrics_table`), written
+    by `ParquetSink` (tti_dist.metrics.parquet_sink: what a flush writes, and why its cost
+    does not grow with the run's length).
 
     A process killed at any point leaves a readable table with every row up to its last
     completed flush; never-closed runs are read like closed ones.
