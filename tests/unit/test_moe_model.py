@@ -159,3 +159,18 @@ def test_no_token_dropping_sizes_capacity_to_the_busiest_expert(groups, top_k):
     stats = model.blocks[0].moe.routing_stats()
     assert float(stats["dropped_routes"]) == 0
     assert float(stats["capacity"]) == float(torch.bincount(routes.reshape(-1), minlength=E).max())
+
+
+def test_moe_model_receives_its_expert_groups(groups):
+    """The model creates no process group: an MoE block needs the expert-parallel groups of
+    ParallelGroups (init_parallel(..., ep_size) or groups.with_experts), and uses exactly them."""
+    from tti_dist.models.gpt import GPT
+    from tti_dist.models.moe import RoutedMLP
+
+    with pytest.raises(ValueError, match="expert-parallel groups"):
+        GPT(moe_cfg(), groups)
+    with_experts = groups.with_experts(1)
+    model = GPT(moe_cfg(), with_experts)
+    layers = [m for m in model.modules() if isinstance(m, RoutedMLP)]
+    assert layers and all(m.layer.deepspeed_moe.ep_group is with_experts.experts.ep_group for m in layers)
+    assert with_experts.experts.name == layers[0].layer.expert_group_name == "ep_size_1"
