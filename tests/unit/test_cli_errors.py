@@ -229,6 +229,16 @@ def test_nproc_zero(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cuda_device_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    msg = prepare_error(["train", SMOKE, "--set", "train.device=cuda", "--run-dir", str(tmp_path / "run")])
+    assert msg == "train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_checkpoints_need_resume(tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(run)
@@ -280,3 +290,12 @@ def test_run_dir_that_is_a_file(tmp_path):
     msg = prepare_error(["train", SMOKE, "--run-dir", str(target)])
     assert msg == f"--run-dir: '{target}' is a file, not a directory; name a new or existing run directory"
     assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_cli_and_config_import_no_torch():
+    """`tti --help`, `tti report` and the config loader stay light: building the parser and
+    loading a config import neither torch nor megatron (each verb loads its own dependencies)."""
+    code = ("import sys, tti_dist.cli, tti_dist.config; tti_dist.cli.build_parser(); "
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'deepspeed', 'ray')]; "
+            "assert not heavy, heavy[:5]")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
 from tti_dist.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig, ZeroConfig
 from tti_dist.data.tokenizer import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, load_pretrained_tokenizer
@@ -202,9 +201,6 @@ def _validate_train(cfg: RunConfig) -> None:
         # The data order's generator refuses negative seeds (inside the ranks), and torch's
         # manual_seed overflows past 2**64 once the per-rank strides are added.
         raise ConfigError(f"train.seed: {t.seed!r} must be an integer in 0..2**63 - 1")
-    if t.device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     _validate_compile(cfg)
 
 

@@ -4,14 +4,17 @@ The entries are typed and field-checked when the config is loaded
 (tti_dist.config.regularizers); what needs the model's layout (tti_dist.models.layout) is
 checked here: hookpoint globs against the model's hookpoint names, each type's own limits
 for the model and the tensor-parallel degree (`Regularizer.check_params`), and that no glob
-reads integer ids. `validate_run_config` is the whole check of a run config: the field and
-layout checks of config.validate, then these.
+reads integer ids. `validate_run_config` is the whole check of a run config: the field
+checks of config.validate (which imports no torch, so `tti --help` stays instant), a visible
+CUDA device for train.device cuda, then these.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from typing import Any
+
+import torch
 
 from tti_dist.capture.hookpoints import summarize_names
 from tti_dist.config.regularizers import RegularizerConfig, parse_regularizers
@@ -25,8 +28,13 @@ from tti_dist.regularizers.base import REGISTRY
 def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> None:
     """Raise `ConfigError` (one line) on the first problem of the run config; None when usable.
 
-    `world_size`: the number of processes the launcher starts, when known."""
+    `world_size`: the number of processes the launcher starts, when known. Besides the
+    config's own fields (config.validate, which imports no torch), this checks what needs
+    the model's layout or this machine: the regularizers, and a visible CUDA device for
+    train.device cuda."""
     validate_config(cfg, world_size)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     check_regularizers(cfg.regularizers, cfg.model, cfg.parallel.tp_size)
 
 
