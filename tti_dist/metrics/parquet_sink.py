@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tti_dist.errors import RunWriteError
+from tti_dist.errors import RunWriteError, os_reason
 from tti_dist.metrics.metrics_table import (
     PARQUET_NAME,
     RESERVED_COLUMNS,
@@ -55,7 +55,6 @@ from tti_dist.metrics.metrics_table import (
     part_step_range,
     table_schema,
 )
-from tti_dist.metrics.write_failure import os_reason
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 # only on the writing rank would save nothing.
 from torch.utils.tensorboard import SummaryWriter
 
-from tti_dist.errors import RunWriteError
-from tti_dist.metrics.write_failure import os_reason
+from tti_dist.errors import RunWriteError, os_reason
 from tti_dist.rundir import TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tti_dist.errors import RefusedFileError, RunWriteError
+from tti_dist.errors import RefusedFileError, RunWriteError, os_reason
 from tti_dist.rundir import LATEST_FILE, TP_LAYOUT_FILE, checkpoint_tag, complete_tags, latest_tag, rng_file_name, tag_step
 from tti_dist.utils.safe_load import LEGACY_RNG_GLOBALS, load_torch_file
 
@@ -216,13 +216,11 @@ def _write_failed(ckpt_dir: Path, staging: str, step: int, exc: Exception) -> Ru
     removed (they are never read) and `latest` still names the previous checkpoint."""
     path = Path(exc.filename) if getattr(exc, "filename", None) else ckpt_dir / staging
     shutil.rmtree(ckpt_dir / staging, ignore_errors=True)
-    errno = getattr(exc, "errno", None)
-    if errno:
-        reason = f"[Errno {errno}] {os.strerror(errno)}"
-    elif isinstance(exc, RuntimeError):  # torch's zip writer names neither file nor cause
+    if isinstance(exc, RuntimeError) and not getattr(exc, "errno", None):
+        # torch's zip writer names neither file nor cause.
         reason = "torch.save could not write its file (disk full, quota or file-size limit)"
     else:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = os_reason(exc)
     return RunWriteError(f"{path}: could not write the checkpoint of step {step}: {reason}; the latest complete "
                          f"checkpoint is still {latest_tag(ckpt_dir) or 'none'}")
 
