@@ -148,7 +148,8 @@ class Trainer:
         self.cfg = cfg
         self.observer = observer
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = RunDir(self.run_dir).checkpoints
+        self.run = RunDir(self.run_dir)
+        self.ckpt_dir = self.run.checkpoints
         self.groups = groups
         seed_weights(cfg.train.seed)
         self.model = GPT(cfg.model, groups)
@@ -203,8 +204,8 @@ class Trainer:
     def _write_run_files(self) -> None:
         """RUN/config.yaml (the resolved config) and RUN/deepspeed_config.json (as used)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, RunDir(self.run_dir).config_file)
-        RunDir(self.run_dir).deepspeed_config_file.write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        dump_config(self.cfg, self.run.config_file)
+        self.run.deepspeed_config_file.write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
     # -- one optimizer step --------------------------------------------------------------
     def _micro_step(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
