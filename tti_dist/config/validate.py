@@ -259,15 +259,15 @@ def _validate_data(cfg: RunConfig) -> None:
     if not d.source:
         # Path('') is the working directory, which would be read as a corpus.
         raise ConfigError(
-            "data.source: '' is empty; use 'stdlib', 'synthetic:factored', or a path to a text file, "
-            "directory, .jsonl, .parquet or .arrow file"
+            "data.source: '' is empty; use 'stdlib', 'shakespeare', 'synthetic:factored', or a path to a "
+            "text file, directory, .jsonl, .parquet or .arrow file"
         )
     if not d.text_field:
         raise ConfigError("data.text_field: '' is empty; name the JSONL field or Parquet/Arrow column holding the text")
-    if d.source != "stdlib" and not Path(d.source).exists():
+    if d.source not in ("stdlib", "shakespeare") and not Path(d.source).exists():
         raise ConfigError(
-            f"data.source: '{d.source}' does not exist; use 'stdlib', 'synthetic:factored', or a path "
-            "to a text file, directory, .jsonl, .parquet or .arrow file"
+            f"data.source: '{d.source}' does not exist; use 'stdlib', 'shakespeare', 'synthetic:factored', "
+            "or a path to a text file, directory, .jsonl, .parquet or .arrow file"
         )
     if d.tokenizer == "byte" and cfg.model.vocab_size < 257:
         raise ConfigError(

@@ -4,6 +4,9 @@ A *source* is one of:
 
 - ``"stdlib"``: every ``*.py`` file of the running interpreter's standard library (third-party
   ``site-packages``/``dist-packages`` excluded), sorted by relative POSIX path;
+- ``"shakespeare"``: the works of Shakespeare from the package ``shakespeare`` 0.6, one
+  modern-spelling edition, one document per work with the Project Gutenberg boilerplate
+  removed (`tti_dist.data.shakespeare`);
 - a text file: one document;
 - a ``*.jsonl`` file: one JSON object per line, the document is ``obj[text_field]``;
 - a ``*.parquet`` file or a ``*.arrow`` file (Arrow IPC file *or* stream format, which is what
@@ -42,6 +45,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tti_dist.data import shakespeare
+from tti_dist.data.shakespeare import SHAKESPEARE_SOURCE
 from tti_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -123,7 +128,7 @@ class _SourceFile:
     path: Path
     """Path to open."""
     kind: str
-    """How to read it: "text", "jsonl", "parquet" or "arrow"."""
+    """How to read it: "text", "jsonl", "parquet", "arrow" or "shakespeare" (text to clean)."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -149,10 +154,14 @@ def _plan(source: str, warn: bool = True) -> tuple[str, list[_SourceFile]]:
     """(source kind, files to read in order); raises ConfigError for a missing path."""
     if source == STDLIB_SOURCE:
         return "stdlib", [_SourceFile(rel, path, "text") for rel, path in stdlib_files()]
+    if source == SHAKESPEARE_SOURCE:
+        works = shakespeare.shakespeare_files()
+        return "shakespeare", [_SourceFile(rel, path, "shakespeare") for rel, path in works]
     root = Path(source)
     if not root.exists():
         raise ConfigError(
-            f"data.source: {source!r} does not exist; use \"{STDLIB_SOURCE}\" or a path to a text "
+            f"data.source: {source!r} does not exist; use \"{STDLIB_SOURCE}\", \"{SHAKESPEARE_SOURCE}\" or a "
+            "path to a text "
             f"file, a directory, or a {', '.join('*' + s for s in STRUCTURED_SUFFIXES)} file"
         )
     if root.is_dir():
@@ -227,6 +236,7 @@ class _Reader:
         self.num_documents = 0
         self.num_bytes = 0
         self._num_null = 0
+        self._num_non_ascii = 0
         self._budget_spent = False
 
     def _budget_left(self) -> int | None:
@@ -242,6 +252,7 @@ class _Reader:
             self.files_read.append(file)
             records = {
                 "text": self._text, "jsonl": self._jsonl, "parquet": self._parquet, "arrow": self._arrow,
+                "shakespeare": self._shakespeare,
             }[file.kind](file)
             for name, text in records:
                 if not text:
@@ -271,6 +282,12 @@ class _Reader:
             # Reading at most the remaining budget (+3 bytes so the UTF-8 back-off sees whether
             # the cut is inside a character) keeps a huge last file from being loaded whole.
             yield file.rel, (f.read() if left is None else f.read(left + 3))
+
+    def _shakespeare(self, file: _SourceFile) -> Iterator[tuple[str, bytes]]:
+        # Read whole (the largest work is 176 kB): the footer is found only at the end.
+        text = shakespeare.clean_text(file.path.read_bytes(), file.rel)
+        self._num_non_ascii += shakespeare.count_non_ascii(text)
+        yield file.rel, text
 
     def _jsonl(self, file: _SourceFile) -> Iterator[tuple[str, bytes]]:
         field = self.text_field
@@ -360,7 +377,11 @@ class _Reader:
             # The stdlib differs between interpreter versions; the root path is machine-specific
             # and left out so manifests compare across machines with the same Python.
             desc["python"] = f"{sys.implementation.name} {platform.python_version()}"
-        if any(f.kind != "text" for f in self.files_read):
+        if self.kind == "shakespeare":
+            # Sizes and hashes are of the package's files; num_bytes counts the cleaned text.
+            desc.update(shakespeare.describe())
+            desc["non_ascii_bytes"] = self._num_non_ascii
+        if any(f.kind in ("jsonl", "parquet", "arrow") for f in self.files_read):
             desc["text_field"] = self.text_field
         return desc
 
@@ -371,17 +392,18 @@ def iter_documents(
     """Yield the documents of `source` in a deterministic order (see the module docstring).
 
     Raises:
-        ConfigError: the path does not exist, a record lacks `text_field` or it is not a
-            string, a Parquet/Arrow file has no such string column, `max_bytes` is not
-            positive, or the source holds no text (raised when the iteration ends).
+        ConfigError: the path does not exist (or the shakespeare package is not installed,
+            or one of its texts keeps Gutenberg boilerplate), a record lacks `text_field` or
+            it is not a string, a Parquet/Arrow file has no such string column, `max_bytes`
+            is not positive, or the source holds no text (raised when the iteration ends).
     """
     yield from _Reader(source, text_field, max_bytes)
 
 
 def describe_source(source: str, text_field: str = "text", *, max_bytes: int | None = None) -> dict:
-    """What a manifest records about a source: its kind ("stdlib", "file", "directory", "jsonl",
-    "parquet", "arrow"), the path as given, the files read (relative paths, sizes, sha256),
-    and the number of documents and bytes of text read with `max_bytes`."""
+    """What a manifest records about a source: its kind ("stdlib", "shakespeare", "file",
+    "directory", "jsonl", "parquet", "arrow"), the path as given, the files read (relative
+    paths, sizes, sha256), and the number of documents and bytes of text read with `max_bytes`."""
     reader = _Reader(source, text_field, max_bytes)
     for _ in reader:
         pass
