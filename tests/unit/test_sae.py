@@ -158,6 +158,15 @@ def test_reconstruction_losses_and_normalize_input():
     assert ParallelSAE.reconstruction_loss(x, x_hat).item() == pytest.approx(
         ((x - x_hat) ** 2).sum(1).mean().item(), rel=1e-6)
     assert ParallelSAE.reconstruction_loss(x, x_hat, normalize="token").item() == pytest.approx(0.01, rel=1e-5)
+    # Lai et al.: mean ||x - x_hat||^2 / mean ||x||; with x_hat = 0.9 x that is 0.01 E||x||^2 / E||x||,
+    # which doubles when x doubles (not scale-free, unlike fvu and token).
+    norms = x.norm(dim=1)
+    lai = ParallelSAE.reconstruction_loss(x, x_hat, normalize="input_norm").item()
+    assert lai == pytest.approx(0.01 * (norms ** 2).mean().item() / norms.mean().item(), rel=1e-5)
+    assert ParallelSAE.reconstruction_loss(2 * x, 2 * x_hat, normalize="input_norm").item() == pytest.approx(
+        2 * lai, rel=1e-5)
+    with pytest.raises(ValueError, match="allowed: fvu, token, none, input_norm"):
+        ParallelSAE.reconstruction_loss(x, x_hat, normalize="l2")
     sae = ParallelSAE(8, SAEConfig(num_latents=16, k=2, normalize_input=True))
     out = sae(3.0 * x + 5.0)
     torch.testing.assert_close(out.x_in.mean(-1), torch.zeros(12), atol=1e-6, rtol=0)
@@ -218,6 +227,9 @@ def test_aux_k_loss_formula_and_zero_without_dead():
     e_hat = (torch.relu(out.pre) * sel) @ sae.W_dec.t()
     ref = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
     torch.testing.assert_close(loss, ref)
+    # Lai et al.'s normalisation of the aux term: mean_t ||e - e_hat||^2 / mean_t ||x||
+    lai = sae.aux_k_loss(x, out, dead, normalize="input_norm")
+    torch.testing.assert_close(lai, ((e - e_hat) ** 2).sum(1).mean() / x.norm(dim=1).mean())
     loss.backward()
     assert sae.W_dec.grad[:, ~dead].abs().max() == 0  # only dead latents learn from AuxK
     assert sae.W_dec.grad[:, dead].abs().max() > 0

@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from tti_dist.config.sae import SAEConfig
+from tti_dist.config.sae import RECON_NORMALIZATIONS, SAEConfig
 from tti_dist.config.sections import section_from_dict
 from tti_dist.errors import ConfigError
 
@@ -267,12 +267,14 @@ class SAERegularizerConfig(SAEConfig, RegularizerTypeConfig):
     """"detached": the SAE trains on x.detach(); the model gets no gradient from it.
     "joint": the model also receives coefficient x the gradient of the SAE's training loss
     with respect to the activation (normalized reconstruction + AuxK or L1 term)."""
-    recon_normalize: Literal["fvu", "token", "none"] = "fvu"
+    recon_normalize: Literal[RECON_NORMALIZATIONS] = "fvu"
     """Normalization of the reconstruction term (ParallelSAE.reconstruction_loss): "fvu" =
     sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the micro-batch (1 - EV), which the model
     can lower neither by shrinking its activations nor by collapsing tokens onto their mean;
     "token" = mean of ||x - x_hat||^2 / ||x||^2 per token (scale-free only: in joint mode the
-    model can drive EV negative while lowering it); "none" = plain MSE."""
+    model can drive EV negative while lowering it); "none" = plain MSE; "input_norm" =
+    mean ||x - x_hat||^2 / mean ||x|| (Lai et al. 2025's joint-training loss, also applied to
+    AuxK; not scale-free: it grows linearly with the activations' scale)."""
     lr: float = 1e-3
     """Learning rate of the SAE's own Adam (constant; no warmup or decay). > 0."""
     betas: tuple[float, ...] = (0.9, 0.999)

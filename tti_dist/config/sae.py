@@ -12,6 +12,9 @@ NORM_EPS = 1e-12
 """Floor of every norm and variance the SAE divides by (unit decoder directions, normalised
 inputs, normalised reconstruction losses): a zero vector stays zero instead of becoming NaN."""
 
+RECON_NORMALIZATIONS = ("fvu", "token", "none", "input_norm")
+"""Allowed normalisations of the SAE reconstruction term (ParallelSAE.reconstruction_loss)."""
+
 
 @dataclass(frozen=True)
 class SAEConfig:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from tti_dist.distributed.collectives import copy_with_summed_grad, sum_with_identity_grad
 from tti_dist.models.sparsity import topk_mask
-from tti_dist.config.sae import NORM_EPS, SAEConfig
+from tti_dist.config.sae import NORM_EPS, RECON_NORMALIZATIONS, SAEConfig
 from tti_dist.sae.initialisation import b_pre_estimate, init_decoder_rows
 
 
@@ -72,6 +72,11 @@ class SAEOutput:
     mask: torch.Tensor | None
     """topk: local bool mask [..., n/tp] of the k selected latents (before the ReLU, so a
     selected latent with pre <= 0 has f = 0); None for relu."""
+
+
+def input_norm(x: torch.Tensor) -> torch.Tensor:
+    """mean_t ||x_t||_2 over all tokens of x [..., d], floored at NORM_EPS (Lai et al.'s x_norm)."""
+    return x.norm(dim=-1).mean().clamp_min(NORM_EPS)
 
 
 def _mark_tp_sharded(param: nn.Parameter, partition_dim: int) -> None:
@@ -234,10 +239,17 @@ class ParallelSAE(nn.Module):
             AND to a shared offset, so in joint co-training the model can lower it neither by
             shrinking its activations nor by collapsing the tokens towards their mean (which
             "token" allows: its denominator is dominated by the shared mean).
+        normalize="input_norm": mean_t ||x_t - x_hat_t||^2 / mean_t ||x_t||_2, Lai et al.'s
+            normalisation for joint SAE training (gpt-circuits, training/sae/regularization.py,
+            "scale losses based on MSE by input norms to avoid weight shrinkage"): a squared
+            error over an unsquared norm, so it still scales linearly with the activations;
+            the gradient flows through the denominator too, as in their code.
         x and x_hat are replicated across TP: no communication.
         """
         x = x.to(x_hat.dtype)
         err = (x - x_hat).pow(2).sum(dim=-1)
+        if normalize == "input_norm":
+            return err.mean() / input_norm(x)
         if normalize == "token":
             return (err / x.pow(2).sum(dim=-1).clamp_min(NORM_EPS)).mean()
         if normalize == "fvu":
@@ -245,7 +257,7 @@ class ParallelSAE(nn.Module):
             variance = (flat - flat.mean(dim=0, keepdim=True)).pow(2).sum()
             return err.sum() / variance.clamp_min(NORM_EPS)
         if normalize != "none":
-            raise ValueError(f"reconstruction_loss: normalize={normalize!r}; allowed: none, token, fvu")
+            raise ValueError(f"reconstruction_loss: normalize={normalize!r}; allowed: {', '.join(RECON_NORMALIZATIONS)}")
         return err.mean()
 
     def l1_penalty(self, out: SAEOutput) -> torch.Tensor:
@@ -259,13 +271,17 @@ class ParallelSAE(nn.Module):
         local = (f * norms).sum() / f.shape[0]
         return self._tp_sum(local)
 
-    def aux_k_loss(self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor) -> torch.Tensor:
+    def aux_k_loss(
+        self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor, normalize: str = "fvu"
+    ) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the dead latents' top-k_aux reconstruction of the residual.
 
             e      = x - x_hat                        (detached: a fixed target, as in Gao et al.)
             f_aux  = ReLU(pre) on the top-k_aux pre-activations among dead latents, 0 elsewhere
             e_hat  = W_dec f_aux                      (no bias)
             loss   = sum_t ||e_t - e_hat_t||^2 / sum_t ||e_t - mean_t' e_t'||^2
+            (normalize="input_norm": mean_t ||e_t - e_hat_t||^2 / mean_t ||x_t||_2 instead, the
+             normalisation Lai et al. apply to their aux term; any other value: the FVU above)
 
         over this rank's tokens (a ratio of batch sums: the FVU of the residual; under DP each
         rank's loss is its local batch's ratio and DeepSpeed averages the gradients). k_aux =
@@ -297,7 +313,11 @@ class ParallelSAE(nn.Module):
         e_hat = self.decode(f_aux, idx)
         e = (x.to(out.x_hat.dtype) - out.x_hat).detach().reshape(-1, self.d_model)
         num = (e - e_hat).pow(2).sum()
-        den = (e - e.mean(dim=0, keepdim=True)).pow(2).sum()
+        if normalize == "input_norm":
+            num = num / e.shape[0]
+            den = input_norm(x.to(out.x_hat.dtype))
+        else:
+            den = (e - e.mean(dim=0, keepdim=True)).pow(2).sum()
         ok = (num_dead > 0) & (den > 0)
         loss = num / torch.where(ok, den, torch.ones_like(den))  # no 0/0, so no NaN in the backward either
         return torch.where(ok, loss, torch.zeros_like(loss))
@@ -319,7 +339,7 @@ class ParallelSAE(nn.Module):
             total = total + self.cfg.l1_coefficient * l1
             parts["l1"] = l1.detach()
         elif dead_mask is not None and self.cfg.aux_coefficient > 0:
-            aux = self.aux_k_loss(x, out, dead_mask)
+            aux = self.aux_k_loss(x, out, dead_mask, normalize)
             total = total + self.cfg.aux_coefficient * aux
             parts["aux_k"] = aux.detach()
         return total, parts
