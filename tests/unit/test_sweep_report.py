@@ -208,7 +208,7 @@ def test_tax_matches_hand_computation(tmp_path):
         assert r["mean"] == pytest.approx(np.mean(values))
         assert r["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     assert rows["xs"]["mean"] == pytest.approx(0.09) and rows["s"]["mean"] == pytest.approx(0.154)
-    assert any("depends on the model's width" in n for n in tax["notes"])  # l0 across 3 sizes
+    assert any("depends on the model's width" in w for w in tax["warnings"])  # l0 across 3 sizes
 
     # target l0 <= 30: m seed 2 (best 36) does not reach it and is left out
     tax = interpretability_tax(table, L0, target=30.0)
@@ -333,7 +333,7 @@ def test_default_headline_is_width_independent(tmp_path):
     for size, values in {"xs": [0.32, 0.4], "s": [0.02, 0.024], "m": [0.0, 0.0]}.items():
         assert [rows[size]["per_seed"][1], rows[size]["per_seed"][2]] == pytest.approx(values, abs=1e-12), size
     assert rows["xs"]["mean"] == pytest.approx(0.36) and rows["s"]["mean"] == pytest.approx(0.022)
-    assert not any("depends on the model's width" in n for n in tax["notes"])
+    assert not any("depends on the model's width" in w for w in tax["warnings"] + tax["notes"])
     # The default plots: the headline site's width-independent metrics and its block's cos^2.
     available = interp_metrics(collect_trials(root))
     assert pareto_metrics(available, [headline]) == [headline, "interp/blocks.last.mlp.act/mono_share",

@@ -1,6 +1,7 @@
-"""The text of a sweep report: DIR/report.md (`report_markdown`: the trials table, the tax,
-the numbers behind each Pareto plot and the metrics' directions) and the plain-text tax
-table `tti report` prints (`format_tax`), with one number format for both.
+"""The text of a sweep report: DIR/report.md (`report_markdown`: the warnings, the trials
+table, the tax with its noise floor, the numbers behind each Pareto plot and the metrics'
+directions) and the plain-text tax table `tti report` prints (`format_tax`), with one number
+format for both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pyarrow as pa
 import yaml
 
 from tti_dist.report.interp_metrics import metric_direction, metric_reason, short_name, width_independent
+from tti_dist.report.noise import RULE
 from tti_dist.report.pareto import LOSS, size_label
 from tti_dist.report.plots import pareto_plot_name
 
@@ -47,8 +49,22 @@ def _sweep_name(root: Path) -> str:
     return root.resolve().name
 
 
+def noise_floor_sentence(taxes: list[dict]) -> str:
+    """The rule for reading the tax and, per size, the noise of its baselines (report.md, the
+    command's output): "Noise floor: ...; <noise.RULE>."."""
+    sizes = {}
+    for t in taxes:
+        for r in t["rows"]:
+            sizes.setdefault(size_label(r["size"]), (r["baseline_sd"], r["baseline_seeds"]))
+    floor = ", ".join(f"{label} {_fmt(sd) if n >= 2 else 'not measured'} ({n} seed{'s' if n != 1 else ''})"
+                      for label, (sd, n) in sizes.items())
+    return (f"Noise floor: the baselines' {LOSS} varies over seeds by sd (ddof=1) {floor}; the tax of each "
+            f"seed is paired with that seed's baseline, and {RULE}.")
+
+
 def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers: dict, taxes: list[dict],
-                    tax_skip: str | None, notes: list[str], plots: list[Path], target: float | None) -> str:
+                    tax_skip: str | None, notes: list[str], plots: list[Path], target: float | None,
+                    warnings: list[str] = ()) -> str:
     """The text of DIR/report.md from `write_report`'s results (tti_dist/report/sweep_report.py)."""
     lines = [f"# Sweep report: {_sweep_name(root)}", ""]
     lines += [f"{table.num_rows} trials from `{root}/runs/*/trial.json` (all of them in `summary.parquet`). "
@@ -58,6 +74,9 @@ def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers:
         lines.append(f"- {note}")
     if notes:
         lines.append("")
+
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
 
     lines += ["## Trials", ""]
     trials = table.to_pylist()
@@ -76,15 +95,18 @@ def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers:
         how = (f"the level given with --target ({target:.4g})" if target is not None else
                "m*, the most interpretable level every model size reaches with every seed")
         lines += [f"tax = L_frontier(m*) - L_baseline per size and seed, at {how}; mean and sample std "
-                  "(ddof=1) over seeds.", ""]
+                  "(ddof=1) over seeds, its standard error SE and the baselines' own sd over seeds.", "",
+                  noise_floor_sentence(taxes), ""]
         body = []
         for t in taxes:
             rel = "<=" if t["direction"] == "lower" else ">="
             for r in t["rows"]:
                 per_seed = ", ".join(f"{s}: {v:.4g}" for s, v in r["per_seed"].items())
                 body.append([size_label(r["size"]), r["num_params"], t["metric"], f"{rel} {t['m_star']:.4g}",
-                             r["mean"], r["std"], r["seeds"], per_seed])
-        lines += _table(["size", "params", "metric", "m*", "mean tax", "std", "seeds", "per seed"], body) + [""]
+                             r["mean"], r["std"], r["seeds"], r["se"], r["verdict"], r["baseline_sd"],
+                             r["baseline_seeds"], per_seed])
+        lines += _table(["size", "params", "metric", "m*", "mean tax", "std", "seeds", "SE", "verdict",
+                         "baseline sd", "baseline seeds", "per seed"], body) + [""]
         for t in taxes:
             lines += [f"- {t['metric']}: {n}" for n in t["notes"]]
         if (root / "plots" / "tax.png") in plots:
@@ -115,12 +137,15 @@ def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers:
 
 
 def format_tax(taxes: list[dict]) -> str:
-    """A short plain-text table of the tax (for the command line)."""
-    lines = [f"{'size':<10} {'params':>12} {'metric':<36} {'m*':>12} {'mean tax':>10} {'std':>10} {'seeds':>5}"]
+    """A short plain-text table of the tax with its noise floor (for the command line), and the
+    rule of its verdict column."""
+    lines = [f"{'size':<10} {'params':>12} {'metric':<36} {'m*':>12} {'mean tax':>10} {'std':>10} {'seeds':>5} "
+             f"{'SE':>10} {'base sd':>10} verdict"]
     for t in taxes:
         rel = "<=" if t["direction"] == "lower" else ">="
         for r in t["rows"]:
             lines.append(f"{size_label(r['size']):<10} {_fmt(r['num_params']):>12} {short_name(t['metric']):<36} "
                          f"{rel + ' ' + format(t['m_star'], '.4g'):>12} {_fmt(r['mean']):>10} {_fmt(r['std']):>10} "
-                         f"{r['seeds']:>5}")
+                         f"{r['seeds']:>5} {_fmt(r['se']):>10} {_fmt(r['baseline_sd']):>10} {r['verdict']}")
+    lines.append(f"base sd: sd (ddof=1) of the baselines' {LOSS} over seeds; {RULE}")
     return "\n".join(lines)

@@ -14,6 +14,9 @@ tti_dist/report/interp_metrics.py, higher = more interpretable):
   of the cheapest frontier point when it already reaches o*), L_base the loss of the seed's
   baseline trial (all regularizer coefficients 0). Reported per size: mean over seeds and the
   sample standard deviation (ddof=1; 0 with one seed).
+- Noise floor, per size over its n seeds (tti_dist/report/noise.py): SE = sd / sqrt(n) of the
+  paired per-seed taxes; the tax is distinguishable from zero when n >= 2 and |mean| > 2 SE;
+  beside it the baselines' own spread, sd over seeds (ddof=1) of L_base(s, r).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow as pa
 
 from tti_dist.errors import ConfigError
 from tti_dist.report.interp_metrics import METRIC_DIRECTIONS, metric_direction, width_independent
+from tti_dist.report.noise import seed_spread, tax_noise
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,16 @@ def model_sizes(rows: list[dict]) -> list:
     return sorted(params, key=order)
 
 
+def baseline_losses(rows: list[dict]) -> dict:
+    """L_base(s, r) of completed trials: {size: {seed: loss}}, the lowest loss among the
+    baseline trials (all coefficients 0) of each size and seed, seeds in ascending order."""
+    out: dict = {}
+    for r in sorted((r for r in rows if r["baseline"]), key=lambda r: (r["seed"] is None, r["seed"] or 0)):
+        seeds = out.setdefault(size_key(r), {})
+        seeds[r["seed"]] = min(seeds.get(r["seed"], math.inf), r[LOSS])
+    return out
+
+
 def _size_params(rows: list[dict], size) -> int | None:
     values = [r["num_params"] for r in rows if size_key(r) == size and r["num_params"] is not None]
     return int(np.median(values)) if values else None
@@ -123,10 +137,15 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
     L_F is `frontier_loss_at` on the (s, r) trials' frontier; L_base the loss of the (s, r)
     baseline trial (coefficients all 0; the lowest loss when there are several). Only (s, r)
     with a baseline count; with a `target`, seeds whose frontier does not reach it are left
-    out. Per size: mean and sample standard deviation (ddof=1; 0 for one seed) over seeds.
+    out. Per size: mean and sample standard deviation (ddof=1; 0 for one seed) over seeds,
+    and the noise floor of tti_dist/report/noise.py: SE = std / sqrt(n), the verdict (n >= 2
+    and |mean| > 2 SE: distinguishable from zero), and the baselines' own seed spread.
 
     Returns {"metric", "direction", "m_star" (in the metric's units), "rows": [{"size",
-    "num_params", "mean", "std", "seeds", "per_seed": {seed: tax}}], "notes": [str]}.
+    "num_params", "mean", "std", "seeds", "per_seed": {seed: tax}, "se", "verdict",
+    "distinguishable" (None for fewer than 2 seeds), "baseline_sd", "baseline_mean",
+    "baseline_seeds"}], "notes": [str], "warnings": [str] (a width-dependent metric compared
+    across sizes)}.
     """
     direction = metric_direction(metric)
     if direction is None:
@@ -137,6 +156,7 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
     sign = 1.0 if direction == "higher" else -1.0
     rows = completed_trials(table)
     notes: list[str] = []
+    warnings: list[str] = []
     groups: dict = {}
     for r in rows:
         groups.setdefault((size_key(r), r["seed"]), []).append(r)
@@ -155,7 +175,7 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
                          "the lowest loss is the baseline")
         usable[(size, seed)] = (min(base), points)
     if len({size for size, _ in usable}) > 1 and not width_independent(metric):
-        notes.append(f"{metric} depends on the model's width (docs/evaluation.md, \"Width and sample size\"), "
+        warnings.append(f"{metric} depends on the model's width (docs/evaluation.md, \"Width and sample size\"), "
                      "so one level of it means different things at different sizes; prefer a width-independent "
                      "metric (l0_frac, gaussian_tc_per_unit_bc, mono_share, mig_hist20, probe_k*)")
     if target is not None:
@@ -164,6 +184,7 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
         o_star = min(max(o for o, _ in points) for _, points in usable.values())
     else:
         o_star = math.nan
+    baselines = baseline_losses(rows)
     out_rows = []
     for size in model_sizes(rows):
         per_seed = {}
@@ -180,12 +201,17 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
         if not any(s == size for s, _ in usable):
             continue
         values = np.array(list(per_seed.values()), dtype=float)
+        spread = seed_spread(baselines.get(size, {}))
         out_rows.append({
             "size": size, "num_params": _size_params(rows, size),
             "mean": float(values.mean()) if values.size else math.nan,
             "std": float(values.std(ddof=1)) if values.size > 1 else (0.0 if values.size else math.nan),
-            "seeds": int(values.size), "per_seed": per_seed,
+            "seeds": int(values.size), "per_seed": per_seed, **tax_noise(per_seed),
+            "baseline_sd": spread["sd"], "baseline_mean": spread["mean"], "baseline_seeds": spread["n"],
         })
     for note in notes:
         logger.info("tax on %s: %s", metric, note)
-    return {"metric": metric, "direction": direction, "m_star": sign * o_star, "rows": out_rows, "notes": notes}
+    for warning in warnings:
+        logger.warning("tax on %s: %s", metric, warning)
+    return {"metric": metric, "direction": direction, "m_star": sign * o_star, "rows": out_rows, "notes": notes,
+            "warnings": warnings}

@@ -3,6 +3,8 @@
 Each trial leaves DIR/runs/<trial>/trial.json (docs/sweeps.md); `collect_trials` reads them
 all into one row per trial, with the trial's final scalars widened by `derived_metrics`, the
 metrics that compare across model sizes (docs/report.md, "Derived metrics").
+`eval_loss_history` reads one column of a trial's metrics table, DIR/runs/<trial>/metrics.parquet
+(the convergence checks of tti_dist/report/noise.py).
 """
 
 from __future__ import annotations
@@ -11,9 +13,21 @@ import json
 import re
 from pathlib import Path
 
+import logging
+
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tti_dist.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+METRICS_TABLE = "metrics.parquet"
+"""The metrics table in a run directory (tti_dist.metrics.metrics_table.PARQUET_NAME: a
+directory of Parquet parts whose zero-row schema part sorts first, or one file for older runs).
+Named here rather than imported: tti_dist.metrics and tti_dist.rundir load torch, and the
+report reads files only."""
 
 
 def _number(value, kind):
@@ -87,7 +101,8 @@ def _read_trials(sweep_dir: str | Path) -> list[dict]:
 def collect_trials(sweep_dir: str | Path) -> pa.Table:
     """One row per DIR/runs/*/trial.json (sorted by run directory).
 
-    Columns: trial, model_size, setting (strings), seed, num_params, tokens (int64), status,
+    Columns: trial, model_size, setting (strings), seed, num_params, tokens, steps (int64; the
+    last training step), status,
     error (strings), baseline (bool: every regularizer coefficient is 0, or there is none),
     `axis/<key>` for every sweep axis (the value as text: JSON for numbers and booleans),
     `coeff/<name>` for every regularizer coefficient, and every key of the trial's "final"
@@ -99,7 +114,7 @@ def collect_trials(sweep_dir: str | Path) -> pa.Table:
     coeffs = sorted({k for r in records for k in (r.get("coefficients") or {})})
     finals = sorted({k for r in records for k in (r.get("final") or {})})
     columns: dict[str, list] = {k: [] for k in ("trial", "model_size", "setting", "seed", "num_params", "tokens",
-                                                "status", "error", "baseline")}
+                                                "steps", "status", "error", "baseline")}
     columns.update({f"axis/{k}": [] for k in axes})
     columns.update({f"coeff/{k}": [] for k in coeffs})
     columns.update({k: [] for k in finals})
@@ -110,7 +125,7 @@ def collect_trials(sweep_dir: str | Path) -> pa.Table:
         columns["trial"].append(str(r["trial"]))
         columns["model_size"].append(None if r.get("model_size") is None else str(r["model_size"]))
         columns["setting"].append(None if r.get("setting") is None else str(r["setting"]))
-        for key in ("seed", "num_params", "tokens"):
+        for key in ("seed", "num_params", "tokens", "steps"):
             columns[key].append(_number(r.get(key), int))
         columns["status"].append(None if r.get("status") is None else str(r["status"]))
         columns["error"].append(None if r.get("error") is None else str(r["error"]))
@@ -121,7 +136,8 @@ def collect_trials(sweep_dir: str | Path) -> pa.Table:
             columns[f"coeff/{k}"].append(_number(c.get(k), float))
         for k in finals:
             columns[k].append(_number(f.get(k), float))
-    types = {"seed": pa.int64(), "num_params": pa.int64(), "tokens": pa.int64(), "baseline": pa.bool_()}
+    types = {"seed": pa.int64(), "num_params": pa.int64(), "tokens": pa.int64(), "steps": pa.int64(),
+             "baseline": pa.bool_()}
     fields = []
     for name in columns:
         if name in types:
@@ -131,3 +147,30 @@ def collect_trials(sweep_dir: str | Path) -> pa.Table:
         else:
             fields.append(pa.field(name, pa.string()))
     return pa.table(columns, schema=pa.schema(fields))
+
+
+def eval_loss_history(run_dir: str | Path, tag: str = "eval/loss") -> list[tuple[int, float]]:
+    """The (step, value) points of one tag in a run directory's metrics table, in step order
+    ([] when the run has no table or never logged the tag).
+
+    Reads only the `step` and `tag` columns, and only the rows where the tag was logged (a
+    filter on its validity), so a long run costs two narrow column reads, not the table.
+    An unreadable table is logged and read as [] (the report goes on without it).
+    """
+    path = Path(run_dir) / METRICS_TABLE
+    if not path.exists():
+        return []
+    try:
+        # Dataset discovery takes the schema from the first file: the schema part, which
+        # holds every column (tti_dist/metrics/metrics_table.py).
+        table = pq.read_table(path, columns=["step", tag], filters=pc.field(tag).is_valid())
+    except (pa.ArrowInvalid, KeyError) as exc:
+        if tag in str(exc) and "No match for FieldRef" in str(exc):
+            return []  # the run never logged the tag
+        logger.warning("%s: cannot read %s (%s)", path, tag, str(exc).splitlines()[0])
+        return []
+    except OSError as exc:
+        logger.warning("%s: cannot read %s (%s)", path, tag, str(exc).splitlines()[0])
+        return []
+    steps, values = table.column("step").to_pylist(), table.column(tag).to_pylist()
+    return sorted((int(s), float(v)) for s, v in zip(steps, values) if s is not None)

@@ -9,7 +9,9 @@ Reads the records `tti sweep --out DIR` leaves, DIR/runs/<trial>/trial.json, and
 
 Definitions (docs/report.md has the long form): the metrics' orientation and width
 dependence in tti_dist/report/interp_metrics.py, the Pareto frontier, target level and tax
-in tti_dist/report/pareto.py.
+in tti_dist/report/pareto.py, the tax's noise floor and the baselines' convergence checks in
+tti_dist/report/noise.py. Warnings (unconverged baselines, a width-dependent tax metric) are
+logged and listed in report.md.
 
 No Ray import: the report only reads files, so it runs anywhere the sweep directory is.
 """
@@ -26,12 +28,29 @@ from tti_dist.errors import ConfigError
 from tti_dist.report.interp_metrics import (WIDTH_INDEPENDENT, headline_metrics, interp_metrics, metric_direction,
                                             pareto_metrics)
 from tti_dist.report.markdown import report_markdown
-from tti_dist.report.pareto import (LOSS, completed_trials, interpretability_tax, model_sizes, pareto_frontier,
-                                    size_key, size_label)
+from tti_dist.report.noise import convergence_warnings
+from tti_dist.report.pareto import (LOSS, baseline_losses, completed_trials, interpretability_tax, model_sizes,
+                                    pareto_frontier, size_key, size_label)
 from tti_dist.report.plots import pareto_plot_name, plot_pareto, plot_tax
-from tti_dist.report.records import collect_trials
+from tti_dist.report.records import collect_trials, eval_loss_history
 
 logger = logging.getLogger(__name__)
+
+
+def baseline_warnings(root: Path, rows: list[dict]) -> list[str]:
+    """`convergence_warnings` for every model size with completed baseline trials, in size
+    order. Each baseline's eval/loss history is read from DIR/runs/<trial>/metrics.parquet
+    (`tti sweep` names a trial's run directory after the trial), its final step from the
+    trial record (`steps`; the last eval step for records without it)."""
+    losses = baseline_losses(rows)
+    out = []
+    for size in model_sizes(rows):
+        if size not in losses:
+            continue
+        histories = [(r["seed"], eval_loss_history(root / "runs" / r["trial"], LOSS), r.get("steps"))
+                     for r in rows if r["baseline"] and size_key(r) == size]
+        out += convergence_warnings(size_label(size), histories, losses[size])
+    return out
 
 
 def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target: float | None = None) -> dict:
@@ -42,7 +61,7 @@ def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target
     Failed trials are listed in the trials table and left out of plots, frontiers and the tax.
 
     Returns {"summary", "report": Path, "plots": [Path], "metrics": [str], "taxes": [the
-    `interpretability_tax` results], "notes": [str]}.
+    `interpretability_tax` results], "notes": [str], "warnings": [str] (each also logged)}.
     """
     root = Path(sweep_dir)
     table = collect_trials(root)
@@ -109,10 +128,16 @@ def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target
             taxes = [interpretability_tax(table, m, target) for m in headline]
             if any(r["seeds"] > 0 and r["num_params"] is not None for t in taxes for r in t["rows"]):
                 plots.append(plot_tax(taxes, root / "plots" / "tax.png"))
+    warnings = [w for t in taxes for w in t["warnings"]]
+    converged = baseline_warnings(root, rows)
+    for warning in converged:
+        logger.warning(warning)
+    warnings += converged
     report = root / "report.md"
-    text = report_markdown(root, table, headline, frontiers, taxes, tax_skip, notes, plots, target)
+    text = report_markdown(root, table, headline, frontiers, taxes, tax_skip, notes, plots, target, warnings)
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(report)
     return {"summary": summary, "report": report, "plots": plots, "metrics": headline, "taxes": taxes,
-            "notes": notes + ([tax_skip] if tax_skip else []) + [n for t in taxes for n in t["notes"]]}
+            "notes": notes + ([tax_skip] if tax_skip else []) + [n for t in taxes for n in t["notes"]],
+            "warnings": warnings}
