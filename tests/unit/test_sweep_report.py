@@ -243,6 +243,10 @@ def test_report_markdown(reported):
     text = (reported / "report.md").read_text()
     assert text.startswith("# Sweep report: handmade")
     assert "](plots/tax.png)" in text and "](plots/pareto_xs.png)" in text
+    # --metric l0 (a count of units) across three widths: a warning, listed under its heading
+    warnings = text.split("## Warnings\n\n")[1].split("\n\n")[0]
+    assert warnings.startswith(f"- {L0} depends on the model's width")
+    assert "- size xs: cannot judge convergence: fewer than 2 eval points (seeds 1, 2)" in warnings  # no histories
     # tax table rows: size, params, metric, m*, mean, std, seeds
     assert f"| xs | 1000 | {L0} | <= 36 | 0.09 | {0.02 / math.sqrt(2):.4g} | 2 |" in text
     assert f"| s | 4000 | {L0} | <= 36 | 0.154 | {0.028 / math.sqrt(2):.4g} | 2 |" in text
