@@ -294,3 +294,4 @@ def test_tax_plot_and_printed_table(tmp_path, capsys):
     assert lines["s"].endswith(DISTINGUISHABLE) and f"{0.01 / math.sqrt(3):.4g}" in lines["s"]
     assert lines["m"].endswith(INDISTINGUISHABLE)
     assert "a tax is distinguishable from zero when |mean| > 2 SE" in out
+    assert f"3 warning(s), listed under \"Warnings\" in {root / 'report.md'}" in out

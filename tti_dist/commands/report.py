@@ -1,5 +1,6 @@
 """`tti report DIR [--metric TAG ...] [--target VALUE]`: summary table, Pareto frontiers and
-interpretability tax of a sweep."""
+interpretability tax of a sweep, with the tax's noise floor; warnings (unconverged
+baselines, a width-dependent metric) are logged and listed in report.md."""
 
 from __future__ import annotations
 
@@ -17,4 +18,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_tax(result["taxes"]))
     for note in result["notes"]:
         print(f"note: {note}")
+    if result["warnings"]:
+        # The lines themselves went to the log (stderr); stdout says where they are kept.
+        print(f"{len(result['warnings'])} warning(s), listed under \"Warnings\" in {result['report']}")
     return 0
