@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="tokenize a text source into an Arrow dataset")
-    build.add_argument("source", help="'stdlib', a text file, a directory, a .jsonl, .parquet or .arrow file")
+    build.add_argument("source", help="'stdlib', 'shakespeare', a text file, a directory, a .jsonl, .parquet or .arrow file")
     build.add_argument("--out", required=True, help="dataset directory to create")
     build.add_argument("--tokenizer", default="byte", metavar="byte|bpe|FILE.json",
                        help="byte (257 ids), bpe (trained on a sample of the train split), or a HuggingFace "
@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sae_command", required=True)
     fit = sae.add_parser("fit", help="train a TopK SAE on a run's frozen activations and write its splice metrics")
     fit.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
-    fit.add_argument("--site", required=True, help="replicated hookpoint, e.g. blocks.1.resid_post")
+    fit.add_argument("--site", required=True, action="append",
+                     help="replicated hookpoint, e.g. blocks.1.resid_post; repeat to fit one SAE per site "
+                          "and measure them spliced in together")
     fit.add_argument("--latents", type=int, required=True, help="SAE latents (divisible by the run's tp_size)")
     fit.add_argument("--k", type=int, required=True, help="active latents per token (TopK), 1..latents")
     fit.add_argument("--checkpoint", help="step or tag (default: latest)")

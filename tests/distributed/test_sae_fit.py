@@ -21,6 +21,7 @@ from spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = "blocks.1.resid_mid"
+UP_SITE = "blocks.0.resid_post"
 D = 32
 
 
@@ -56,7 +57,8 @@ def _splice_metrics_all(groups) -> dict:
 
     from tti_dist.models.gpt import GPT
     from tti_dist.sae import ParallelSAE, SAEConfig
-    from tti_dist.sae.splice import splice_metrics
+    from tti_dist.capture.hookpoints import list_hookpoints
+    from tti_dist.sae.splice import compound_splice_metrics, reconstruct_site, splice_metrics
     from tti_dist.utils.seeding import seed_weights
 
     seed_weights(0)
@@ -78,11 +80,26 @@ def _splice_metrics_all(groups) -> dict:
     norm_sae = _identity_sae(groups)
     object.__setattr__(norm_sae, "cfg", SAEConfig(num_latents=2 * D, activation="relu", normalize_input=True))
     out["identity_normalized"] = splice_metrics(model, norm_sae, SITE, batches, groups)
+    # Compound splicing: one site alone equals splice_metrics; two identity SAEs change nothing;
+    # two random SAEs at once (checked against hand-placed hooks at TP=1).
+    sae_up = ParallelSAE(D, SAEConfig(num_latents=64, k=6), tp, groups.tp_size, groups.tp_rank, seed=8)
+    out["compound_one"] = compound_splice_metrics(model, {SITE: sae}, batches, groups)
+    out["compound_identity"] = compound_splice_metrics(
+        model, {UP_SITE: _identity_sae(groups), SITE: _identity_sae(groups)}, batches, groups)
+    out["compound_two"] = compound_splice_metrics(model, {UP_SITE: sae_up, SITE: sae}, batches, groups)
     if groups.tp_size == 1:  # direct reference: full-vocabulary CE over the real vocabulary
         with torch.no_grad():
             ces = [F.cross_entropy(model(b[:, :-1])[..., :257].flatten(0, 1), b[:, 1:].flatten(), reduction="sum")
                    for b in batches]
+            hps = {hp.name: hp.module for hp in list_hookpoints(model)}
+            handles = [hps[name].register_forward_hook(lambda _m, _i, o, s=s: reconstruct_site(s, o)[1])
+                       for name, s in ((UP_SITE, sae_up), (SITE, sae))]
+            both = [F.cross_entropy(model(b[:, :-1])[..., :257].flatten(0, 1), b[:, 1:].flatten(), reduction="sum")
+                    for b in batches]
+            for h in handles:
+                h.remove()
         out["ref_ce_sum"] = float(sum(ces))
+        out["ref_compound_ce_sum"] = float(sum(both))
         out["ref_tokens"] = sum(b[:, 1:].numel() for b in batches)
     return out
 
@@ -125,6 +142,34 @@ def test_splice_tp2_equals_tp1_dp2(splice_results):
         for results in (tp1, tp2):  # every rank of a job reports the same values
             assert results[1][kind] == pytest.approx(results[0][kind], rel=1e-9, abs=1e-12, nan_ok=True)
         assert tp2[0][kind] == pytest.approx(tp1[0][kind], rel=1e-4, abs=1e-6, nan_ok=True), kind
+
+
+def test_compound_splice(splice_results):
+    from tti_dist.sae.splice import COMPOUND_METRIC_NAMES
+
+    def c(name):
+        return f"sae/compound/{name}"
+
+    tp1, tp2 = splice_results[1], splice_results[2]
+    for kind in ("compound_one", "compound_identity", "compound_two"):
+        assert set(tp1[0][kind]) == {c(n) for n in COMPOUND_METRIC_NAMES}
+        for results in (tp1, tp2):
+            assert results[1][kind] == pytest.approx(results[0][kind], rel=1e-9, abs=1e-12)
+        assert tp2[0][kind] == pytest.approx(tp1[0][kind], rel=1e-4, abs=1e-6), kind
+    for results in (tp1, tp2):
+        one, single = results[0]["compound_one"], results[0]["random"]
+        for name in ("ce_clean", "ce_spliced", "delta_lm_loss", "kl_spliced"):
+            assert one[c(name)] == pytest.approx(single[_key(name)], rel=1e-6, abs=1e-9), name
+        assert one[c("sum_l0")] == pytest.approx(single[_key("l0")], rel=1e-9)
+        ident = results[0]["compound_identity"]
+        assert ident[c("delta_lm_loss")] == pytest.approx(0.0, abs=1e-5)
+        assert ident[c("kl_spliced")] == pytest.approx(0.0, abs=1e-6)
+        two = results[0]["compound_two"]
+        assert 4 < two[c("sum_l0")] <= 4 + 6
+        # the upstream SAE changes what the downstream one sees (an untrained model: small but real)
+        assert abs(two[c("ce_spliced")] - one[c("ce_spliced")]) > 1e-5
+    ref = sum(r["ref_compound_ce_sum"] for r in tp1) / sum(r["ref_tokens"] for r in tp1)
+    assert tp1[0]["compound_two"][c("ce_spliced")] == pytest.approx(ref, rel=1e-5)
 
 
 def test_splice_ce_matches_direct_cross_entropy(splice_results):
@@ -211,7 +256,28 @@ def test_sae_fit_cli_writes_metrics(tiny_run, tmp_path):
     assert (out / "sae_tp_rank00.safetensors").is_file()
 
 
+def test_sae_fit_several_sites_writes_compound_metrics(tiny_run):
+    from tti_dist.sae.splice import COMPOUND_METRIC_NAMES
+
+    proc = _cli("sae", "fit", str(tiny_run), "--site", "blocks.0.resid_post", "--site", FIT_SITE, "--latents", "32",
+                "--k", "3", "--steps", "10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all 2 SAEs spliced in at once" in proc.stdout
+    record = json.loads((tiny_run / "sae_fit" / "compound-n32-k3.json").read_text())
+    assert record["sites"] == ["blocks.0.resid_post", FIT_SITE]
+    assert set(record["metrics"]) == {f"sae/compound/{n}" for n in COMPOUND_METRIC_NAMES}
+    per_site = [json.loads((tiny_run / "sae_fit" / f"{s}-n32-k3" / "sae_metrics.json").read_text())
+                for s in record["sites"]]
+    assert [r["site"] for r in per_site] == record["sites"]
+    # TopK: at most k latents per site and token; the clean CE is the one of the per-site splices
+    assert 0 < record["metrics"]["sae/compound/sum_l0"] <= 2 * 3
+    assert record["metrics"]["sae/compound/ce_clean"] == pytest.approx(
+        per_site[0]["metrics"]["sae/blocks.0.resid_post/ce_clean"], rel=1e-9)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--site", FIT_SITE, "--site", FIT_SITE], "--site: blocks.1.resid_post given more than once"),
+    (["--site", FIT_SITE, "--site", "blocks.0.resid_post", "--out", "x"], "--out: 'x' names one SAE's directory"),
     (["--site", "blocks.9.resid_post"], "--site: 'blocks.9.resid_post' is not a hookpoint"),
     (["--site", "blocks.0.mlp.act"], "split across tensor-parallel ranks"),
     (["--site", FIT_SITE, "--k", "100"], "--k: 100 must be in 1..latents (64)"),

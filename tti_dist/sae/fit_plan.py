@@ -25,6 +25,11 @@ DEFAULT_LR = 1e-3
 METRICS_FILE = "sae_metrics.json"
 
 
+def compound_metrics_path(run: RunDir, num_latents: int, k: int) -> Path:
+    """Where a several-site fit writes its compound splice metrics (all SAEs spliced at once)."""
+    return run.sae_fit / f"compound-n{num_latents}-k{k}.json"
+
+
 @dataclass(frozen=True)
 class FitPlan:
     """A validated `tti sae fit` job (built by prepare_fit, read by every rank)."""
@@ -64,21 +69,44 @@ def _replicated_hint(cfg: RunConfig) -> str:
     return summarize_names([n for n in gpt_hookpoint_names(cfg.model) if not is_tp_sharded(n)])
 
 
-def prepare_fit(run_dir: str | Path, site: str, num_latents: int, k: int, checkpoint: str | None = None,
+def prepare_fit(run_dir: str | Path, sites: str | list[str], num_latents: int, k: int, checkpoint: str | None = None,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, out: str | Path | None = None, seed: int = 0,
-                nproc: int | None = None) -> FitPlan:
-    """Validate everything before any process starts; raise a one-line ConfigError on a user error."""
+                nproc: int | None = None) -> tuple[FitPlan, ...]:
+    """Validate everything before any process starts; raise a one-line ConfigError on a user error.
+
+    One FitPlan per site (same checkpoint, shape, steps and seed), fitted in turn on one
+    loaded model; `out` (the SAE's directory) is only allowed with a single site.
+    """
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    if not sites:
+        raise ConfigError("--site: give at least one replicated hookpoint")
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"--site: {', '.join(repeated)} given more than once; each site is fitted once")
+    if out is not None and len(sites) > 1:
+        raise ConfigError(f"--out: {str(out)!r} names one SAE's directory; with {len(sites)} sites leave it out "
+                          "(each goes to RUN/sae_fit/<site>-n<N>-k<K>)")
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
     cfg = run.load_config()
+    names = gpt_hookpoint_names(cfg.model)
+    for site in sites:
+        if site not in names:
+            raise ConfigError(f"--site: {site!r} is not a hookpoint of this run's model; available: "
+                              f"{summarize_names(names)}")
+        if is_tp_sharded(site):
+            raise ConfigError(f"--site: {site} is split across tensor-parallel ranks; an SAE needs a replicated site "
+                              f"({_replicated_hint(cfg)})")
+    first = _prepare_site(run, cfg, sites[0], num_latents, k, checkpoint, steps, lr, out, seed, nproc)
+    return (first,) + tuple(
+        _prepare_site(run, cfg, site, num_latents, k, checkpoint, steps, lr, None, seed, nproc) for site in sites[1:])
+
+
+def _prepare_site(run: RunDir, cfg: RunConfig, site: str, num_latents: int, k: int, checkpoint: str | None,
+                  steps: int, lr: float, out: str | Path | None, seed: int, nproc: int | None) -> FitPlan:
+    run_dir = run.root
     tag = run.resolve_checkpoint(checkpoint)
     ckpt_dir = run.checkpoints
-    names = gpt_hookpoint_names(cfg.model)
-    if site not in names:
-        raise ConfigError(f"--site: {site!r} is not a hookpoint of this run's model; available: {summarize_names(names)}")
-    if is_tp_sharded(site):
-        raise ConfigError(f"--site: {site} is split across tensor-parallel ranks; an SAE needs a replicated site "
-                          f"({_replicated_hint(cfg)})")
     tp = cfg.parallel.tp_size
     if num_latents < 2:
         raise ConfigError(f"--latents: {num_latents} must be an integer >= 2")

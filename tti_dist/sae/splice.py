@@ -251,3 +251,94 @@ def splice_metrics(model: nn.Module, sae: ParallelSAE, site, batches, groups) ->
         "num_tokens": float(n_targets),
     }
     return {f"sae/{name}/{k}": float(v) for k, v in metrics.items()}
+
+
+COMPOUND_METRIC_NAMES = ("ce_clean", "ce_spliced", "delta_lm_loss", "kl_spliced", "sum_l0", "num_tokens")
+"""Keys of `compound_splice_metrics`' result, each as sae/compound/<name>."""
+
+
+@torch.no_grad()
+def compound_splice_metrics(model: nn.Module, saes: dict[str, ParallelSAE], batches, groups) -> dict[str, float]:
+    """All SAEs spliced in at once: the next-token loss when every site's output is replaced by
+    its SAE's reconstruction in the same forward (Lai et al. 2025's "compound CE loss
+    increase"; each SAE then encodes a stream already changed by the SAEs upstream of it).
+
+        delta_lm_loss = CE_spliced_all - CE_clean,   kl_spliced = KL(clean || spliced_all),
+        sum_l0        = sum over sites of the mean active latents per token in that forward,
+
+    over all target tokens of `batches` on all DP ranks (definitions and TP handling as in
+    `splice_metrics`: real vocabulary only, float64 sums, one DP all-reduce at the end, and a
+    TP all-reduce of the per-site nonzero counts). Zero ablation of every site at once would
+    remove the whole stream, so no ce_loss_recovered is defined here.
+
+    Args:
+        model: the (TP-sharded) GPT, as for splice_metrics.
+        saes: site name -> ParallelSAE on that site (replicated sites only).
+        batches, groups: as for splice_metrics.
+    Returns {"sae/compound/<name>": float} for every name in COMPOUND_METRIC_NAMES.
+    """
+    sites = {name: _resolve_site(model, name)[1] for name in saes}
+    for name, module in sites.items():
+        if module.tp_sharded:
+            raise ValueError(f"compound_splice_metrics: site {name} is TP-sharded; splicing needs a replicated site")
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
+    dp_group = groups.dp_group if groups.dp_size > 1 else None
+    device = groups.device
+    was_training = model.training
+    model.eval()
+    state = {"spliced": False}
+    # [ce_clean, ce_spliced, kl_spliced, tokens, targets] then one nonzero count per site
+    sums = torch.zeros(5, dtype=_F64, device=device)
+    nonzero = torch.zeros(len(saes), dtype=_F64, device=device)
+
+    def make_hook(i: int, sae: ParallelSAE):
+        def hook(_mod, _inp, output):
+            if not state["spliced"]:
+                return None
+            out, x_hat = reconstruct_site(sae, output)
+            nonzero[i] += torch.count_nonzero(out.latents).to(_F64)
+            return x_hat
+        return hook
+
+    handles = [sites[name].register_forward_hook(make_hook(i, sae)) for i, (name, sae) in enumerate(saes.items())]
+    sae_modes = {name: sae.training for name, sae in saes.items()}
+    for sae in saes.values():
+        sae.eval()
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            state["spliced"] = False
+            logits = model(inputs)
+            lp_clean = vocab_parallel_log_softmax(logits, model.cfg.vocab_size, tp_group, groups.tp_rank)
+            state["spliced"] = True
+            logits = model(inputs)
+            lp_spliced = vocab_parallel_log_softmax(logits, model.cfg.vocab_size, tp_group, groups.tp_rank)
+            v_local = logits.shape[-1]
+            sums[0] -= _target_logprob(lp_clean, targets, tp_group, groups.tp_rank, v_local).to(_F64).sum()
+            sums[1] -= _target_logprob(lp_spliced, targets, tp_group, groups.tp_rank, v_local).to(_F64).sum()
+            sums[2] += _kl(lp_clean, lp_spliced, tp_group).to(_F64).sum()
+            sums[3] += inputs.numel()
+            sums[4] += targets.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        for name, sae in saes.items():
+            sae.train(sae_modes[name])
+    if tp_group is not None:  # each TP rank counted its own latents
+        dist.all_reduce(nonzero, op=dist.ReduceOp.SUM, group=tp_group)
+    packed = torch.cat([sums, nonzero])
+    if dp_group is not None:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=dp_group)
+    n_tok, n_targets = packed[3], packed[4]
+    ce_clean, ce_spliced, kl_sp = (packed[:3] / n_targets).tolist()
+    metrics = {
+        "ce_clean": ce_clean,
+        "ce_spliced": ce_spliced,
+        "delta_lm_loss": delta_lm_loss(ce_clean, ce_spliced),
+        "kl_spliced": kl_sp,
+        "sum_l0": float((packed[5:] / n_tok).sum()),
+        "num_tokens": float(n_targets),
+    }
+    return {f"sae/compound/{k}": float(v) for k, v in metrics.items()}

@@ -1,8 +1,8 @@
 """The ranks of `tti sae fit`: train a fresh TopK SAE on a trained run's frozen activations,
 then measure it (the plan comes checked from tti_dist.sae.fit_plan).
 
-    tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR]
-                    [--out DIR] [--seed S] [--nproc P]
+    tti sae fit RUN --site SITE [--site SITE ...] --latents N --k K [--checkpoint STEP] [--steps S]
+                    [--lr LR] [--out DIR] [--seed S] [--nproc P]
 
 1. `prepare_fit` (tti_dist/sae/fit_plan.py; launching process, no process group): reads
    RUN/config.yaml, resolves the checkpoint, checks the site, the SAE shape and the data;
@@ -24,6 +24,8 @@ then measure it (the plan comes checked from tti_dist.sae.fit_plan).
 5. `splice_metrics` (tti_dist.sae.splice) on the run's fixed validation batches
    (max(1, train.eval_batches) micro-batches per DP rank); rank 0 writes OUT/sae_metrics.json
    and each DP-rank-0 rank its SAE shard OUT/sae_tp_rank<R>.safetensors (tti_dist.sae.files).
+6. Several --site: steps 4-5 for each site in turn on the one loaded model, then all the
+   SAEs spliced in at once (`compound_splice_metrics`) -> RUN/sae_fit/compound-n<N>-k<K>.json.
 """
 
 from __future__ import annotations
@@ -41,20 +43,47 @@ from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
 from tti_dist.sae.files import shard_name, write_shard
 from tti_dist.sae.firing_tracker import FiringTracker
-from tti_dist.sae.fit_plan import METRICS_FILE, FitPlan
+from tti_dist.rundir import RunDir
+from tti_dist.sae.fit_plan import METRICS_FILE, FitPlan, compound_metrics_path
 from tti_dist.sae.metrics import explained_variance
 from tti_dist.sae.model import ParallelSAE
 from tti_dist.sae.optimizer_step import sae_optimizer_step
-from tti_dist.sae.splice import splice_metrics
+from tti_dist.sae.splice import compound_splice_metrics, splice_metrics
 from tti_dist.train.export import load_frozen_model
 
 logger = logging.getLogger(__name__)
 
 
-def run_fit(plan: FitPlan, groups) -> dict:
-    """Train the SAE on this rank's share and measure it; returns {"metrics", "train_log"} (same on all ranks)."""
+def run_fit(plans: tuple[FitPlan, ...], groups) -> dict:
+    """Fit one SAE per plan (site) in turn on one loaded model and measure each; with several
+    sites, also all of them spliced in at once (`compound_splice_metrics`), written by rank 0
+    to RUN/sae_fit/compound-n<N>-k<K>.json. Returns {"sites": {site: {"metrics", "train_log"}},
+    "compound": metrics or None}, the same on all ranks."""
+    first = plans[0]
+    model = load_frozen_model(first.cfg, Path(first.ckpt_dir), first.tag, groups)
+    fitted = {plan.site: _fit_site(model, plan, groups) for plan in plans}
+    compound = None
+    if len(plans) > 1:
+        saes = {site: sae for site, (sae, _, _) in fitted.items()}
+        compound = compound_splice_metrics(model, saes, next(iter(fitted.values()))[2], groups)
+        if groups.is_writer:
+            path = compound_metrics_path(RunDir(Path(first.run_dir)), first.sae_cfg.num_latents, first.sae_cfg.k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"run": first.run_dir, "checkpoint": first.tag, "sites": list(fitted),
+                      "num_latents": first.sae_cfg.num_latents, "k": first.sae_cfg.k, "steps": first.steps,
+                      "seed": first.seed, "metrics": compound,
+                      "per_site_delta_lm_loss": {site: r[1]["metrics"][f"sae/{site}/delta_lm_loss"]
+                                                 for site, r in fitted.items()}}
+            path.write_text(json.dumps(record, indent=2) + "\n")
+        if groups.world_size > 1:
+            dist.barrier()
+    return {"sites": {site: result for site, (_, result, _) in fitted.items()}, "compound": compound}
+
+
+def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
+    """Train one SAE on `plan.site` of the frozen model, measure it and write its files;
+    returns (the SAE, {"metrics", "train_log"}, the validation batches it was measured on)."""
     cfg = plan.cfg
-    model = load_frozen_model(cfg, Path(plan.ckpt_dir), plan.tag, groups)
     site = next(hp for hp in list_hookpoints(model) if hp.name == plan.site)
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     dp_group = groups.dp_group if groups.dp_size > 1 else None
@@ -112,4 +141,4 @@ def run_fit(plan: FitPlan, groups) -> dict:
         (out_dir / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if groups.world_size > 1:
         dist.barrier()
-    return {"metrics": metrics, "train_log": train_log}
+    return sae, {"metrics": metrics, "train_log": train_log}, val_batches
