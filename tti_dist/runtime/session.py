@@ -34,8 +34,14 @@ def quiet_dependency_warnings(device: torch.device | None = None) -> None:
 
 
 def set_cpu_threads(device: torch.device) -> None:
-    """Split the machine's cores between the local ranks (intra-op threads)."""
+    """Split the machine's cores between the local ranks (intra-op threads), unless the user
+    set OMP_NUM_THREADS: then that count, as for any torch program (e.g. two runs sharing a
+    machine, or Ray's per-worker setting)."""
     if device.type != "cpu":
+        return
+    explicit = os.environ.get("OMP_NUM_THREADS", "")
+    if explicit.isdigit() and int(explicit) > 0:
+        torch.set_num_threads(int(explicit))
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
