@@ -1,6 +1,8 @@
 """`ToyConfig`: the settings of `tti toy` (Toy Models of Superposition), YAML loading, validation.
 
 A toy config is a flat YAML mapping of the fields below (configs/toy_superposition.yaml);
+`experiment` picks what it runs: a sparsity sweep of n features in m dimensions, or the
+n = 2, m = 1 phase diagram over sparsity and relative importance (configs/toy_phase_diagram.yaml).
 `--set key=value` overrides a field (`--set toy.key=value` is accepted too). Loading is strict
 (unknown keys name the closest valid one) and every error is one line naming `toy.<field>`,
 the value given and what is allowed.
@@ -26,16 +28,33 @@ DEFAULT_SPARSITIES: tuple[float, ...] = tuple(round(1.0 - 100.0 ** (-k / 11), 4)
 """S = 1 - p with density p = 100^(-k/11), k = 0..11: 12 values from 0 (dense) to 0.99, evenly
 spaced in log(1 / (1 - S)) (the x axis of the paper's dimensionality figure)."""
 
+DEFAULT_RELATIVE_IMPORTANCES: tuple[float, ...] = tuple(float(f"{10.0 ** (k / 6 - 1):.4g}") for k in range(13))
+"""r = 10^(k/6 - 1), k = 0..12: 13 values from 0.1 to 10 (1 in the middle), evenly spaced in
+log r (the x axis of the paper's phase diagram)."""
+
+EXPERIMENTS = ("sparsity_sweep", "phase_diagram")
+"""What `tti toy` runs (the `experiment` field)."""
+
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """A sparsity sweep of toy models x' = ReLU(W^T W x + b) (Elhage et al. 2022).
+    """Batched toy models x' = ReLU(W^T W x + b) (Elhage et al. 2022): a sparsity sweep or a phase diagram.
 
-    Every (sparsity, repeat) pair is one model instance; all instances are trained together
-    as one batched tensor program (W [instances, m, n], b [instances, n]) on the sum of their
-    losses, so they train independently. Instance i has sparsity
-    `sparsities[i // instances_per_sparsity]` and repeat `i % instances_per_sparsity`.
+    sparsity_sweep: every (sparsity, repeat) pair is one model instance; instance i has
+    sparsity `sparsities[i // instances_per_sparsity]` and repeat `i % instances_per_sparsity`.
+    phase_diagram: every (sparsity, relative importance, restart) triple is one instance, in
+    that order (restarts innermost), with importances [1, r]. Either way all instances are
+    trained together as one batched tensor program (W [instances, m, n], b [instances, n]) on
+    the sum of their losses, so they train independently.
     """
+
+    experiment: Literal["sparsity_sweep", "phase_diagram"] = "sparsity_sweep"
+    """What to run. sparsity_sweep: n features in m dimensions at each of `sparsities`, with
+    importance decay ** i (the dimensionality and W^T W figures). phase_diagram: n = 2 features
+    in m = 1 dimension on the grid `sparsities` x `relative_importances`, feature 1 of importance
+    1 and feature 2 of importance r, the best of `instances_per_sparsity` restarts per cell
+    classified as not represented / dedicated dimension / superposition (the paper's phase
+    diagram; tti_dist.toy.phase)."""
 
     num_features: int = 20
     """n, the number of input features (>= 2)."""
@@ -45,12 +64,18 @@ class ToyConfig:
     D* = 2/5, inside the range of the paper's sticky fractions."""
     importance_decay: float = 0.9
     """Feature importance I_i = decay ** i (i = 0..n-1) weighting the squared error; in (0, 1].
-    The paper uses 0.9; 1.0 makes all features equally important."""
+    The paper uses 0.9; 1.0 makes all features equally important. A phase_diagram uses
+    [1, r] instead (`relative_importances`)."""
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     """The sweep: sparsity S (probability that a feature is zero) of each group of instances,
     each in [0, 1). A feature is active with probability 1 - S and then Uniform[0, 1)."""
     instances_per_sparsity: int = 2
-    """Independently initialised repeats per sparsity (different seeds within one run)."""
+    """Independently initialised repeats per sparsity (different draws of one seeded generator);
+    in a phase_diagram, the restarts per (sparsity, relative importance) cell, of which the one
+    with the lowest expected loss is kept."""
+    relative_importances: tuple[float, ...] = DEFAULT_RELATIVE_IMPORTANCES
+    """phase_diagram only: the importance r of feature 2 (feature 1 has importance 1) of each
+    column of the grid, each finite and > 0. Ignored by a sparsity_sweep."""
     steps: int = 4000
     """Optimizer steps (one batch of `batch_size` examples per instance per step)."""
     batch_size: int = 256
@@ -91,12 +116,20 @@ class ToyConfig:
 
     @property
     def num_instances(self) -> int:
-        """Models in the batched program: len(sparsities) * instances_per_sparsity."""
-        return len(self.sparsities) * self.instances_per_sparsity
+        """Models in the batched program: len(sparsities) * instances_per_sparsity, times
+        len(relative_importances) in a phase_diagram."""
+        cells = len(self.relative_importances) if self.experiment == "phase_diagram" else 1
+        return len(self.sparsities) * cells * self.instances_per_sparsity
 
     def instance_sparsities(self) -> list[float]:
         """The sparsity of each instance, in instance order (each value repeated)."""
-        return [s for s in self.sparsities for _ in range(self.instances_per_sparsity)]
+        cells = len(self.relative_importances) if self.experiment == "phase_diagram" else 1
+        return [s for s in self.sparsities for _ in range(cells * self.instances_per_sparsity)]
+
+    def instance_relative_importances(self) -> list[float]:
+        """phase_diagram: the relative importance r of each instance, in instance order."""
+        k = self.instances_per_sparsity
+        return [r for _ in self.sparsities for r in self.relative_importances for _ in range(k)]
 
     def validate(self) -> ToyConfig:
         """Raise ConfigError (one line naming `toy.<field>`, value, what is allowed); return self."""
@@ -129,8 +162,24 @@ class ToyConfig:
             _fail("represented_threshold", self.represented_threshold, "use a finite number > 0")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             _fail("lr_schedule", self.lr_schedule, "choose one of 'constant', 'linear', 'cosine'")
+        if self.experiment not in EXPERIMENTS:
+            _fail("experiment", self.experiment, "choose one of " + ", ".join(map(repr, EXPERIMENTS)))
+        if self.experiment == "phase_diagram":
+            self._check_phase_diagram()
         self._check_device()
         return self
+
+    def _check_phase_diagram(self) -> None:
+        why = "the phase diagram is n = 2 features in m = 1 dimension (experiment 'phase_diagram')"
+        if self.num_features != 2:
+            _fail("num_features", self.num_features, f"use 2; {why}")
+        if self.num_hidden != 1:
+            _fail("num_hidden", self.num_hidden, f"use 1; {why}")
+        if not self.relative_importances:
+            _fail("relative_importances", list(self.relative_importances), "give at least one importance > 0")
+        for i, r in enumerate(self.relative_importances):
+            if not (_is_number(r) and r > 0):
+                _fail(f"relative_importances[{i}]", r, "use a finite importance > 0")
 
     def _check_device(self) -> None:
         try:

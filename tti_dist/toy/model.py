@@ -70,7 +70,9 @@ def topk_abs_mask(h: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def reconstruction_loss(x_BIN: torch.Tensor, out_BIN: torch.Tensor, importance_N: torch.Tensor) -> torch.Tensor:
-    """Importance-weighted MSE per instance, (1 / (B n)) sum_b sum_f I_f (x_bf - x'_bf)^2: [I]."""
+    """Importance-weighted MSE per instance, (1 / (B n)) sum_b sum_f I_f (x_bf - x'_bf)^2: [I].
+
+    importance: [n] shared by all instances or [I, n] per instance (both broadcast over B)."""
     return (importance_N * (x_BIN - out_BIN) ** 2).mean(dim=(0, 2))
 
 
@@ -99,7 +101,7 @@ class ToyResult:
     repeat: list[int]
     """Repeat index of each instance within its sparsity."""
     importance: torch.Tensor
-    """Feature importances [n]."""
+    """Feature importances: [n] shared by all instances, or [I, n] one row per instance."""
     loss: torch.Tensor
     """Final importance-weighted reconstruction loss per instance [I] on a fresh eval batch
     (without regularizer terms)."""
@@ -120,24 +122,33 @@ def _losses(model: ToyModel, x: torch.Tensor, importance: torch.Tensor, cfg: Toy
     return rec, terms
 
 
-def train_toy(cfg: ToyConfig) -> ToyResult:
-    """Train every instance of the sweep in one batched program; deterministic given cfg.seed
-    (and the thread count: reductions may round differently with other thread counts)."""
+def train_toy(cfg: ToyConfig, importance: torch.Tensor | None = None) -> ToyResult:
+    """Train every instance of the config in one batched program; deterministic given cfg.seed
+    (and the thread count: reductions may round differently with other thread counts).
+
+    `importance` replaces the shared importances decay ** i by one row per instance
+    ([num_instances, n]; the phase diagram's [1, r] rows); None keeps decay ** i.
+    """
     previous = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        return _train(cfg)
+        return _train(cfg, importance)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(cfg: ToyConfig) -> ToyResult:
+def _train(cfg: ToyConfig, importance: torch.Tensor | None) -> ToyResult:
     device = torch.device(cfg.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     num = cfg.num_instances
     model = ToyModel(num, cfg.num_features, cfg.num_hidden, cfg.topk_hidden, generator=gen, device=device)
-    importance = importance_weights(cfg.num_features, cfg.importance_decay, device=device)
+    if importance is None:
+        importance = importance_weights(cfg.num_features, cfg.importance_decay, device=device)
+    else:
+        if tuple(importance.shape) != (num, cfg.num_features):
+            raise ValueError(f"importance must have shape [{num}, {cfg.num_features}], got {list(importance.shape)}")
+        importance = importance.to(device=device, dtype=torch.float32)
     sparsity = cfg.instance_sparsities()
     prob = 1.0 - torch.tensor(sparsity, dtype=torch.float64)
     prob = prob.to(device=device, dtype=torch.float32)
