@@ -287,7 +287,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(tmp_path):
         assert column in table.column_names, column
     assert table.num_rows == 2 * 2 * 20  # 2 sparsities x 2 repeats x 20 features
     assert len(table.column("w")[0].as_py()) == 8
-    for figure in ("figures/wtw.png", "figures/dimensionality.png"):
+    for figure in ("figures/wtw.png", "figures/dimensionality.png", "figures/dimensionality_clusters.png"):
         data = (run / figure).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())

@@ -6,6 +6,8 @@ RUN/
   config.yaml          the resolved ToyConfig
   figures/wtw.png      W^T W per sparsity (tti_dist.toy.figures.plot_wtw)
   figures/dimensionality.png   D_i and D* vs 1/(1-S) (plot_dimensionality)
+  figures/dimensionality_clusters.png   D_i vs 1/(1-S) beside their histogram, with the
+                       fraction lines (plot_dimensionality_clusters)
 
 Nothing is written before training ends, and every file is written to a temporary name and
 renamed, so an interrupted run leaves no half-written outputs. An existing RUN/toy.parquet is
@@ -28,16 +30,19 @@ import yaml
 from tti_dist.errors import ConfigError
 from tti_dist.toy import metrics as M
 from tti_dist.toy.config import ToyConfig, load_toy_config, toy_config_to_dict
-from tti_dist.toy.figures import plot_dimensionality, plot_wtw
+from tti_dist.toy.figures import plot_dimensionality, plot_dimensionality_clusters, plot_wtw
 from tti_dist.toy.model import ToyResult, train_toy
 
 logger = logging.getLogger(__name__)
 
 TABLE_FILE = "toy.parquet"
+PHASE_TABLE_FILE = "phase.parquet"
+"""The table of a phase_diagram run (tti_dist.toy.phase_run)."""
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 WTW_FIGURE = "figures/wtw.png"
 DIMENSIONALITY_FIGURE = "figures/dimensionality.png"
+CLUSTERS_FIGURE = "figures/dimensionality_clusters.png"
 FRACTION_TOLERANCE = 0.02
 """A D_i counts as "at" a fraction when within this distance of it (fractions are >= 0.025 apart)."""
 
@@ -70,9 +75,10 @@ def prepare_toy(config: str | Path | None, overrides: list[str], run_dir: str | 
     run = Path(run_dir)
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--run-dir: '{run}' exists and is not a directory")
-    if (run / TABLE_FILE).exists() and not overwrite:
-        raise ConfigError(f"--run-dir: '{run}' already holds {TABLE_FILE}; pass --overwrite to replace it "
-                          "or choose another directory")
+    for table in (TABLE_FILE, PHASE_TABLE_FILE):  # either experiment's outputs
+        if (run / table).exists() and not overwrite:
+            raise ConfigError(f"--run-dir: '{run}' already holds {table}; pass --overwrite to replace it "
+                              "or choose another directory")
     return cfg, run
 
 
@@ -158,8 +164,8 @@ def write_outputs(run_dir: Path, cfg: ToyConfig, result: ToyResult, table: dict[
     pq.write_table(pa.table(columns), tmp)
     tmp.replace(out)
     written.append(out)
-    written.append(_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n"))
-    written.append(_write_text(run_dir / CONFIG_FILE,
+    written.append(write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n"))
+    written.append(write_text(run_dir / CONFIG_FILE,
                                yaml.safe_dump(toy_config_to_dict(cfg), sort_keys=False, default_flow_style=None)))
     W = result.W.double().numpy()
     written.append(plot_wtw(W, result.sparsity, result.repeat,
@@ -169,10 +175,13 @@ def write_outputs(run_dir: Path, cfg: ToyConfig, result: ToyResult, table: dict[
     written.append(plot_dimensionality(table["sparsity"], table["D_i"], table["represented"],
                                        table["D_star"][instance_rows], table["sparsity"][instance_rows],
                                        run_dir / DIMENSIONALITY_FIGURE, M.FRACTIONS))
+    written.append(plot_dimensionality_clusters(table["sparsity"], table["D_i"], table["represented"],
+                                                run_dir / CLUSTERS_FIGURE, M.FRACTIONS))
     return written
 
 
-def _write_text(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to a temporary name beside `path`, then rename it over `path`."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -180,7 +189,9 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def run_toy(cfg: ToyConfig, run_dir: Path) -> dict[str, Any]:
-    """Train the sweep, write RUN, return the summary."""
+    """Train the sweep, write RUN, return the summary (a phase_diagram runs in tti_dist.toy.phase_run)."""
+    if cfg.experiment != "sparsity_sweep":
+        raise ValueError(f"run_toy runs experiment 'sparsity_sweep', not {cfg.experiment!r}")
     logger.info("toy sweep: %d instances (%d sparsities x %d), n=%d, m=%d, %d steps",
                 cfg.num_instances, len(cfg.sparsities), cfg.instances_per_sparsity, cfg.num_features,
                 cfg.num_hidden, cfg.steps)
