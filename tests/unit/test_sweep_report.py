@@ -283,6 +283,22 @@ def test_no_baseline_skips_tax(tmp_path):
                                                     "interp/blocks.last.mlp.act/mono_share"]
 
 
+def test_architectural_sparsity_is_not_a_baseline(tmp_path):
+    """A top-k MLP trial has no regularizer weight but is a frontier point, not a baseline:
+    its loss enters the tax against the dense trial of the same seed."""
+    root = tmp_path / "sweep"
+    trials = [("t0", 0.0, {}, 40, 3.0), ("t1", 0.0, {"mlp_topk": 8}, 20, 3.3)]
+    for name, coeff, options, l0, loss in trials:
+        record = {**_trial(name, "xs", coeff, 1, l0, loss), "sparsity_options": options}
+        (root / "runs" / name).mkdir(parents=True)
+        (root / "runs" / name / "trial.json").write_text(json.dumps(record))
+    table = collect_trials(root)
+    assert table.column("baseline").to_pylist() == [True, False]
+    result = write_report(root, metrics=[L0], target=20)
+    (tax,) = result["taxes"]
+    assert tax["mean"] == pytest.approx(0.3)
+
+
 def test_no_width_independent_metric_no_default_tax(tmp_path):
     """Trials with a raw l0 only (no num_units, so no l0_frac): no default headline metric and
     no tax, and report.md says to choose one; --metric still works."""

@@ -130,6 +130,21 @@ class ModelConfig:
         """Indices of the MoE blocks, in order (empty for a dense model)."""
         return tuple(i for i in range(self.num_layers) if self.is_moe_block(i))
 
+    def sparsity_options(self) -> dict[str, int | float]:
+        """The architectural levers of interpretability that are switched on (a top-k MLP, a
+        hard mask, a bottleneck, mixture-of-experts), by key; empty for the dense model. A
+        sweep's baseline must have none of them, as well as no regularizer weight."""
+        options: dict[str, int | float] = {}
+        if self.mlp_topk:
+            options["mlp_topk"] = self.mlp_topk
+        if self.mlp_mask_density < 1.0:
+            options["mlp_mask_density"] = self.mlp_mask_density
+        if self.bottleneck_layer is not None:
+            options["bottleneck_layer"] = self.bottleneck_layer
+        if self.moe_num_experts:
+            options["moe_num_experts"] = self.moe_num_experts
+        return options
+
     @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding table: vocab_size rounded up to vocab_pad_multiple."""

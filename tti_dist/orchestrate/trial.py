@@ -394,6 +394,9 @@ def write_trial_record(spec: TrialSpec, status: str, error: str | None) -> dict:
         "steps": last_step,
         "tokens": tokens,
         "coefficients": {r.name: r.coefficient for r in cfg.regularizers},
+        # Architectural sparsity (top-k MLP, mask, bottleneck, MoE): a trial with any is not a
+        # baseline even when every regularizer coefficient is 0.
+        "sparsity_options": cfg.model.sparsity_options(),
         "status": status,
         "error": error,
         # Ray Train restarts of the worker group (each resumed from the checkpoint named in

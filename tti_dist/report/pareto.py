@@ -12,7 +12,7 @@ tti_dist/report/interp_metrics.py, higher = more interpretable):
       tax(s, r) = L_F(s, r)(o*) - L_base(s, r),
   L_F(o*) the loss of the (s, r) frontier linearly interpolated at o* (sorted by o; the loss
   of the cheapest frontier point when it already reaches o*), L_base the loss of the seed's
-  baseline trial (all regularizer coefficients 0). Reported per size: mean over seeds and the
+  baseline trial (all regularizer coefficients 0, no architectural sparsity). Reported per size: mean over seeds and the
   sample standard deviation (ddof=1; 0 with one seed).
 - Noise floor, per size over its n seeds (tti_dist/report/noise.py): SE = sd / sqrt(n) of the
   paired per-seed taxes; the tax is distinguishable from zero when n >= 2 and |mean| > 2 SE;
@@ -112,7 +112,7 @@ def model_sizes(rows: list[dict]) -> list:
 
 def baseline_losses(rows: list[dict]) -> dict:
     """L_base(s, r) of completed trials: {size: {seed: loss}}, the lowest loss among the
-    baseline trials (all coefficients 0) of each size and seed, seeds in ascending order."""
+    baseline trials (all coefficients 0, no architectural sparsity) of each size and seed, seeds in ascending order."""
     out: dict = {}
     for r in sorted((r for r in rows if r["baseline"]), key=lambda r: (r["seed"] is None, r["seed"] or 0)):
         seeds = out.setdefault(size_key(r), {})
@@ -135,7 +135,7 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
         tax(s, r) = L_F(s, r)(o*) - L_base(s, r)
 
     L_F is `frontier_loss_at` on the (s, r) trials' frontier; L_base the loss of the (s, r)
-    baseline trial (coefficients all 0; the lowest loss when there are several). Only (s, r)
+    baseline trial (coefficients all 0, no architectural sparsity; the lowest loss when there are several). Only (s, r)
     with a baseline count; with a `target`, seeds whose frontier does not reach it are left
     out. Per size: mean and sample standard deviation (ddof=1; 0 for one seed) over seeds,
     and the noise floor of tti_dist/report/noise.py: SE = std / sqrt(n), the verdict (n >= 2

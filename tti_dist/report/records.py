@@ -103,7 +103,8 @@ def collect_trials(sweep_dir: str | Path) -> pa.Table:
 
     Columns: trial, model_size, setting (strings), seed, num_params, tokens, steps (int64; the
     last training step), status,
-    error (strings), baseline (bool: every regularizer coefficient is 0, or there is none),
+    error (strings), baseline (bool: every regularizer coefficient is 0, or there is none, and
+    the model has no architectural sparsity option: the record's "sparsity_options" is empty),
     `axis/<key>` for every sweep axis (the value as text: JSON for numbers and booleans),
     `coeff/<name>` for every regularizer coefficient, and every key of the trial's "final"
     scalars as a float64 column (`eval/loss`, `interp/<site>/<metric>`, ...). Values a trial
@@ -129,7 +130,8 @@ def collect_trials(sweep_dir: str | Path) -> pa.Table:
             columns[key].append(_number(r.get(key), int))
         columns["status"].append(None if r.get("status") is None else str(r["status"]))
         columns["error"].append(None if r.get("error") is None else str(r["error"]))
-        columns["baseline"].append(all(_number(v, float) == 0.0 for v in c.values()))
+        columns["baseline"].append(all(_number(v, float) == 0.0 for v in c.values())
+                                   and not r.get("sparsity_options"))
         for k in axes:
             columns[f"axis/{k}"].append(_axis_text(a.get(k)))
         for k in coeffs:

@@ -121,7 +121,7 @@ def write_report(sweep_dir: str | Path, metrics: list[str] | None = None, target
         logger.info("interpretability tax skipped: %s", tax_skip)
     if rows and headline:
         if not any(r["baseline"] for r in rows):
-            tax_skip = ("the sweep has no completed baseline trial (all regularizer coefficients 0), so there "
+            tax_skip = ("the sweep has no completed baseline trial (all regularizer coefficients 0 and no architectural sparsity), so there "
                         "is no loss to measure the tax against; add 0 to a coefficient axis")
             logger.info("interpretability tax skipped: %s", tax_skip)
         else:
