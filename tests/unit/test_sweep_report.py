@@ -296,7 +296,8 @@ def test_architectural_sparsity_is_not_a_baseline(tmp_path):
     assert table.column("baseline").to_pylist() == [True, False]
     result = write_report(root, metrics=[L0], target=20)
     (tax,) = result["taxes"]
-    assert tax["mean"] == pytest.approx(0.3)
+    (row,) = tax["rows"]
+    assert row["size"] == "xs" and row["per_seed"][1] == pytest.approx(0.3)
 
 
 def test_no_width_independent_metric_no_default_tax(tmp_path):
