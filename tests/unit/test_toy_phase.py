@@ -166,6 +166,7 @@ def test_presets_load():
     assert phase.instance_relative_importances()[:9] == [0.1] * 8 + [0.1468]
     dim = load_toy_config(DIM_CONFIG)
     assert dim.experiment == "sparsity_sweep" and (dim.num_features, dim.num_hidden) == (20, 5)
+    assert dim.importance_decay == 1.0  # uniform superposition, as in the paper's geometry section
     assert dim.num_instances == 16 * 4
     assert ToyConfig().experiment == "sparsity_sweep"
 
