@@ -92,7 +92,6 @@ def analyse_phase(result: ToyResult, cfg: ToyConfig) -> tuple[dict[str, Any], di
     }
 
     shape = (len(cfg.sparsities), len(cfg.relative_importances))  # rows: sparsities, columns: r
-    cols = shape[1]
     cell_code = code.reshape(cells, k)
     chosen = cell_code.gather(1, best_in_cell.unsqueeze(1)).squeeze(1)
     agreement = (cell_code == chosen.unsqueeze(1)).double().mean(dim=1)
