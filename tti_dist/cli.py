@@ -127,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--context", type=int, default=12, help="tokens of left context (default 12)")
     insp.add_argument("--sae", help="a tti sae fit output directory: inspect its latent --unit instead")
 
-    toy = sub.add_parser("toy", help="Toy Models of Superposition: a sparsity sweep of batched toy models")
-    toy.add_argument("config", help="YAML toy config (e.g. configs/toy_superposition.yaml)")
+    toy = sub.add_parser("toy", help="Toy Models of Superposition: a sparsity sweep of batched toy models, or the "
+                         "sparsity x importance phase diagram (the config's `experiment`)")
+    toy.add_argument("config", help="YAML toy config (e.g. configs/toy_superposition.yaml, "
+                                    "configs/toy_phase_diagram.yaml, configs/toy_dimensionality.yaml)")
     toy.add_argument("--run-dir", required=True, help="output directory (toy.parquet, summary.json, figures/)")
     toy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a toy setting, e.g. --set steps=500 or --set topk_hidden=2 (repeatable)")
