@@ -8,9 +8,10 @@ each seed's tax is exactly its regularized loss minus its baseline loss:
 
     xs: tax 0.2 (seed 1)                                     -> not measured: one seed
     s : taxes 0.10, 0.12, 0.11: mean 0.11, sd 0.01,
-        SE 0.01/sqrt(3) = 0.00577; 0.11 > 2 SE               -> distinguishable from zero
+        SE 0.01/sqrt(3) = 0.00577, t(0.975, 2) = 4.303;
+        0.11 > 4.303 SE = 0.0248                             -> distinguishable from zero
     m : taxes 0.05, -0.05, 0.03: mean 0.01, sd sqrt(0.0028) = 0.0529,
-        SE 0.0305; 0.01 < 2 SE                               -> indistinguishable from zero
+        SE 0.0305; 0.01 < 4.303 SE = 0.131                   -> indistinguishable from zero
 
 Baselines: s 2.50, 2.52, 2.51 (sd 0.01, 0.4% of the mean: no warning); m 2.0, 2.1, 2.2
 (sd 0.1, 4.76% of 2.1: the seed-spread warning). Histories (eval every 100 of 1000 steps):
@@ -32,9 +33,9 @@ from tti_dist.cli import main
 from tti_dist.metrics.metrics_table import PARQUET_NAME
 from tti_dist.metrics.parquet_sink import ParquetSink
 from tti_dist.report import noise
-from tti_dist.report.noise import (CONVERGENCE_DROP, DISTINGUISHABLE, INDISTINGUISHABLE, NO_SEED, ONE_SEED,
-                                   SEED_SPREAD, convergence_warnings, seed_spread, standard_error, tail_drop,
-                                   tax_noise, tax_verdict)
+from tti_dist.report.noise import (CONVERGENCE_DROP, DISTINGUISHABLE, INDISTINGUISHABLE, NO_SEED, ONE_SEED, RULE,
+                                   SEED_SPREAD, convergence_warnings, seed_spread, standard_error, t_critical,
+                                   tail_drop, tax_noise, tax_verdict)
 from tti_dist.report.records import METRICS_TABLE, eval_loss_history
 from tti_dist.report.sweep_report import write_report
 
@@ -50,20 +51,46 @@ def test_standard_error_closed_form():
     assert standard_error([1.0, 1.5]) == pytest.approx(0.25)
     got = tax_noise({1: 0.1, 2: 0.3, 3: 0.2})
     assert got["se"] == pytest.approx(0.0577350269)
-    assert got["verdict"] == DISTINGUISHABLE and got["distinguishable"] is True  # 0.2 > 0.1155
+    # 0.2 is 3.46 SE: beyond 2 SE (0.115), within t(0.975, 2) SE = 4.303 * 0.0577 = 0.248.
+    assert got["t_crit"] == pytest.approx(4.302653, abs=1e-6)
+    assert got["verdict"] == INDISTINGUISHABLE and got["distinguishable"] is False
     assert math.isnan(standard_error([0.4]))
 
 
-def test_verdict_at_the_two_se_boundary():
-    # Two seeds a, b: mean (a + b)/2 against 2 SE = |a - b|; (0.1, 0.3) is exactly on it.
-    assert tax_verdict(0.2, 0.1, 2) == INDISTINGUISHABLE  # |mean| = 2 SE is not beyond it
-    assert tax_verdict(0.2001, 0.1, 2) == DISTINGUISHABLE
-    inside = tax_noise({1: 0.1, 2: 0.31})   # mean 0.205 < 2 SE 0.21
-    beyond = tax_noise({1: 0.1, 2: 0.29})   # mean 0.195 > 2 SE 0.19
-    assert inside["se"] == pytest.approx(0.105) and inside["verdict"] == INDISTINGUISHABLE
-    assert inside["distinguishable"] is False
-    assert beyond["se"] == pytest.approx(0.095) and beyond["verdict"] == DISTINGUISHABLE
-    assert tax_noise({1: -0.1, 2: -0.29})["verdict"] == DISTINGUISHABLE  # |mean|: a negative tax too
+def test_t_critical_closed_forms():
+    """t(0.975, n - 1), checked against closed forms of Student's t quantile:
+    1 dof (Cauchy): tan(pi (p - 1/2)); 2 dof: (2p - 1) / sqrt(2 p (1 - p)); p = 0.975."""
+    p = 0.975
+    assert t_critical(2) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)       # 12.706
+    assert t_critical(3) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)  # 4.303
+    assert t_critical(2) == pytest.approx(12.7062, abs=1e-4)
+    assert t_critical(3) == pytest.approx(4.3027, abs=1e-4)
+    assert t_critical(5) == pytest.approx(2.7764, abs=1e-4)
+    assert t_critical(10_000) == pytest.approx(1.95996, abs=1e-3)  # -> the normal's 1.96
+    assert math.isnan(t_critical(1)) and math.isnan(t_critical(0))
+
+
+def test_verdict_at_the_t_boundary():
+    # Three seeds m - d, m, m + d: sd = d, SE = d / sqrt(3); with d = 0.1 the boundary is
+    # |mean| = t(0.975, 2) SE = 4.3027 * 0.057735 = 0.24841.
+    below = tax_noise({1: 0.148, 2: 0.248, 3: 0.348})   # mean 0.248 = 4.296 SE
+    above = tax_noise({1: 0.149, 2: 0.249, 3: 0.349})   # mean 0.249 = 4.313 SE
+    assert below["se"] == pytest.approx(0.1 / math.sqrt(3)) and above["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert below["verdict"] == INDISTINGUISHABLE and below["distinguishable"] is False
+    assert above["verdict"] == DISTINGUISHABLE and above["distinguishable"] is True
+    assert tax_noise({1: -0.149, 2: -0.249, 3: -0.349})["verdict"] == DISTINGUISHABLE  # |mean|: a negative tax too
+    # 2.5 SE at n = 3: beyond the normal approximation's 2 SE, indistinguishable under t.
+    se = 0.1 / math.sqrt(3)
+    mid = 2.5 * se
+    got = tax_noise({1: mid - 0.1, 2: mid, 3: mid + 0.1})
+    assert got["se"] == pytest.approx(se) and abs(mid) > 2 * got["se"]
+    assert got["verdict"] == INDISTINGUISHABLE
+    # Two seeds: the bar is t(0.975, 1) = 12.71 SE.
+    assert tax_verdict(1.27, 0.1, 2) == INDISTINGUISHABLE
+    assert tax_verdict(1.272, 0.1, 2) == DISTINGUISHABLE
+    assert tax_verdict(0.5, 0.1, 2) == INDISTINGUISHABLE  # 5 SE: the old 2 SE rule called it real
+    # Five seeds: 2.78 SE.
+    assert tax_verdict(0.277, 0.1, 5) == INDISTINGUISHABLE and tax_verdict(0.278, 0.1, 5) == DISTINGUISHABLE
     # No spread at all: any nonzero mean is distinguishable, a zero one is not.
     assert tax_noise({1: 0.0, 2: 0.0})["verdict"] == INDISTINGUISHABLE
     assert tax_noise({1: 0.05, 2: 0.05})["verdict"] == DISTINGUISHABLE
@@ -72,7 +99,7 @@ def test_verdict_at_the_two_se_boundary():
 def test_one_seed_is_not_measured():
     got = tax_noise({7: 0.4})
     assert got["verdict"] == ONE_SEED == "not measured: one seed"
-    assert math.isnan(got["se"]) and got["distinguishable"] is None
+    assert math.isnan(got["se"]) and math.isnan(got["t_crit"]) and got["distinguishable"] is None
     assert tax_verdict(0.4, math.nan, 1) == ONE_SEED
     assert tax_noise({})["verdict"] == NO_SEED
 
@@ -219,6 +246,8 @@ def test_tax_rows_carry_the_noise_floor(noisy):
     assert xs["baseline_seeds"] == 1 and math.isnan(xs["baseline_sd"])
     assert s["mean"] == pytest.approx(0.11) and s["std"] == pytest.approx(0.01)
     assert s["se"] == pytest.approx(0.01 / math.sqrt(3)) and s["verdict"] == DISTINGUISHABLE
+    assert s["t_crit"] == pytest.approx(4.3027, abs=1e-4) and m["t_crit"] == pytest.approx(4.3027, abs=1e-4)
+    assert math.isnan(xs["t_crit"])
     assert s["baseline_sd"] == pytest.approx(0.01) and s["baseline_seeds"] == 3
     assert m["mean"] == pytest.approx(0.01) and m["std"] == pytest.approx(math.sqrt(0.0028))
     assert m["se"] == pytest.approx(math.sqrt(0.0028 / 3)) and m["verdict"] == INDISTINGUISHABLE
@@ -258,11 +287,14 @@ def test_warnings_logged_and_in_report(tmp_path):
     assert section.splitlines() == [f"- {w}" for w in expected]
     assert ("Noise floor: the baselines' eval/loss varies over seeds by sd (ddof=1) xs not measured (1 seed), "
             "s 0.01 (3 seeds), m 0.1 (3 seeds)") in text
-    assert "distinguishable from zero when |mean| > 2 SE, SE = sd / sqrt(n) over n >= 2 seeds" in text
-    assert f"| s | 4000 | {HEADLINE} | <= 0.25 | 0.11 | 0.01 | 3 | {0.01 / math.sqrt(3):.4g} | {DISTINGUISHABLE} " \
-           f"| 0.01 | 3 |" in text
-    assert f"| m | 16000 | {HEADLINE} | <= 0.25 | 0.01 |" in text and f"| {INDISTINGUISHABLE} | 0.1 | 3 |" in text
-    assert f"| xs | 1000 | {HEADLINE} | <= 0.25 | 0.2 | 0 | 1 | nan | {ONE_SEED} | nan | 1 |" in text
+    assert ("distinguishable from zero when |mean| > t(0.975, n-1) x SE (Student's t, two-sided 95%), "
+            "SE = sd / sqrt(n) over n >= 2 seeds") in text and RULE in text
+    assert "| SE | t(0.975, n-1) | verdict |" in text
+    assert f"| s | 4000 | {HEADLINE} | <= 0.25 | 0.11 | 0.01 | 3 | {0.01 / math.sqrt(3):.4g} | 4.303 " \
+           f"| {DISTINGUISHABLE} | 0.01 | 3 |" in text
+    assert f"| m | 16000 | {HEADLINE} | <= 0.25 | 0.01 |" in text
+    assert f"| 4.303 | {INDISTINGUISHABLE} | 0.1 | 3 |" in text
+    assert f"| xs | 1000 | {HEADLINE} | <= 0.25 | 0.2 | 0 | 1 | nan | nan | {ONE_SEED} | nan | 1 |" in text
 
 
 def test_converged_sweep_has_no_warnings_section(tmp_path):
@@ -292,6 +324,7 @@ def test_tax_plot_and_printed_table(tmp_path, capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in PARAMS}
     assert lines["xs"].endswith(ONE_SEED)
     assert lines["s"].endswith(DISTINGUISHABLE) and f"{0.01 / math.sqrt(3):.4g}" in lines["s"]
+    assert lines["s"].split()[-5] == "4.303"  # ... SE, t crit, base sd, then the 3-word verdict
     assert lines["m"].endswith(INDISTINGUISHABLE)
-    assert "a tax is distinguishable from zero when |mean| > 2 SE" in out
+    assert "a tax is distinguishable from zero when |mean| > t(0.975, n-1) x SE (Student's t, two-sided 95%)" in out
     assert f"3 warning(s), listed under \"Warnings\" in {root / 'report.md'}" in out

@@ -15,6 +15,10 @@ Each seed's frontier is its two points. m* = the least of the per-seed best l0s 
     s : 0.2*14/20 = 0.14, 0.3*14/25 = 0.168          mean 0.154, std 0.028/sqrt(2)
     m : 0.4*24/32 = 0.30, 0.2 (36 is exactly a point) mean 0.25,  std 0.1/sqrt(2)
 
+With two seeds SE = std / sqrt(2) = |a - b| / 2: xs 0.01, s 0.014, m 0.05, so the means are
+9, 11 and 5 SE from zero. Each is beyond 2 SE and within t(0.975, 1) = 12.71 SE: all three
+taxes are indistinguishable from zero (tti_dist/report/noise.py).
+
 l0 is a count of units, so that tax compares different things at different widths: the
 module fixture asks for it with --metric. The default headline metric is width-independent;
 `test_default_headline_is_width_independent` gives the sizes widths (num_units) and checks
@@ -36,6 +40,7 @@ from tti_dist.errors import ConfigError
 from tti_dist.report.interp_metrics import (headline_metrics, interp_metrics, metric_direction, pareto_metrics,
                                             width_independent)
 from tti_dist.report.pareto import frontier_loss_at, interpretability_tax, pareto_frontier
+from tti_dist.report.noise import DISTINGUISHABLE, INDISTINGUISHABLE, ONE_SEED, RULE
 from tti_dist.report.records import collect_trials, derived_metrics
 from tti_dist.report.sweep_report import write_report
 
@@ -207,7 +212,13 @@ def test_tax_matches_hand_computation(tmp_path):
         assert [r["per_seed"][1], r["per_seed"][2]] == pytest.approx(values)
         assert r["mean"] == pytest.approx(np.mean(values))
         assert r["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+        assert r["se"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert r["t_crit"] == pytest.approx(12.7062, abs=1e-4)  # t(0.975, 1)
+        # 9, 11, 5 SE from zero: beyond 2 SE, within 12.71 SE
+        assert 2 * r["se"] < r["mean"] < r["t_crit"] * r["se"], size
+        assert r["verdict"] == INDISTINGUISHABLE and r["distinguishable"] is False, size
     assert rows["xs"]["mean"] == pytest.approx(0.09) and rows["s"]["mean"] == pytest.approx(0.154)
+    assert rows["xs"]["se"] == pytest.approx(0.01) and rows["m"]["se"] == pytest.approx(0.05)
     assert any("depends on the model's width" in w for w in tax["warnings"])  # l0 across 3 sizes
 
     # target l0 <= 30: m seed 2 (best 36) does not reach it and is left out
@@ -217,6 +228,7 @@ def test_tax_matches_hand_computation(tmp_path):
     assert rows["s"]["per_seed"] == pytest.approx({1: 0.2, 2: 0.24})
     assert rows["m"]["per_seed"] == pytest.approx({1: 0.375}) and rows["m"]["seeds"] == 1
     assert rows["m"]["std"] == 0.0 and rows["m"]["mean"] == pytest.approx(0.375)
+    assert rows["m"]["verdict"] == ONE_SEED and math.isnan(rows["m"]["t_crit"]) and math.isnan(rows["m"]["se"])
     assert any("seed 2" in n and "does not reach" in n for n in tax["notes"])
 
     # a target every base trial already meets: the cheapest point answers, tax 0
@@ -248,7 +260,9 @@ def test_report_markdown(reported):
     assert warnings.startswith(f"- {L0} depends on the model's width")
     assert "- size xs: cannot judge convergence: fewer than 2 eval points (seeds 1, 2)" in warnings  # no histories
     # tax table rows: size, params, metric, m*, mean, std, seeds
-    assert f"| xs | 1000 | {L0} | <= 36 | 0.09 | {0.02 / math.sqrt(2):.4g} | 2 |" in text
+    assert f"| xs | 1000 | {L0} | <= 36 | 0.09 | {0.02 / math.sqrt(2):.4g} | 2 | 0.01 | 12.71 | {INDISTINGUISHABLE} |" \
+        in text
+    assert RULE in text
     assert f"| s | 4000 | {L0} | <= 36 | 0.154 | {0.028 / math.sqrt(2):.4g} | 2 |" in text
     assert f"| m | 16000 | {L0} | <= 36 | 0.25 | {0.1 / math.sqrt(2):.4g} | 2 |" in text
     # trials table: the failed trial with its status, a completed one with its numbers
@@ -267,6 +281,9 @@ def test_cli_prints_paths_and_tax(tmp_path, capsys):
     assert f"wrote {root / 'summary.parquet'}" in out and f"wrote {root / 'report.md'}" in out
     assert "0.375" in out  # size m at l0 <= 30 (one seed)
     assert "does not reach" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("m ")]
+    assert row.endswith(ONE_SEED) and row.split()[-7:-4] == ["nan", "nan", "0.07071"]  # SE, t crit, base sd
+    assert "|mean| > t(0.975, n-1) x SE (Student's t, two-sided 95%)" in out
 
 
 def test_no_baseline_skips_tax(tmp_path):
@@ -354,6 +371,10 @@ def test_default_headline_is_width_independent(tmp_path):
     for size, values in {"xs": [0.32, 0.4], "s": [0.02, 0.024], "m": [0.0, 0.0]}.items():
         assert [rows[size]["per_seed"][1], rows[size]["per_seed"][2]] == pytest.approx(values, abs=1e-12), size
     assert rows["xs"]["mean"] == pytest.approx(0.36) and rows["s"]["mean"] == pytest.approx(0.022)
+    # 9 and 11 SE (SE 0.04, 0.002) with two seeds: within t(0.975, 1) = 12.71 SE; m has no spread and no tax.
+    assert rows["xs"]["se"] == pytest.approx(0.04) and rows["s"]["se"] == pytest.approx(0.002)
+    assert [rows[s]["verdict"] for s in ("xs", "s", "m")] == [INDISTINGUISHABLE] * 3
+    assert DISTINGUISHABLE not in [r["verdict"] for r in tax["rows"]]
     assert not any("depends on the model's width" in w for w in tax["warnings"] + tax["notes"])
     # The default plots: the headline site's width-independent metrics and its block's cos^2.
     available = interp_metrics(collect_trials(root))

@@ -95,7 +95,8 @@ def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers:
         how = (f"the level given with --target ({target:.4g})" if target is not None else
                "m*, the most interpretable level every model size reaches with every seed")
         lines += [f"tax = L_frontier(m*) - L_baseline per size and seed, at {how}; mean and sample std "
-                  "(ddof=1) over seeds, its standard error SE and the baselines' own sd over seeds.", "",
+                  "(ddof=1) over seeds, its standard error SE, the Student's t quantile t(0.975, n-1) the "
+                  "verdict multiplies SE by, and the baselines' own sd over seeds.", "",
                   noise_floor_sentence(taxes), ""]
         body = []
         for t in taxes:
@@ -103,10 +104,10 @@ def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers:
             for r in t["rows"]:
                 per_seed = ", ".join(f"{s}: {v:.4g}" for s, v in r["per_seed"].items())
                 body.append([size_label(r["size"]), r["num_params"], t["metric"], f"{rel} {t['m_star']:.4g}",
-                             r["mean"], r["std"], r["seeds"], r["se"], r["verdict"], r["baseline_sd"],
-                             r["baseline_seeds"], per_seed])
-        lines += _table(["size", "params", "metric", "m*", "mean tax", "std", "seeds", "SE", "verdict",
-                         "baseline sd", "baseline seeds", "per seed"], body) + [""]
+                             r["mean"], r["std"], r["seeds"], r["se"], r["t_crit"], r["verdict"],
+                             r["baseline_sd"], r["baseline_seeds"], per_seed])
+        lines += _table(["size", "params", "metric", "m*", "mean tax", "std", "seeds", "SE", "t(0.975, n-1)",
+                         "verdict", "baseline sd", "baseline seeds", "per seed"], body) + [""]
         for t in taxes:
             lines += [f"- {t['metric']}: {n}" for n in t["notes"]]
         if (root / "plots" / "tax.png") in plots:
@@ -137,15 +138,17 @@ def report_markdown(root: Path, table: pa.Table, headline: list[str], frontiers:
 
 
 def format_tax(taxes: list[dict]) -> str:
-    """A short plain-text table of the tax with its noise floor (for the command line), and the
-    rule of its verdict column."""
+    """A short plain-text table of the tax with its noise floor (for the command line: SE, the
+    t(0.975, n-1) multiplier of the verdict, the baselines' sd), and the rule of its verdict
+    column."""
     lines = [f"{'size':<10} {'params':>12} {'metric':<36} {'m*':>12} {'mean tax':>10} {'std':>10} {'seeds':>5} "
-             f"{'SE':>10} {'base sd':>10} verdict"]
+             f"{'SE':>10} {'t crit':>6} {'base sd':>10} verdict"]
     for t in taxes:
         rel = "<=" if t["direction"] == "lower" else ">="
         for r in t["rows"]:
             lines.append(f"{size_label(r['size']):<10} {_fmt(r['num_params']):>12} {short_name(t['metric']):<36} "
                          f"{rel + ' ' + format(t['m_star'], '.4g'):>12} {_fmt(r['mean']):>10} {_fmt(r['std']):>10} "
-                         f"{r['seeds']:>5} {_fmt(r['se']):>10} {_fmt(r['baseline_sd']):>10} {r['verdict']}")
-    lines.append(f"base sd: sd (ddof=1) of the baselines' {LOSS} over seeds; {RULE}")
+                         f"{r['seeds']:>5} {_fmt(r['se']):>10} {_fmt(r['t_crit']):>6} {_fmt(r['baseline_sd']):>10} "
+                         f"{r['verdict']}")
+    lines.append(f"base sd: sd (ddof=1) of the baselines' {LOSS} over seeds; t crit: t(0.975, n-1); {RULE}")
     return "\n".join(lines)

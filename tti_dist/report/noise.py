@@ -10,14 +10,18 @@ docs/report.md, "Noise floor" and "Warnings", has the long form.
 Noise floor of the tax, per model size s over its n seeds r (the tax is paired per seed:
 each seed's regularized frontier minus that same seed's baseline):
 
-    sd   = sqrt( sum_r (tax(s, r) - mean)^2 / (n - 1) )          (ddof = 1)
-    SE   = sd / sqrt(n)                                          (standard error of the mean)
-    distinguishable from zero  <=>  n >= 2 and |mean| > 2 SE
+    sd     = sqrt( sum_r (tax(s, r) - mean)^2 / (n - 1) )        (ddof = 1)
+    SE     = sd / sqrt(n)                                        (standard error of the mean)
+    t_crit = t(0.975, n - 1)                                     (Student's t quantile)
+    distinguishable from zero  <=>  n >= 2 and |mean| > t_crit SE
 
-2 SE is the half-width of a ~95% two-sided interval under a normal approximation of the
-mean (Student's t would be wider with few seeds: its 97.5% quantile is 12.7 at n = 2,
-4.3 at n = 3, 2.8 at n = 5), so the rule errs towards calling a tax real. With one seed
-there is no spread to measure: "not measured: one seed".
+t_crit SE is the half-width of the two-sided 95% confidence interval of the mean when sd is
+itself estimated from the n seeds (Student 1908, "The probable error of a mean"): under the
+null hypothesis mean = 0, mean / SE follows Student's t with n - 1 degrees of freedom, not a
+normal. t_crit is 12.71 at n = 2, 4.30 at n = 3, 2.78 at n = 5 and tends to 1.96. A fixed
+2 SE (the normal approximation) would call a zero tax real with probability P(|t_{n-1}| > 2):
+30% at n = 2, 18% at n = 3, 12% at n = 5, not 5%, with the 2-5 seeds a sweep affords. With
+one seed there is no spread to measure: "not measured: one seed".
 
 Baseline spread, per size over the seeds r with a completed baseline (L_base(s, r), the
 baseline loss the tax subtracts): the same sample sd (ddof = 1), its n and the relative
@@ -41,9 +45,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-SE_MULTIPLIER = 2.0
-"""A tax is distinguishable from zero when |mean| > SE_MULTIPLIER * SE: the half-width of a
-~95% two-sided normal interval (1.96, rounded)."""
+CONFIDENCE = 0.95
+"""Two-sided confidence level of the verdict: a tax is distinguishable from zero when its
+CONFIDENCE interval, mean +- t(1 - (1 - CONFIDENCE) / 2, n - 1) SE, excludes zero."""
 
 MIN_SEEDS = 2
 """Seeds needed to measure a spread at all (a sample sd needs two values)."""
@@ -65,8 +69,8 @@ INDISTINGUISHABLE = "indistinguishable from zero"
 ONE_SEED = "not measured: one seed"
 NO_SEED = "not measured: no seed"
 
-RULE = (f"a tax is distinguishable from zero when |mean| > {SE_MULTIPLIER:g} SE, SE = sd / sqrt(n) over n >= "
-        f"{MIN_SEEDS} seeds (a ~95% two-sided normal interval; with few seeds Student's t would be wider); "
+RULE = ("a tax is distinguishable from zero when |mean| > t(0.975, n-1) x SE (Student's t, two-sided 95%), "
+        f"SE = sd / sqrt(n) over n >= {MIN_SEEDS} seeds (t = 12.71 at n = 2, 4.30 at n = 3, 2.78 at n = 5); "
         "with one seed it is not measured")
 """The verdict rule in words (report.md, the command's output)."""
 
@@ -91,26 +95,38 @@ def standard_error(values: Sequence[float]) -> float:
     return sample_sd(values) / math.sqrt(n) if n >= MIN_SEEDS else math.nan
 
 
+def t_critical(n: int) -> float:
+    """t_crit = t(1 - (1 - CONFIDENCE) / 2, n - 1), the 97.5% quantile of Student's t with
+    n - 1 degrees of freedom (Student 1908): the multiplier of SE in the verdict. NaN for
+    n < 2 (no degrees of freedom)."""
+    if n < MIN_SEEDS:
+        return math.nan
+    from scipy.stats import t  # lazy: scipy.stats takes seconds to import; only the verdict needs it
+
+    return float(t.ppf(1.0 - (1.0 - CONFIDENCE) / 2.0, n - 1))
+
+
 def tax_verdict(mean: float, se: float, n: int) -> str:
     """Whether a mean tax over n paired seeds is distinguishable from zero:
-    DISTINGUISHABLE when n >= 2 and |mean| > 2 SE, else INDISTINGUISHABLE;
-    ONE_SEED / NO_SEED when n < 2 (no spread to compare with)."""
+    DISTINGUISHABLE when n >= 2 and |mean| > t(0.975, n - 1) SE (`t_critical`), else
+    INDISTINGUISHABLE; ONE_SEED / NO_SEED when n < 2 (no spread to compare with)."""
     if n < 1:
         return NO_SEED
     if n < MIN_SEEDS:
         return ONE_SEED
-    return DISTINGUISHABLE if abs(mean) > SE_MULTIPLIER * se else INDISTINGUISHABLE
+    return DISTINGUISHABLE if abs(mean) > t_critical(n) * se else INDISTINGUISHABLE
 
 
 def tax_noise(per_seed: Mapping) -> dict:
     """The noise floor of one size's tax from its per-seed values {seed: tax(s, r)}:
-    {"se": SE (NaN for n < 2), "verdict": `tax_verdict`, "distinguishable": bool (None for n < 2)}."""
+    {"se": SE (NaN for n < 2), "t_crit": `t_critical` (NaN for n < 2), "verdict": `tax_verdict`,
+    "distinguishable": bool (None for n < 2)}."""
     values = [float(v) for v in per_seed.values()]
     n = len(values)
     mean = float(np.mean(values)) if values else math.nan
     se = standard_error(values)
     verdict = tax_verdict(mean, se, n)
-    return {"se": se, "verdict": verdict,
+    return {"se": se, "t_crit": t_critical(n), "verdict": verdict,
             "distinguishable": None if n < MIN_SEEDS else verdict == DISTINGUISHABLE}
 
 

@@ -15,7 +15,8 @@ tti_dist/report/interp_metrics.py, higher = more interpretable):
   baseline trial (all regularizer coefficients 0, no architectural sparsity). Reported per size: mean over seeds and the
   sample standard deviation (ddof=1; 0 with one seed).
 - Noise floor, per size over its n seeds (tti_dist/report/noise.py): SE = sd / sqrt(n) of the
-  paired per-seed taxes; the tax is distinguishable from zero when n >= 2 and |mean| > 2 SE;
+  paired per-seed taxes; the tax is distinguishable from zero when n >= 2 and
+  |mean| > t(0.975, n-1) SE (Student's t, two-sided 95%);
   beside it the baselines' own spread, sd over seeds (ddof=1) of L_base(s, r).
 """
 
@@ -138,14 +139,15 @@ def interpretability_tax(table: pa.Table, metric: str, target: float | None = No
     baseline trial (coefficients all 0, no architectural sparsity; the lowest loss when there are several). Only (s, r)
     with a baseline count; with a `target`, seeds whose frontier does not reach it are left
     out. Per size: mean and sample standard deviation (ddof=1; 0 for one seed) over seeds,
-    and the noise floor of tti_dist/report/noise.py: SE = std / sqrt(n), the verdict (n >= 2
-    and |mean| > 2 SE: distinguishable from zero), and the baselines' own seed spread.
+    and the noise floor of tti_dist/report/noise.py: SE = std / sqrt(n), t_crit =
+    t(0.975, n - 1), the verdict (n >= 2 and |mean| > t_crit SE: distinguishable from zero),
+    and the baselines' own seed spread.
 
     Returns {"metric", "direction", "m_star" (in the metric's units), "rows": [{"size",
-    "num_params", "mean", "std", "seeds", "per_seed": {seed: tax}, "se", "verdict",
-    "distinguishable" (None for fewer than 2 seeds), "baseline_sd", "baseline_mean",
-    "baseline_seeds"}], "notes": [str], "warnings": [str] (a width-dependent metric compared
-    across sizes)}.
+    "num_params", "mean", "std", "seeds", "per_seed": {seed: tax}, "se", "t_crit" (NaN for
+    fewer than 2 seeds), "verdict", "distinguishable" (None for fewer than 2 seeds),
+    "baseline_sd", "baseline_mean", "baseline_seeds"}], "notes": [str], "warnings": [str] (a
+    width-dependent metric compared across sizes)}.
     """
     direction = metric_direction(metric)
     if direction is None:

@@ -2,8 +2,9 @@
 
     DIR/plots/pareto_<size>.png  eval/loss against interpretability metrics, per model size
                                  (`plot_pareto`: every trial a point, the frontier a line)
-    DIR/plots/tax.png            interpretability tax against parameter count, +-2 SE, hollow
-                                 markers where it is indistinguishable from zero (`plot_tax`)
+    DIR/plots/tax.png            interpretability tax against parameter count, +-t_crit SE
+                                 (Student's t, two-sided 95%), hollow markers where it is
+                                 indistinguishable from zero (`plot_tax`)
 
 Files are written atomically (a .tmp file renamed into place).
 """
@@ -19,7 +20,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from tti_dist.report.interp_metrics import metric_direction, short_name
-from tti_dist.report.noise import SE_MULTIPLIER
 from tti_dist.report.pareto import LOSS, pareto_frontier, size_label
 
 # Files only, no display: the report runs on cluster heads and in tests.
@@ -91,10 +91,11 @@ def plot_pareto(rows: list[dict], metrics: list[str], title: str, path: Path) ->
 
 
 def plot_tax(taxes: list[dict], path: Path) -> Path:
-    """Mean tax against parameter count (log x), one line per metric. Error bars: +-2 SE
-    (SE = std / sqrt(seeds); tti_dist/report/noise.py). Filled markers: the tax is
-    distinguishable from zero (|mean| > 2 SE, n >= 2 seeds); hollow: it is not, or was
-    measured on one seed (no error bar)."""
+    """Mean tax against parameter count (log x), one line per metric. Error bars: +-t_crit SE,
+    the two-sided 95% interval of the mean (SE = std / sqrt(n), t_crit = t(0.975, n - 1) of
+    the row; tti_dist/report/noise.py). Filled markers: the tax is distinguishable from zero
+    (|mean| > t_crit SE, n >= 2 seeds), i.e. its bar does not reach 0; hollow: it is not, or
+    was measured on one seed (no error bar)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.6), layout="constrained")
     for tax in taxes:
         pts = [r for r in tax["rows"] if r["num_params"] is not None and r["seeds"] > 0]
@@ -103,7 +104,9 @@ def plot_tax(taxes: list[dict], path: Path) -> Path:
         rel = "<=" if tax["direction"] == "lower" else ">="
         x = [r["num_params"] for r in pts]
         y = [r["mean"] for r in pts]
-        bars = [SE_MULTIPLIER * r["se"] if math.isfinite(r["se"]) else 0.0 for r in pts]
+        # The bar is the verdict's own interval, so a filled marker is one whose bar misses 0.
+        bars = [r["t_crit"] * r["se"] if math.isfinite(r["se"]) and math.isfinite(r["t_crit"]) else 0.0
+                for r in pts]
         line = ax.errorbar(x, y, yerr=bars, marker="", capsize=3,
                            label=f"{short_name(tax['metric'])} {rel} {tax['m_star']:.4g}")
         colour = line.lines[0].get_color()
@@ -115,13 +118,13 @@ def plot_tax(taxes: list[dict], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel(f"interpretability tax ({LOSS} above baseline)")
-    ax.set_title(f"Loss cost of matched interpretability (mean ± {SE_MULTIPLIER:g} SE over seeds)", fontsize=10)
+    ax.set_title("Loss cost of matched interpretability (mean ± t(0.975, n-1) SE over seeds)", fontsize=10)
     handles, _ = ax.get_legend_handles_labels()
     handles += [
         plt.Line2D([], [], ls="", marker="o", ms=7, color="black",
-                   label=f"distinguishable from 0 (|mean| > {SE_MULTIPLIER:g} SE)"),
+                   label="distinguishable from 0 (|mean| > t(0.975, n-1) SE)"),
         plt.Line2D([], [], ls="", marker="o", ms=7, color="black", mfc="white",
-                   label=f"within {SE_MULTIPLIER:g} SE of 0, or one seed"),
+                   label="within t(0.975, n-1) SE of 0, or one seed"),
     ]
     ax.legend(handles=handles, fontsize=8)
     return _save(fig, path)
