@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up the environment, run the demo scaling sweep on an embedded local Ray
-# (3 model sizes x {no regularizer, L1 on the MLP units} x 2 seeds = 12 small trials on the
-# synthetic factored language, Ray Tune scheduling Ray Train trials two at a time), then
-# write the trade-off report (Pareto frontiers, interpretability tax vs parameters).
+# (2 model sizes x {no regularizer, L1 on the MLP units} x 3 seeds = 12 small trials on the
+# synthetic factored language, each trained to convergence, Ray Tune scheduling Ray Train
+# trials two at a time), then write the trade-off report (Pareto frontiers, the
+# interpretability tax vs parameters with its noise floor). docs/experiments/demo.md reads it.
 #   bash launch/demo.sh [OUT] [extra tti sweep arguments, e.g. --set train.steps=200]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
