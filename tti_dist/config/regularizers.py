@@ -274,7 +274,8 @@ class SAERegularizerConfig(SAEConfig, RegularizerTypeConfig):
     "token" = mean of ||x - x_hat||^2 / ||x||^2 per token (scale-free only: in joint mode the
     model can drive EV negative while lowering it); "none" = plain MSE; "input_norm" =
     mean ||x - x_hat||^2 / mean ||x|| (Lai et al. 2025's joint-training loss, also applied to
-    AuxK; not scale-free: it grows linearly with the activations' scale)."""
+    AuxK; not scale-free: it grows linearly with the activations' scale, and jointly trained
+    models shrink the site to lower it, docs/experiments/lai_joint_sae.md)."""
     lr: float = 1e-3
     """Learning rate of the SAE's own Adam (constant; no warmup or decay). > 0."""
     betas: tuple[float, ...] = (0.9, 0.999)
