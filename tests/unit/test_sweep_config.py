@@ -30,15 +30,32 @@ def _sweep(tmp_path, **doc) -> Path:
 
 def test_demo_sweep_expands_to_the_grid():
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "demo.yaml")
-    assert len(sweep.trials) == 3 * 2 * 2
+    assert len(sweep.trials) == 2 * 2 * 3
     first, last = sweep.trials[0], sweep.trials[-1]
-    assert first.name == "t000-xs-coefficient0.0-seed1" and last.name == "t011-m-coefficient0.05-seed2"
+    assert first.name == "t000-xs-coefficient0.0-seed1" and last.name == "t011-m-coefficient0.3-seed3"
     assert first.model_size == "xs" and first.cfg.model.hidden_size == MODEL_SIZES["xs"]["hidden_size"]
     assert last.cfg.model.num_layers == MODEL_SIZES["m"]["num_layers"]
-    assert last.cfg.regularizers[0].coefficient == 0.05 and last.cfg.train.seed == 2
+    assert last.cfg.regularizers[0].coefficient == 0.3 and last.cfg.train.seed == 3
+    assert all(t.cfg.train.steps == 1000 and t.cfg.train.eval_every == 100 for t in sweep.trials)
     # Trials that differ only by seed share a setting label.
     assert sweep.trials[0].setting == sweep.trials[1].setting == "regularizers.0.coefficient=0.0"
-    assert {t.setting for t in sweep.trials} == {"regularizers.0.coefficient=0.0", "regularizers.0.coefficient=0.05"}
+    assert {t.setting for t in sweep.trials} == {"regularizers.0.coefficient=0.0", "regularizers.0.coefficient=0.3"}
+
+
+def test_cpu_scaling_sweep_sizes_budgets_and_methods():
+    """configs/sweeps/scaling_cpu.yaml: 3 seeds x 4 sizes (each with its own token budget) x
+    7 settings; the top-k settings are model options, so they carry sparsity options."""
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "scaling_cpu.yaml")
+    assert len(sweep.trials) == 3 * 4 * 7
+    steps = {t.model_size: t.cfg.train.steps for t in sweep.trials}
+    assert steps == {"xs": 400, "s": 450, "m": 500, "l": 550}
+    assert {t.cfg.data.source for t in sweep.trials} == {"shakespeare"}
+    topk = [t for t in sweep.trials if t.axes["method"].startswith("topk")]
+    assert len(topk) == 3 * 4 * 3 and all(t.cfg.model.sparsity_options() == {"mlp_topk": t.cfg.model.mlp_topk}
+                                          for t in topk)
+    baselines = [t for t in sweep.trials if t.axes["method"] == "baseline"]
+    assert all(not t.cfg.model.sparsity_options() and t.cfg.regularizers[0].coefficient == 0 for t in baselines)
+    assert [t.cfg.train.seed for t in sweep.trials[:28]] == [1] * 28  # seeds first: a cut study keeps whole seeds
 
 
 def test_mapping_axis_sets_several_keys_and_overrides_apply_to_all(tmp_path):
