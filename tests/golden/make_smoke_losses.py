@@ -9,6 +9,7 @@ per-step train/task_loss, the learning rate and the dataset's manifest hash.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("smoke_tp1_losses.json")
 OVERRIDES = ("parallel.tp_size=1", "train.steps=20", "train.eval_every=0", "checkpoint.every=0",
              "checkpoint.save_final=false", "logging.tensorboard=false", "logging.progress_bar=false")
+INTRA_OP_THREADS = "2"
+"""The record was made with 2 intra-op threads (one rank on a 2-core machine). The thread
+count changes the summation order of the matmuls (losses move by ~1e-3 within 20 steps), so
+the run pins it through OMP_NUM_THREADS, whatever the machine's cores or the caller's setting."""
 
 
 def dataset_fingerprint(manifest: dict) -> dict[str, list[str]]:
@@ -34,7 +39,8 @@ def train_smoke(run_dir: Path) -> dict:
            "--run-dir", str(run_dir)]
     for override in OVERRIDES:
         cmd += ["--set", override]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    env = {**os.environ, "OMP_NUM_THREADS": INTRA_OP_THREADS}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     table = pq.read_table(run_dir / "metrics.parquet").to_pydict()
