@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from tti_dist.errors import RefusedFileError, RunWriteError, os_reason
 from tti_dist.rundir import LATEST_FILE, TP_LAYOUT_FILE, checkpoint_tag, complete_tags, latest_tag, rng_file_name, tag_step
+from tti_dist.utils.atomic_file import write_text_atomic
 from tti_dist.utils.safe_load import LEGACY_RNG_GLOBALS, load_torch_file
 
 if TYPE_CHECKING:  # runtime import would pull megatron into `tti train`'s validation path
@@ -150,15 +151,6 @@ def read_rng_state(tag_dir: Path, rank: int) -> dict[str, Any]:
         raise RefusedFileError(f"{path}: not an RNG state file written by tti ({reason})") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     engine,
     ckpt_dir: str | Path,
@@ -188,14 +180,14 @@ def save_checkpoint(
     dist.barrier()
     if groups.is_writer:
         try:
-            _write_atomic(ckpt_dir / staging / TP_LAYOUT_FILE, json.dumps(tp_layout, indent=1))
+            write_text_atomic(ckpt_dir / staging / TP_LAYOUT_FILE, json.dumps(tp_layout, indent=1))
             final = ckpt_dir / tag
             replaced = ckpt_dir / (tag + REPLACED_SUFFIX)
             if final.exists():  # the same step saved again (e.g. resumed at a saved step)
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.rename(final, replaced)
             os.rename(ckpt_dir / staging, final)
-            _write_atomic(ckpt_dir / LATEST_FILE, tag)
+            write_text_atomic(ckpt_dir / LATEST_FILE, tag)
         except OSError as exc:
             raise _write_failed(ckpt_dir, staging, step, exc) from exc
         shutil.rmtree(replaced, ignore_errors=True)

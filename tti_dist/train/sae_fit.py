@@ -50,6 +50,7 @@ from tti_dist.sae.model import ParallelSAE
 from tti_dist.sae.optimizer_step import sae_optimizer_step
 from tti_dist.sae.splice import compound_splice_metrics, splice_metrics
 from tti_dist.train.export import load_frozen_model
+from tti_dist.utils.atomic_file import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def run_fit(plans: tuple[FitPlan, ...], groups) -> dict:
                       "seed": first.seed, "metrics": compound,
                       "per_site_delta_lm_loss": {site: r[1]["metrics"][f"sae/{site}/delta_lm_loss"]
                                                  for site, r in fitted.items()}}
-            path.write_text(json.dumps(record, indent=2) + "\n")
+            write_text_atomic(path, json.dumps(record, indent=2) + "\n")
         if groups.world_size > 1:
             dist.barrier()
     return {"sites": {site: result for site, (_, result, _) in fitted.items()}, "compound": compound}
@@ -138,7 +139,7 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
             "eval_batches": len(val_batches), "dead_window_tokens": plan.sae_cfg.dead_window_tokens,
             "metrics": metrics, "train_log": train_log,
         }
-        (out_dir / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(out_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     if groups.world_size > 1:
         dist.barrier()
     return sae, {"metrics": metrics, "train_log": train_log}, val_batches
