@@ -8,7 +8,8 @@ larger models' baselines are already sparser than the smallest model's most regu
 trial, that level is trivial for them (tax 0 by definition). This table is the plain view:
 for every (size, setting), over seeds r with both a trial and a baseline,
     delta(r) = eval/loss(setting, r) - eval/loss(baseline, r),
-its mean, sample sd and n, and the mean l0_frac of the last block's MLP units.
+its mean, sample sd and n, the standard error and the report's verdict (|mean| >
+t(0.975, n-1) x SE, tti_dist.report.noise), and the mean l0_frac of the last block's MLP units.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from tti_dist.report.noise import tax_noise
+
 L0 = "interp/blocks.last.mlp.act/l0_frac"
 
 
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--axis", default="method")
     parser.add_argument("--baseline", default="baseline")
+    parser.add_argument("--plot", type=Path, help="also draw loss above baseline vs parameters, one line per setting")
     args = parser.parse_args()
     trials = {}
     for path in sorted(args.sweep.glob("runs/*/trial.json")):
@@ -44,8 +48,9 @@ def main() -> None:
             final["eval/loss"], l0 / units if l0 is not None and units else float("nan"), r["num_params"])
     sizes = sorted({k[0] for k in trials}, key=lambda s: next(v[2] for k, v in trials.items() if k[0] == s))
     settings = list(dict.fromkeys(k[1] for k in trials))
-    print("| size | params | setting | seeds | eval/loss − baseline (mean ± sd) | l0_frac (mean) |")
-    print("|---|---|---|---|---|---|")
+    rows = []
+    print("| size | params | setting | seeds | eval/loss − baseline (mean ± sd) | SE | verdict | l0_frac (mean) |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
         for setting in settings:
             deltas, fracs = [], []
@@ -59,7 +64,38 @@ def main() -> None:
             mean = sum(deltas) / n
             sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1)) if n > 1 else float("nan")
             params = next(v[2] for k, v in trials.items() if k[0] == size)
-            print(f"| {size} | {params:,} | {setting} | {n} | {mean:+.4f} ± {sd:.4f} | {sum(fracs) / n:.4f} |")
+            verdict = "baseline" if setting == args.baseline else tax_noise(dict(enumerate(deltas)))["verdict"]
+            se = sd / math.sqrt(n)
+            print(f"| {size} | {params:,} | {setting} | {n} | {mean:+.4f} ± {sd:.4f} | {se:.4f} | {verdict} "
+                  f"| {sum(fracs) / n:.4f} |")
+            rows.append((setting, params, mean, tax_noise(dict(enumerate(deltas)))["t_crit"] * se))
+    if args.plot:
+        plot(rows, args.baseline, args.plot)
+
+
+def plot(rows, baseline: str, path: Path) -> None:
+    """Loss above baseline against parameters, a line per setting, bars +-t(0.975, n-1) SE."""
+    import matplotlib  # lazy: only with --plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for setting in dict.fromkeys(r[0] for r in rows):
+        if setting == baseline:
+            continue
+        pts = [r for r in rows if r[0] == setting]
+        ax.errorbar([p[1] for p in pts], [p[2] for p in pts],
+                    yerr=[0 if math.isnan(p[3]) else p[3] for p in pts], marker="o", capsize=3, label=setting,
+                    linestyle="--" if setting.startswith("topk") else "-")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("eval/loss above the same seed's baseline (nats)")
+    ax.set_title("mean over finished seeds, bars +-t(0.975, n-1) SE (none for one seed)", fontsize=9)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
