@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "configs" / "scaling_base.yaml"
 STEPS, LOG_EVERY = 32, 4
-SETTINGS = ["parallel.dp_size=2", f"train.steps={STEPS}", "optim.warmup_steps=2", "train.eval_every=0",
+# Evaluating at every logged step makes every logged step a report to Ray Train (trials
+# report eval and checkpoint steps only), which the test counts to signal mid-run.
+SETTINGS = ["parallel.dp_size=2", f"train.steps={STEPS}", "optim.warmup_steps=2", f"train.eval_every={LOG_EVERY}",
             f"logging.log_every={LOG_EVERY}", "checkpoint.every=0", "checkpoint.keep_last=0",
             "train.micro_batch_size=4", "data.seq_len=32", "model.max_seq_len=32"]
 
