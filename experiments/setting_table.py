@@ -35,8 +35,8 @@ def main() -> None:
     trials = {}
     for path in sorted(args.sweep.glob("runs/*/trial.json")):
         r = json.loads(path.read_text())
-        if r.get("status") != "completed":
-            continue
+        if r.get("status") != "completed" or r.get("final", {}).get("eval/loss") is None:
+            continue  # failed, or no validation loss to compare
         final = r["final"]
         last = max((int(k.split(".")[1]) for k in final if k.startswith("interp/blocks.") and k.endswith("/l0")),
                    default=None)
