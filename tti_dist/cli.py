@@ -2,6 +2,7 @@
 
     tti train CONFIG [--set k=v ...] [--run-dir RUN] [--nproc N] [--resume]
     tti export RUN --out model.safetensors [--checkpoint STEP|TAG]
+    tti export RUN --format hf --out DIR [--checkpoint STEP|TAG]
     tti data build SOURCE --out DIR [--tokenizer byte|bpe|FILE.json] [--vocab-size N] [--workers N] [...]
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
@@ -50,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write consolidated weights (TP shards merged) as safetensors")
     export.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
-    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.add_argument("--out", required=True,
+                        help="output: a .safetensors file (--format tti), or a directory (--format hf)")
+    export.add_argument("--format", choices=("tti", "hf"), default="tti",
+                        help="tti: tti_dist's own consolidated safetensors (default); hf: a transformers model "
+                             "directory (GPT-2 or GPT-NeoX architecture, docs/interop.md)")
     export.add_argument("--checkpoint", help="step or tag (default: latest)")
 
     data = sub.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data_command", required=True)
