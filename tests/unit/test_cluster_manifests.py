@@ -33,12 +33,12 @@ def _load_all(path: Path) -> list:
 
 
 def _pinned_ray_version() -> str:
-    """The version in pyproject.toml's `ray` extra (ray[...]==X.Y.Z)."""
+    """The version in pyproject.toml's `ray` extra (ray[...]~=X.Y.Z: the image's Ray is X.Y.Z)."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pins = [re.fullmatch(r"ray(\[[^\]]*\])?==([0-9.]+)", dep.replace(" ", ""))
+    pins = [re.fullmatch(r"ray(\[[^\]]*\])?(?:==|~=)([0-9.]+)", dep.replace(" ", ""))
             for dep in meta["project"]["optional-dependencies"]["ray"]]
     versions = [m.group(2) for m in pins if m]
-    assert len(versions) == 1, f"expected one ray==X.Y.Z pin in pyproject.toml, got {versions}"
+    assert len(versions) == 1, f"expected one ray~=X.Y.Z pin in pyproject.toml, got {versions}"
     return versions[0]
 
 
@@ -46,7 +46,7 @@ def _setup_sh_versions() -> dict[str, str]:
     """Versions pinned by launch/setup.sh (the reference install order)."""
     text = (ROOT / "launch" / "setup.sh").read_text()
     out = {}
-    for name, pattern in [("torch", r'TORCH_VERSION="\$\{TTI_TORCH_VERSION:-([0-9.]+)\}"'),
+    for name, pattern in [("torch", r'TORCH_VERSION="([0-9.]+)"'),
                           ("megatron-core", r'MEGATRON_VERSION="([0-9.]+)"'),
                           ("deepspeed", r'DEEPSPEED_VERSION="([0-9.]+)"'),
                           ("ray", r'RAY_VERSION="([0-9.]+)"')]:
