@@ -12,6 +12,7 @@ import yaml
 
 from tti_dist.cli import main
 from tti_dist.errors import ConfigError
+from tti_dist.models.layout import model_layout
 from tti_dist.orchestrate.presets import MODEL_SIZES
 from tti_dist.orchestrate.sweep_config import load_sweep
 from tti_dist.orchestrate.sweep_prepare import trial_specs
@@ -43,19 +44,21 @@ def test_demo_sweep_expands_to_the_grid():
 
 
 def test_cpu_scaling_sweep_sizes_budgets_and_methods():
-    """configs/sweeps/scaling_cpu.yaml: 3 seeds x 4 sizes (each with its own token budget) x
+    """configs/sweeps/scaling_cpu.yaml: 3 seeds x 5 sizes (each with its own token budget) x
     7 settings; the top-k settings are model options, so they carry sparsity options."""
     sweep = load_sweep(ROOT / "configs" / "sweeps" / "scaling_cpu.yaml")
-    assert len(sweep.trials) == 3 * 4 * 7
+    assert len(sweep.trials) == 3 * 5 * 7
     steps = {t.model_size: t.cfg.train.steps for t in sweep.trials}
-    assert steps == {"xs": 400, "s": 450, "m": 500, "l": 550}
+    assert steps == {"xxs": 350, "xs": 400, "s": 450, "m": 500, "l": 550}
+    params = {t.model_size: model_layout(t.cfg.model).num_parameters for t in sweep.trials}
+    assert params["l"] / params["xxs"] >= 30  # the span the study claims
     assert {t.cfg.data.source for t in sweep.trials} == {"shakespeare"}
     topk = [t for t in sweep.trials if t.axes["method"].startswith("topk")]
-    assert len(topk) == 3 * 4 * 3 and all(t.cfg.model.sparsity_options() == {"mlp_topk": t.cfg.model.mlp_topk}
+    assert len(topk) == 3 * 5 * 3 and all(t.cfg.model.sparsity_options() == {"mlp_topk": t.cfg.model.mlp_topk}
                                           for t in topk)
     baselines = [t for t in sweep.trials if t.axes["method"] == "baseline"]
     assert all(not t.cfg.model.sparsity_options() and t.cfg.regularizers[0].coefficient == 0 for t in baselines)
-    assert [t.cfg.train.seed for t in sweep.trials[:28]] == [1] * 28  # seeds first: a cut study keeps whole seeds
+    assert [t.cfg.train.seed for t in sweep.trials[:35]] == [1] * 35  # seeds first: a cut study keeps whole seeds
 
 
 def test_mapping_axis_sets_several_keys_and_overrides_apply_to_all(tmp_path):
