@@ -94,6 +94,8 @@ def _wrong_values(tp: Any) -> list[str]:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
         inner = [a for a in args if a is not type(None)]
         return _wrong_values(inner[0])
+    if dataclasses.is_dataclass(tp):  # a nested section (logging.wandb): not a mapping
+        return ["3", "[a, b]", "true", "abc"]
     if origin is Literal:
         return ["bogus_choice", "3", "[x]", "{a: 1}"]
     if tp is bool:
@@ -111,7 +113,7 @@ def wrong_type_cases(rng: random.Random) -> list[Case]:
     """Two wrong-typed values for every scalar field of every section."""
     cases = []
     for section in dataclasses.fields(RunConfig):
-        if section.name == "regularizers":
+        if section.name in ("regularizers", "imports"):  # lists, not sections
             continue
         cls = typing.get_type_hints(RunConfig)[section.name]
         hints = typing.get_type_hints(cls)
@@ -187,7 +189,7 @@ def unknown_key_cases(rng: random.Random) -> list[Case]:
              Case("unknown-top-level-file", [], "regularisers", file_patch=(("regularisers",), []))]
     hints = typing.get_type_hints(RunConfig)
     for section in dataclasses.fields(RunConfig):
-        if section.name == "regularizers":
+        if section.name in ("regularizers", "imports"):  # lists, not sections
             continue
         names = [f.name for f in dataclasses.fields(hints[section.name])]
         for real in rng.sample(names, min(3, len(names))):

@@ -3,7 +3,8 @@
 Loading is strict (config.sections): an unknown key is an error that names the closest
 valid key, and a value of the wrong type is an error naming the field, the value and the
 expected type. The `regularizers` list is parsed into typed entries at the same time
-(config.regularizers).
+(config.regularizers), after the plugin modules named by `imports` were imported
+(config.plugins).
 Overrides are parsed as YAML scalars (`--set train.steps=20`, `--set optim.lr=1e-3`,
 `--set model.tie_embeddings=false`) and then checked like file values, so they are typed
 by the schema, not by guesswork.
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from tti_dist.config.plugins import import_plugins, normalize_imports
 from tti_dist.config.regularizers import RegularizerConfig, parse_regularizers, regularizer_to_dict
 from tti_dist.config.schema import RunConfig
 from tti_dist.config.sections import section_from_dict
@@ -78,11 +80,13 @@ def _first_duplicate_key(node: yaml.Node | None, where: str) -> tuple[str, int] 
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults when `path` is None) and apply overrides."""
+    """Read a YAML config (or start from defaults when `path` is None) and apply overrides.
+
+    Relative .py paths in `imports` are relative to the config file's directory."""
     raw = read_yaml_mapping(path)
     for override in overrides:
         apply_override(raw, override)
-    return config_from_dict(raw)
+    return config_from_dict(raw, base_dir=Path(path).parent if path is not None else None)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -128,16 +132,21 @@ def _list_index(node: list, part: str, where: str) -> int:
     return int(part)
 
 
-def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+def config_from_dict(raw: dict[str, Any], base_dir: str | Path | None = None) -> RunConfig:
     """Build a `RunConfig` from a plain mapping, checking keys and types strictly.
 
-    The `regularizers` list is parsed into typed entries here, after the other sections
-    (config.regularizers.parse_regularizers)."""
-    if not isinstance(raw, dict) or "regularizers" not in raw:
+    The modules named by `imports` are imported first (config.plugins; relative .py paths
+    from `base_dir`, the config file's directory, else the working directory), so that the
+    regularizer types they register are known; then the sections are built, and the
+    `regularizers` list is parsed into typed entries last (config.regularizers.parse_regularizers)."""
+    if not isinstance(raw, dict) or not ({"imports", "regularizers"} & raw.keys()):
         return section_from_dict(RunConfig, raw, "")
-    sections = {k: v for k, v in raw.items() if k != "regularizers"}
+    imports = normalize_imports(raw.get("imports"), base_dir)
+    import_plugins(imports)
+    sections = {k: v for k, v in raw.items() if k not in ("imports", "regularizers")}
     cfg = section_from_dict(RunConfig, sections, "")
-    return dataclasses.replace(cfg, regularizers=parse_regularizers(raw["regularizers"]))
+    regularizers = parse_regularizers(raw["regularizers"]) if "regularizers" in raw else ()
+    return dataclasses.replace(cfg, imports=imports, regularizers=regularizers)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

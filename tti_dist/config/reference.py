@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import types
 import typing
 
 from tti_dist.config.schema import RunConfig
@@ -35,7 +36,7 @@ def _type_text(tp) -> str:
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(tp))
     text = getattr(tp, "__name__", None) if origin is None else None
-    return text or str(tp).replace("typing.", "").replace("|", "\\|")
+    return text or str(tp).replace("typing.", "").replace(f"{RunConfig.__module__}.", "").replace("|", "\\|")
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -68,14 +69,33 @@ def render() -> str:
             lines += [f"A list; default `[]`. {('' if f.name != 'regularizers' else 'Each entry is validated by its type.')}".rstrip(), ""]
             continue
         lines += [(inspect.getdoc(section) or "").split("\n")[0], ""]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        docs = field_docs(section)
-        sub_hints = typing.get_type_hints(section)
-        for sub in dataclasses.fields(section):
-            meaning = docs.get(sub.name, "").replace("|", "\\|")
-            lines.append(f"| `{sub.name}` | {_type_text(sub_hints[sub.name])} | {_default_text(sub)} | {meaning} |")
-        lines.append("")
+        lines += _table(section)
+        for sub, nested in _nested_sections(section):
+            lines += [f"### `{f.name}.{sub}`", "", (inspect.getdoc(nested) or "").split("\n")[0], ""]
+            lines += _table(nested)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _table(section: type) -> list[str]:
+    """The key/type/default/meaning table of a section's fields, and a blank line."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    docs = field_docs(section)
+    sub_hints = typing.get_type_hints(section)
+    for sub in dataclasses.fields(section):
+        meaning = docs.get(sub.name, "").replace("|", "\\|")
+        lines.append(f"| `{sub.name}` | {_type_text(sub_hints[sub.name])} | {_default_text(sub)} | {meaning} |")
+    return lines + [""]
+
+
+def _nested_sections(section: type) -> list[tuple[str, type]]:
+    """(field name, dataclass) of the fields that are sections themselves (`X` or `X | None`)."""
+    out = []
+    for name, tp in typing.get_type_hints(section).items():
+        candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        nested = [c for c in candidates if dataclasses.is_dataclass(c)]
+        if nested:
+            out.append((name, nested[0]))
+    return out
 
 
 if __name__ == "__main__":

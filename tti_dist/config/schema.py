@@ -10,9 +10,11 @@ Units: steps are optimizer steps; batch sizes are in sequences; lengths are in t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tti_dist.config.plugins import PluginImports
 from tti_dist.config.regularizers import RegularizerConfig
 
 
@@ -297,6 +299,25 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases: the same scalars as TensorBoard, at the same steps, in a W&B run."""
+
+    project: str | None = None
+    """W&B project the run is logged to (required)."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """online: stream to the W&B server. offline: write the run under RUN/wandb only
+    (upload later with `wandb sync`). disabled: no W&B run (and no need for the package)."""
+    entity: str | None = None
+    """W&B entity (user or team); null: the logged-in user's default entity."""
+    group: str | None = None
+    """W&B group; null: none for `tti train`, the sweep's name for a sweep's trials."""
+    name: str | None = None
+    """Display name of the W&B run; null: the run directory's name."""
+    tags: tuple[str, ...] = ()
+    """Tags of the W&B run."""
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Metrics output: TensorBoard under RUN/tb and RUN/metrics.parquet, written by rank 0."""
 
@@ -310,6 +331,11 @@ class LoggingConfig:
     """tqdm progress bar on rank 0."""
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of tti_dist loggers."""
+    wandb: WandbConfig | None = None
+    """Also log every scalar to Weights & Biases (same tags and steps), from the same rank
+    ({project, mode, entity, group, name, tags}; the `wandb` package must be installed).
+    Files go to RUN/wandb; a resumed run continues the same W&B run (its id is kept in
+    RUN/wandb/tti_run_id). null: no W&B."""
 
 
 @dataclass(frozen=True)
@@ -357,3 +383,19 @@ class RunConfig:
     regularizers: tuple[RegularizerConfig, ...] = ()
     """Interpretability regularizers, one entry each ({type, name, coefficient, hookpoints,
     schedule, ...}); each type validates its own entry."""
+    imports: PluginImports = PluginImports()
+    """Modules to import before the regularizers are parsed, in every process of the run:
+    plugins that register regularizer types of their own (docs/interop.md). Each entry is a
+    module name (importable: installed or on PYTHONPATH) or a path to a .py file (relative
+    to the config file; imported as the module named by its stem; recorded absolute)."""
+
+    def __reduce__(self):
+        # The imports first: unpickling them imports the plugin modules (config.plugins), so a
+        # spawned rank or a Ray worker finds the plugins' classes in the regularizer entries.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "imports"}
+        return _run_config_from_pickle, (self.imports, fields)
+
+
+def _run_config_from_pickle(imports: PluginImports, fields: dict) -> RunConfig:
+    """Rebuild a pickled RunConfig (its imports already imported while unpickling)."""
+    return RunConfig(imports=imports, **fields)

@@ -51,6 +51,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            # `X | None` given a value: X's own error names the field and what X allows
+            # (for a section: the inner key at fault, not the whole mapping).
+            return _coerce(value, others[0], where)
         errors = []
         for arg in args:
             if arg is type(None):

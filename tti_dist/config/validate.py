@@ -10,11 +10,12 @@ checks against the model's layout are in tti_dist.regularizers.validation, whose
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
 
-from tti_dist.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig, ZeroConfig
+from tti_dist.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig, WandbConfig, ZeroConfig
 from tti_dist.data.tokenizer import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, load_pretrained_tokenizer
 from tti_dist.errors import ConfigError
 
@@ -291,9 +292,28 @@ def _validate_data(cfg: RunConfig) -> None:
 
 def _validate_logging_and_checkpoint(cfg: RunConfig) -> None:
     _positive(cfg.logging.log_every, "logging.log_every")
+    if cfg.logging.wandb is not None:
+        _validate_wandb(cfg.logging.wandb)
     _non_negative(cfg.checkpoint.every, "checkpoint.every")
     _non_negative(cfg.checkpoint.keep_last, "checkpoint.keep_last")
     _positive(cfg.checkpoint.signal_grace_s, "checkpoint.signal_grace_s")
+
+
+def _validate_wandb(w: WandbConfig) -> None:
+    """logging.wandb: a project, no empty names, and (unless disabled) the wandb package."""
+    if w.project is None or not w.project.strip():
+        raise ConfigError(f"logging.wandb.project: {w.project!r}; name the W&B project to log to")
+    for name in ("entity", "group", "name"):
+        value = getattr(w, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"logging.wandb.{name}: {value!r} must be a non-empty string or null")
+    for i, tag in enumerate(w.tags):
+        if not tag.strip():
+            raise ConfigError(f"logging.wandb.tags[{i}]: {tag!r} must be a non-empty string")
+    # find_spec locates the package without importing it (importing wandb takes ~1 s).
+    if w.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb: mode {w.mode!r} needs the wandb package, which is not installed; "
+                          "pip install wandb (or the tti_dist[wandb] extra), or remove logging.wandb")
 
 
 def ignored_settings(cfg: RunConfig) -> list[str]:

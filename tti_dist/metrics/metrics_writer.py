@@ -1,4 +1,4 @@
-"""Metric sinks of the writing rank: TensorBoard event files and a Parquet table.
+"""Metric sinks of the writing rank: TensorBoard event files, a Parquet table and (optionally) W&B.
 
 Only global rank 0 writes metrics; every other rank gets a `NullMetricsWriter` so the
 training loop can call the same methods everywhere (`open_metrics_writer`). Each `log`
@@ -9,10 +9,13 @@ call sends its scalars to two places under the run directory, with the same tag 
 - `run_dir/metrics.parquet`: one row per step (`step`, `tokens`, one float64 column per
   tag in first-seen order, null where a tag was not logged at that step), for analysis
   with pandas/pyarrow without parsing event files. Read it as one table with
-  `pq.read_table(path)`, `pd.read_parquet(path)` or `read_metrics(run_dir)`.
+  `pq.read_table(path)`, `pd.read_parquet(path)` or `read_metrics(run_dir)`;
+- with `logging.wandb`, a Weights & Biases run (files under `run_dir/wandb/`): the same
+  tags at the same steps, and `tokens`.
 
 The table's format and its reader are `tti_dist.metrics.metrics_table`; the two sinks are
-`tti_dist.metrics.parquet_sink` and `tti_dist.metrics.tensorboard_sink`.
+`tti_dist.metrics.parquet_sink` and `tti_dist.metrics.tensorboard_sink`; W&B's is
+`tti_dist.metrics.wandb_sink`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
 
+from tti_dist.config.schema import WandbConfig
 from tti_dist.metrics.metrics_table import RESERVED_COLUMNS
 from tti_dist.metrics.parquet_sink import DEFAULT_ROWS_PER_PART, ParquetSink
 from tti_dist.metrics.tensorboard_sink import TensorBoardSink
+from tti_dist.metrics.wandb_sink import WandbSink
 
 
 def _to_float(tag: str, value: Any) -> float:
@@ -88,6 +93,9 @@ class MetricsWriter(_ClosableWriter):
             calls (and on `close`).
         rows_per_part: rows (steps) after which the tail part is sealed and a new one
             begins; bounds the rows one flush rewrites and the rows held in memory.
+        wandb: the config's `logging.wandb` section: also log to a W&B run (none for None
+            or mode disabled).
+        run_config: the resolved run config as a plain mapping (the W&B run's config).
     """
 
     def __init__(
@@ -99,6 +107,8 @@ class MetricsWriter(_ClosableWriter):
         resume_step: int | None = None,
         flush_every: int = 20,
         rows_per_part: int = DEFAULT_ROWS_PER_PART,
+        wandb: WandbConfig | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
@@ -118,6 +128,8 @@ class MetricsWriter(_ClosableWriter):
             ParquetSink(self.run_dir, resume_step=resume_step, rows_per_part=rows_per_part) if parquet else None
         )
         self._tb = TensorBoardSink(self.run_dir, resume_step) if tensorboard else None
+        self._wandb = (WandbSink(self.run_dir, wandb, resume_step, run_config)
+                       if wandb is not None and wandb.mode != "disabled" else None)
 
     def log(self, step: int, tokens: int, scalars: Mapping[str, Any]) -> None:
         """Record the scalars of one step (merged with earlier calls at the same step).
@@ -143,6 +155,8 @@ class MetricsWriter(_ClosableWriter):
             self._table.record(step, tokens, values)
         if self._tb is not None:
             self._tb.log(step, values)
+        if self._wandb is not None:
+            self._wandb.log(step, tokens, values)
 
         self._logs_since_flush += 1
         if self._logs_since_flush >= self.flush_every:
@@ -159,7 +173,7 @@ class MetricsWriter(_ClosableWriter):
             self._tb.flush()
 
     def close(self) -> None:
-        """Flush and close both sinks; later calls do nothing.
+        """Flush and close the sinks; later calls do nothing.
 
         The parts are left as they are (no compaction): a closed run and a crashed one
         have the same layout and are read the same way.
@@ -171,6 +185,9 @@ class MetricsWriter(_ClosableWriter):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 class NullMetricsWriter(_ClosableWriter):

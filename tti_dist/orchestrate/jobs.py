@@ -10,8 +10,8 @@ is served by the Ray dashboard (port 8265 by default), so the address is the das
 HTTP address, not the GCS/Ray Client address (`ray://...`, port 10001).
 
 Everything that can be checked locally is checked before anything is contacted: the file
-exists, is a valid sweep or run config, lies inside the working directory, and the address
-is well formed. Then one quick `GET ADDRESS/api/version` (3 s timeout) makes an address
+exists, is a valid sweep or run config, lies inside the working directory (and so do the
+.py files its `imports` name), and the address is well formed. Then one quick `GET ADDRESS/api/version` (3 s timeout) makes an address
 that does not answer a one-line error instead of a hang.
 
 Token authentication (Ray 2.60 turns it on by default for new clusters): the client
@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tti_dist.config.load import read_yaml_mapping
+from tti_dist.config.plugins import is_file_entry
 from tti_dist.errors import ConfigError
 from tti_dist.orchestrate.sweep_config import load_sweep
 
@@ -129,8 +131,28 @@ def validate_file(path: str | Path, overrides: list[str] | tuple[str, ...], work
         if not _inside(base_path, working_dir):
             raise ConfigError(f"base: '{base}' ({base_path}) is outside the working directory '{working_dir}' "
                               "that is shipped to the cluster; pass --working-dir")
-    load_sweep(path, list(overrides))
+    sweep = load_sweep(path, list(overrides))
+    _check_plugins_shipped(sweep, working_dir)
     return kind
+
+
+def _check_plugins_shipped(sweep, working_dir: Path) -> None:
+    """The trials' `imports` must reach the cluster: a .py file must lie inside the working
+    directory (ConfigError); a module loaded here from outside it must be installed on the
+    cluster (or shipped with --runtime-env py_modules), which cannot be checked from here (a
+    warning)."""
+    imports = dict.fromkeys(entry for plan in sweep.trials for entry in plan.cfg.imports)
+    for entry in imports:
+        if is_file_entry(entry):
+            if not _inside(Path(entry), working_dir):
+                raise ConfigError(f"imports: '{entry}' is outside the working directory '{working_dir}' that is "
+                                  "shipped to the cluster; move it inside or pass --working-dir")
+            continue
+        origin = getattr(sys.modules.get(entry), "__file__", None)
+        if origin is not None and not _inside(Path(origin).resolve(), working_dir):
+            logger.warning("imports: module %r is loaded from %s, outside the working directory %s: the cluster "
+                           "must have it installed, or ship it with --runtime-env (py_modules)", entry, origin,
+                           working_dir)
 
 
 def _stamp_name(text: str) -> str:

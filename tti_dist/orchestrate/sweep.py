@@ -12,11 +12,13 @@ TorchTrainer (tti_dist/orchestrate/trial.py); Tune schedules the trials as resou
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Callable
 
+from tti_dist.config.plugins import plugin_search_paths
 from tti_dist.errors import ConfigError
 from tti_dist.orchestrate.sweep_config import Sweep
 from tti_dist.orchestrate.sweep_resources import check_resources, concurrent_trials, embedded_resources
@@ -108,6 +110,11 @@ def run_sweep(sweep: Sweep, specs: list, address: str | None, emit: Callable[[st
 
     if address is None:
         available = embedded_resources()
+        # The plugin modules of `imports` where this process found them (e.g. the working
+        # directory, on sys.path under `python -m` but not in a Ray worker's).
+        pythonpath = plugin_search_paths(tuple(e for s in specs for e in s.cfg.imports))
+        if pythonpath:
+            pythonpath += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in pythonpath]
         # Worker output stays in Ray's session logs (printed below): the progress lines are
         # the sweep's output, and without a dashboard Ray Train's state-API monitor only
         # prints tracebacks here.
@@ -115,7 +122,8 @@ def run_sweep(sweep: Sweep, specs: list, address: str | None, emit: Callable[[st
                            include_dashboard=False, object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
                            # Loopback only: a sweep on one machine opens no port to the network.
                            _node_ip_address="127.0.0.1",
-                           logging_level=logging.WARNING, configure_logging=False, log_to_driver=False)
+                           logging_level=logging.WARNING, configure_logging=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(pythonpath)}} if pythonpath else None)
         emit(f"embedded Ray: {available['CPU']:g} CPUs (one for the trial drivers), worker logs in "
              f"{context.address_info.get('session_dir', '/tmp/ray/session_latest')}/logs")
     else:

@@ -26,11 +26,17 @@ A plain run config is a one-trial sweep (this is how `tti submit CONFIG` runs on
 Everything in the file is checked here, before Ray starts: the sweep's keys, every axis key
 against the base config and every trial's config (validate_run_config). The rest of the
 preflight (datasets, resources) is `tti_dist.orchestrate.sweep_prepare`'s.
+
+The base config's `imports` (regularizer plugins; a relative .py path is relative to the base
+config's directory) are imported while the trials are checked. With `logging.wandb`, each
+trial is a W&B run of its own, named after its run directory and grouped by the sweep's name
+unless the config sets a group.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -111,8 +117,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not isinstance(axes, dict):
         raise ConfigError(f"sweep.axes: expected a mapping of axis -> list of values, got {axes!r}")
     axes = {str(k): v for k, v in axes.items()}
+    base_dir = base_path.parent  # relative .py paths in `imports` are the base config's
     for key, values in axes.items():
-        _check_axis(key, values, base_raw, presets)
+        _check_axis(key, values, base_raw, presets, base_dir)
     resources = _resources(raw.get("resources"), base_raw)
     max_failures = _int(raw.get("max_failures", 1), "sweep.max_failures", 0)
     max_concurrent = _int(raw.get("max_concurrent_trials", 0), "sweep.max_concurrent_trials", 0)
@@ -121,7 +128,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     trials = []
     keys = list(axes)
     for index, combo in enumerate(itertools.product(*(axes[k] for k in keys))):
-        trials.append(_plan_trial(index, dict(zip(keys, combo)), base_raw, common, presets))
+        trials.append(_plan_trial(index, dict(zip(keys, combo)), base_raw, common, presets, name, base_dir))
     return Sweep(name=name, path=str(path), axes=axes, trials=tuple(trials), cpus_per_worker=resources[0],
                  gpus_per_worker=resources[1], placement_strategy=resources[2], max_failures=max_failures, max_concurrent_trials=max_concurrent,
                  eval_max_tokens=eval_max_tokens)
@@ -193,7 +200,7 @@ def _yaml_scalar(value) -> str:
         if not isinstance(value, str) else value
 
 
-def _check_axis(key: str, values, base_raw: dict, presets: dict) -> None:
+def _check_axis(key: str, values, base_raw: dict, presets: dict, base_dir: Path) -> None:
     """The axis is a non-empty list and each value, applied to the base config on its own,
     gives a valid run config (so a misspelt key is blamed on its axis)."""
     where = f"sweep.axes.{key}"
@@ -205,13 +212,14 @@ def _check_axis(key: str, values, base_raw: dict, presets: dict) -> None:
         try:
             for s in sets:
                 apply_override(trial_raw, s)
-            cfg = config_from_dict(trial_raw)
+            cfg = config_from_dict(trial_raw, base_dir=base_dir)
             validate_run_config(cfg, world_size=cfg.parallel.world_size)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def _plan_trial(index: int, combo: dict[str, Any], base_raw: dict, common: list[str], presets: dict) -> TrialPlan:
+def _plan_trial(index: int, combo: dict[str, Any], base_raw: dict, common: list[str], presets: dict,
+                sweep_name: str, base_dir: Path) -> TrialPlan:
     trial_raw = copy.deepcopy(base_raw)
     sets: list[str] = []
     labels: dict[str, Any] = {}
@@ -223,15 +231,26 @@ def _plan_trial(index: int, combo: dict[str, Any], base_raw: dict, common: list[
         apply_override(trial_raw, s)
     name = _trial_name(index, labels)
     try:
-        cfg = config_from_dict(trial_raw)
+        cfg = config_from_dict(trial_raw, base_dir=base_dir)
         validate_run_config(cfg, world_size=cfg.parallel.world_size)
     except ConfigError as exc:
         raise ConfigError(f"trial {name} ({_describe(labels)}): {exc}") from None
+    cfg = _wandb_grouped(cfg, sweep_name)
     size = labels.get(MODEL_SIZE_AXIS)
     rest = {k: v for k, v in labels.items() if k != MODEL_SIZE_AXIS and k not in SEED_AXES}
     setting = _describe(rest) if rest else "base"
     return TrialPlan(name=name, axes=labels, overrides=tuple(common + sets), cfg=cfg,
                      model_size=str(size) if size is not None else None, setting=setting)
+
+
+def _wandb_grouped(cfg: RunConfig, sweep_name: str) -> RunConfig:
+    """With logging.wandb and no group: the sweep's name as the W&B group, so that every
+    trial is a W&B run of its own (named by default after its run directory) and the trials
+    of one sweep appear together."""
+    w = cfg.logging.wandb
+    if w is None or w.group is not None:
+        return cfg
+    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=dataclasses.replace(w, group=sweep_name)))
 
 
 def _describe(labels: dict[str, Any]) -> str:

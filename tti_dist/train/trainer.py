@@ -7,7 +7,7 @@ Data flow per optimizer step (grad_accum_steps micro-steps):
        rank's captured activation shards, reduced over its documented group)
     -> engine.backward -> engine.step
 Metrics are reduced over explicit groups (task loss: mean over the DP group) and only at
-log steps, where the host syncs once. Rank 0 writes TensorBoard and Parquet.
+log steps, where the host syncs once. Rank 0 writes TensorBoard, Parquet and (logging.wandb) W&B.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tti_dist.config.load import dump_config
+from tti_dist.config.load import config_to_dict, dump_config
 from tti_dist.config.schema import RunConfig
 from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
@@ -199,6 +199,8 @@ class Trainer:
             tensorboard=cfg.logging.tensorboard,
             parquet=cfg.logging.parquet,
             resume_step=self.step if resume else None,
+            wandb=cfg.logging.wandb,
+            run_config=config_to_dict(cfg),
         )
 
     def _write_run_files(self) -> None:
