@@ -117,3 +117,8 @@ def test_the_checker_can_fail(tmp_path):
     dists = _third_party_distributions([bad])
     assert dists == {"pandas": {"pandas"}}
     assert "pandas" not in {canonicalize_name(r.name) for r in _requirements()[""]}
+
+
+def test_the_tti_console_script_is_declared():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"tti": "tti_dist.cli:main"}
