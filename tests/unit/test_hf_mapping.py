@@ -104,7 +104,8 @@ def test_config_fields():
     neox = hf_export.hf_config(VARIANTS["neox_untied_nobias_relu"], eos_id=None)
     assert neox.model_type == "gpt_neox" and neox.use_parallel_residual is False
     assert neox.rope_parameters["rope_theta"] == 500.0 and neox.rope_parameters["partial_rotary_factor"] == 1.0
-    assert (neox.attention_bias, neox.hidden_act, neox.layer_norm_eps, neox.hidden_dropout) == (False, "relu", 1e-6, 0.0)
+    assert (neox.attention_bias, neox.hidden_act, neox.layer_norm_eps, neox.hidden_dropout) == (
+        False, "relu", 1e-6, 0.0)
 
 
 @pytest.mark.parametrize("field,value", [("mlp_topk", 8), ("mlp_mask_density", 0.5), ("bottleneck_layer", 1),
@@ -150,3 +151,4 @@ def test_bpe_and_synthetic_tokenizers_are_exact(tmp_path):
     sentence = "noun1 adj0 NOT verb2 . <eos> noun1 verb2 ."
     assert tok(sentence)["input_ids"] == syn.encode(sentence.encode()).tolist() == [4, 3, 2, 5, 1, 0, 4, 5, 1]
     assert tok.decode(tok(sentence)["input_ids"]) == syn.decode(syn.encode(sentence.encode())) == sentence
+    assert tok("noun1 unheard")["input_ids"] == [4, 0]  # no unknown-word token: EOS stands in

@@ -10,7 +10,9 @@ load it offline. Every tokenizer of tti_dist.data.tokenizer has an exact equival
   base symbols are GPT-2's byte-to-unicode characters numbered by their byte value, plus
   the special token `<|eos|>` = 256. Any str encodes to exactly its UTF-8 bytes.
 - synthetic: a word-level vocabulary (token i is the dataset's word i) split on whitespace;
-  EOS is its `<eos>` word.
+  EOS is its `<eos>` word. The vocabulary has no unknown-word token and HF's word-level
+  model needs one (TransformerLens probes the tokenizer with "a"), so a word outside it
+  encodes to `<eos>`, where tti's SyntheticTokenizer raises.
 
 One difference from tti's own encoders, HF's default added-token handling: text that
 contains the EOS string literally (e.g. "<|endoftext|>") encodes to the EOS id, where tti's
@@ -61,9 +63,10 @@ def byte_hf_tokenizer() -> HFTokenizer:
 
 def synthetic_hf_tokenizer(tokenizer: SyntheticTokenizer) -> HFTokenizer:
     """The synthetic corpus' words as a word-level `tokenizers.Tokenizer` (whitespace split;
-    decoding joins tokens with single spaces, as SyntheticTokenizer.decode does)."""
+    decoding joins tokens with single spaces, as SyntheticTokenizer.decode does; unknown
+    words encode to EOS)."""
     vocab = {word: i for i, word in enumerate(tokenizer.vocab)}
-    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=tokenizer.vocab[tokenizer.eos_id]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(tokenizer.vocab[tokenizer.eos_id], special=True)])
     return tok
