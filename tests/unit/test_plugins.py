@@ -112,7 +112,8 @@ def test_the_plugin_types_are_among_the_known_ones():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"imports": [str(EXAMPLE)], "regularizers": [{**ENTRY, "type": "weight_lq"}]})
     assert str(err.value).startswith("regularizers[0].type: 'weight_lq' is not a known regularizer; choose one of ")
-    assert "weight_lp" in str(err.value).split("choose one of ", 1)[1].split(", ")
+    choices, hint = str(err.value).split("choose one of ", 1)[1].split(" (", 1)
+    assert "weight_lp" in choices.split(", ") and hint == "a type of your own: name its module under `imports:`)"
 
 
 def test_unpickling_a_config_imports_its_plugins_first():

@@ -333,7 +333,8 @@ def _parse_entry(index: int, entry: Any, seen: set[str]) -> RegularizerConfig:
         raise ConfigError(f"{where}: expected a mapping with type, name, coefficient, ...; got {entry!r}")
     kind = entry.get("type")
     if not isinstance(kind, str) or kind not in CONFIG_TYPES:
-        raise ConfigError(f"{where}.type: {kind!r} is not a known regularizer; choose one of {', '.join(sorted(CONFIG_TYPES))}")
+        raise ConfigError(f"{where}.type: {kind!r} is not a known regularizer; choose one of {', '.join(sorted(CONFIG_TYPES))} "
+                          "(a type of your own: name its module under `imports:`)")
     cls = CONFIG_TYPES[kind]
     name = entry.get("name", kind)
     if not isinstance(name, str) or not name or "/" in name:
