@@ -20,6 +20,7 @@ import yaml
 from tti_dist.cli import main as tti_main
 from tti_dist.config import config_to_dict, load_config
 from tti_dist.config.load import config_from_dict
+from tti_dist.config.plugins import plugin_search_paths
 from tti_dist.errors import ConfigError
 from tti_dist.orchestrate.jobs import prepare_submission
 
@@ -137,3 +138,14 @@ def test_submit_refuses_a_plugin_file_outside_the_working_directory(tmp_path):
         prepare_submission(config, working_dir=tmp_path)
     assert str(err.value) == (f"imports: '{EXAMPLE}' is outside the working directory '{tmp_path}' that is shipped "
                               "to the cluster; move it inside or pass --working-dir")
+
+
+def test_search_paths_passed_to_ray_workers(monkeypatch):
+    """`tti sweep` on the embedded Ray passes the directories its plugin modules were found in
+    to the workers' PYTHONPATH (a module found through the working directory, which
+    `python -m` puts on sys.path, is not on a Ray worker's path); installed packages and .py
+    entries (imported by path) need none."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    config_from_dict({"imports": ["tti_plugin_example"]})
+    assert plugin_search_paths(("tti_plugin_example", "yaml", str(EXAMPLE))) == [str(PLUGINS)]
+    assert plugin_search_paths(("tti_dist.regularizers.l1",)) == [str(ROOT)]  # a package: the directory holding it
