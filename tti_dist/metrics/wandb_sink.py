@@ -7,8 +7,9 @@ the config check refuses `logging.wandb` (modes online and offline) before any p
 starts when the package is missing (config.validate).
 
 Console: W&B's capture of stdout/stderr is off and its banners are silenced, so a run's
-console output is tti's own. Nothing is uploaded in offline mode; `wandb sync RUN/wandb`
-uploads later.
+console output is tti's own. Offline mode opens no network connection (W&B's error
+reporting, which would, is switched off unless WANDB_ERROR_REPORTING is set);
+`wandb sync RUN/wandb/offline-run-*` uploads later.
 
 Resume. The W&B run id is kept in RUN/wandb/tti_run_id: a fresh run draws a new id (and
 overwrites the file), a resumed run (`tti train --resume`, a Ray Train restart) opens the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import secrets
 import string
 from pathlib import Path
@@ -63,6 +65,10 @@ class WandbSink:
 
     def __init__(self, run_dir: Path, settings: WandbConfig, resume_step: int | None,
                  run_config: Mapping[str, Any] | None = None) -> None:
+        if settings.mode == "offline":
+            # W&B's own error reporting would still resolve and contact its server (read when
+            # its service process starts); offline means no network. An explicit setting wins.
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         # lazy: wandb is an optional extra (and takes ~1 s to import); only a run that logs to it loads it
         wandb = importlib.import_module("wandb")
         self.run_dir = Path(run_dir)
