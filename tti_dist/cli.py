@@ -7,6 +7,7 @@
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
     tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
+    tti sae export RUN|FIT_DIR --out DIR [--checkpoint STEP|TAG] [--name ENTRY]
     tti sweep SWEEP [--address ADDR] [--out DIR] [--set k=v ...]
     tti toy CONFIG --run-dir RUN [--set key=value ...] [--overwrite]
     tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P] [--batches B] [--max-tokens N]
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", help="output directory (default: RUN/sae_fit/<site>-n<N>-k<K>)")
     fit.add_argument("--seed", type=int, default=0, help="SAE initialisation seed (default 0)")
     fit.add_argument("--nproc", type=int, help="local processes (default: the run's world size; a multiple of tp_size)")
+    sae_export = sae.add_parser("export", help="write a co-trained or fitted SAE in SAELens's on-disk format")
+    sae_export.add_argument("source", metavar="RUN|FIT_DIR",
+                            help="a run directory (its `type: sae` regularizer entry) or a tti sae fit output directory")
+    sae_export.add_argument("--out", required=True, help="directory to create (must not exist)")
+    sae_export.add_argument("--checkpoint", help="RUN only: step or tag (default: latest)")
+    sae_export.add_argument("--name", help="RUN only: the `type: sae` entry, when the config has several")
 
     ev = sub.add_parser("eval", help="score a checkpoint: capability and interpretability metrics")
     ev.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
@@ -195,10 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMAND_MODULES = {"train": "train", "export": "export", "data": "data", "sae": "sae_fit", "eval": "eval",
+COMMAND_MODULES = {"train": "train", "export": "export", "data": "data",
+                   "sae": {"fit": "sae_fit", "export": "sae_export"}, "eval": "eval",
                    "inspect": "inspect", "toy": "toy", "sweep": "sweep", "report": "report",
                    "tensorboard": "tensorboard", "submit": "submit", "jobs": "jobs"}
-"""Each verb's module in tti_dist.commands."""
+"""Each verb's module in tti_dist.commands ({sub-verb: module} where each sub-verb has its own)."""
+
+
+def command_module(args: argparse.Namespace) -> str:
+    """The tti_dist.commands module that runs the parsed command line."""
+    module = COMMAND_MODULES[args.command]
+    return module[getattr(args, f"{args.command}_command")] if isinstance(module, dict) else module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The verb's module is imported here, not at the top: each command loads only its
         # own dependencies, and a config error answers before megatron-core or Ray load.
-        command = importlib.import_module(f"tti_dist.commands.{COMMAND_MODULES[args.command]}")
+        command = importlib.import_module(f"tti_dist.commands.{command_module(args)}")
         return command.main(args)
     except ConfigError as exc:
         print(f"tti: error: {exc}", file=sys.stderr)
