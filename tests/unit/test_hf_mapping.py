@@ -17,7 +17,7 @@ import torch
 
 from tti_dist.capture import ActivationCapture, resolve_hookpoints
 from tti_dist.config.schema import ModelConfig
-from tti_dist.data.tokenizer import ByteTokenizer, SyntheticTokenizer, train_bpe
+from tti_dist.data.tokenizer import ByteTokenizer, SyntheticTokenizer, load_pretrained_tokenizer, train_bpe
 from tti_dist.errors import ConfigError
 from tti_dist.models.gpt import GPT
 from tti_dist.train import hf_export
@@ -152,3 +152,18 @@ def test_bpe_and_synthetic_tokenizers_are_exact(tmp_path):
     assert tok(sentence)["input_ids"] == syn.encode(sentence.encode()).tolist() == [4, 3, 2, 5, 1, 0, 4, 5, 1]
     assert tok.decode(tok(sentence)["input_ids"]) == syn.decode(syn.encode(sentence.encode())) == sentence
     assert tok("noun1 unheard")["input_ids"] == [4, 0]  # no unknown-word token: EOS stands in
+
+
+def test_pretrained_tokenizer_json_is_exact(tmp_path, tokenizer_json):
+    """A user's tokenizer.json (NFC normaliser, prefix space, its own special tokens) encodes
+    as the dataset builder encoded with it, given add_special_tokens=False."""
+    from transformers import AutoTokenizer
+
+    texts = [f"Ünïcode line {i}: café naïve {i * 3}" for i in range(200)]
+    path = tokenizer_json(tmp_path / "user.json", ["<s>", "</s>"], texts=texts)
+    pretrained = load_pretrained_tokenizer(path)
+    save_hf_tokenizer(pretrained, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    text = "\n".join(texts[:30])
+    assert tok(text, add_special_tokens=False)["input_ids"] == pretrained.encode(text.encode()).tolist()
+    assert (tok.eos_token, tok.eos_token_id) == ("</s>", pretrained.eos_id)
