@@ -37,14 +37,13 @@ META = {"model_name": "run", "context_size": 16, "prepend_bos": False}
     ("blocks.0.mlp.act", "blocks.0.mlp.hook_post", "none"),
     ("blocks.0.mlp.out", "blocks.0.hook_mlp_out", "none"),
     ("blocks.1.resid_post", "blocks.1.hook_resid_post", "none"),
+    ("final_norm", "ln_final.hook_out", "none"),
 ])
 def test_hook_names(site, hook, reshape):
     assert transformer_lens_hook(site, MODEL) == (hook, reshape)
 
 
 @pytest.mark.parametrize("site, model, reason", [
-    ("final_norm", MODEL, "final_norm has no TransformerLens hook (TransformerLens's ln_final.hook_normalized is "
-                          "taken before the LayerNorm's scale and bias, tti's final_norm after them)"),
     ("tokens", MODEL, "tokens has no TransformerLens hook (it holds token ids, not activations)"),
     ("blocks.1.moe.out", MODEL, "blocks.1.moe.out has no TransformerLens hook (TransformerLens's HookedTransformer "
                                 "has no mixture-of-experts layer)"),

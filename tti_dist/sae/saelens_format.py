@@ -80,8 +80,6 @@ n_heads * d_head, head-major, which is the layout of tti's attn.z."""
 
 NO_EQUIVALENT = {
     "tokens": "it holds token ids, not activations",
-    "final_norm": "TransformerLens's ln_final.hook_normalized is taken before the LayerNorm's scale and bias, "
-                  "tti's final_norm after them",
     "moe": "TransformerLens's HookedTransformer has no mixture-of-experts layer",
     "bottleneck": "TransformerLens has no stochastic bottleneck",
 }
@@ -93,18 +91,23 @@ def transformer_lens_hook(site: str, model_cfg: ModelConfig) -> tuple[str, str]:
     `site`; a one-line ConfigError for a site TransformerLens has no hook for.
 
     `embed` (token embedding + learned positions, after dropout) is TL's
-    blocks.0.hook_resid_pre (TL's hook_embed holds the token embedding alone).
+    blocks.0.hook_resid_pre (TL's hook_embed holds the token embedding alone). `final_norm`
+    (the final LayerNorm's output, scale and bias applied) is TransformerBridge's
+    ln_final.hook_out; HookedTransformer has no such hook (its ln_final.hook_normalized is
+    taken before the scale and bias), so that SAE attaches through the bridge only.
     """
     if site == "embed":
         return "blocks.0.hook_resid_pre", "none"
+    if site == "final_norm":
+        return "ln_final.hook_out", "none"
     block, sub = split_name(site)
     key = sub.split(".", 1)[0] if block is not None else site
     if key in NO_EQUIVALENT:
         raise ConfigError(f"site: {site} has no TransformerLens hook ({NO_EQUIVALENT[key]}); exportable sites: "
-                          "embed, blocks.{i}." + ", blocks.{i}.".join(BLOCK_HOOKS))
+                          "embed, final_norm, blocks.{i}." + ", blocks.{i}.".join(BLOCK_HOOKS))
     if block is None or sub not in BLOCK_HOOKS:
         raise ConfigError(f"site: {site!r} is not a tti hookpoint with a TransformerLens hook; exportable sites: "
-                          "embed, blocks.{i}." + ", blocks.{i}.".join(BLOCK_HOOKS))
+                          "embed, final_norm, blocks.{i}." + ", blocks.{i}.".join(BLOCK_HOOKS))
     if sub == "mlp.act" and model_cfg.mlp_topk:
         raise ConfigError(f"site: {site} is the MLP activation after model.mlp_topk {model_cfg.mlp_topk} keeps "
                           "the top units; TransformerLens's mlp.hook_post has no top-k")
