@@ -134,3 +134,28 @@ def test_resume_continues_the_same_wandb_run(offline_run):
     parquet = _parquet_rows(run_dir)
     assert sorted(parquet) == [1, 2, 3, 4, 5, 6]
     _assert_equal(_history(records), parquet, [5, 6])
+
+
+def test_a_run_that_fails_is_a_failed_wandb_run(tmp_path):
+    """The trainer closes its metrics writer in a `finally`: an exception on its way up
+    finishes the W&B run with exit code 1; a normal close with 0."""
+    from tti_dist.config.schema import WandbConfig
+    from tti_dist.metrics import MetricsWriter
+
+    settings = WandbConfig(project="tti-test", mode="offline")
+    for name, fail in (("ok", False), ("crashed", True)):
+        writer = MetricsWriter(tmp_path / name, tensorboard=False, wandb=settings)
+        try:
+            try:
+                writer.log(1, 8, {"train/task_loss": 2.5})
+                if fail:
+                    raise RuntimeError("a rank failed")
+            finally:
+                writer.close()
+        except RuntimeError:
+            pass
+        (offline,) = _offline_runs(tmp_path / name)
+        records = _records(offline)
+        (exit_record,) = [r["exit"] for r in records if r["type"] == "exit"]
+        assert exit_record.get("exit_code", 0) == (1 if fail else 0), exit_record
+        assert _history(records) == {1: {"train/task_loss": 2.5, "tokens": 8}}

@@ -20,6 +20,7 @@ The table's format and its reader are `tti_dist.metrics.metrics_table`; the two 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
@@ -186,7 +187,9 @@ class MetricsWriter(_ClosableWriter):
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
-            self._wandb.close()
+            # The trainer closes the writer in a `finally`: an exception on its way up (a
+            # failed run) is the one being handled here.
+            self._wandb.close(failed=sys.exc_info()[0] is not None)
             self._wandb = None
 
 

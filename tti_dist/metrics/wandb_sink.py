@@ -117,6 +117,7 @@ class WandbSink:
         same step merge into one W&B history row)."""
         self._run.log({"tokens": tokens, **values}, step=step)
 
-    def close(self) -> None:
-        """Finish the W&B run (its service writes and, online, uploads what is left)."""
-        self._run.finish()
+    def close(self, failed: bool = False) -> None:
+        """Finish the W&B run (its service writes and, online, uploads what is left); a
+        failed run is finished with exit code 1, which W&B shows as failed."""
+        self._run.finish(exit_code=1 if failed else 0)
