@@ -50,16 +50,18 @@ def test_sweep_trial_with_a_plugin_and_wandb_offline(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tti_dist.cli", "sweep", str(sweep), "--out", str(out)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1/1 trials completed" in proc.stdout
+    assert "1/1 trials completed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     (run,) = [p for p in (out / "runs").iterdir() if p.is_dir()]
     record = json.loads((run / "trial.json").read_text())
-    assert record["status"] == "completed" and record["coefficients"] == {"wlp": 0.5}
+    assert record["status"] == "completed" and record["coefficients"] == {"wlp": 0.5}, record
     metrics = pq.read_table(run / "metrics.parquet").to_pydict()
     assert metrics["step"] == [1, 2]
     for task, total, reg in zip(metrics["train/task_loss"], metrics["train/total_loss"], metrics["reg/wlp/loss"]):
         assert reg > 1e-4 and total - task == pytest.approx(0.5 * reg, abs=2e-6)
 
+    # One W&B offline directory per attempt of the worker group: this trial ran once.
+    assert record["restarts"] == 0, proc.stdout[-3000:]
     (offline,) = sorted((run / "wandb").glob("offline-run-*"))
     records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(offline), "--json"],
                              capture_output=True, text=True, timeout=120, env=env)
