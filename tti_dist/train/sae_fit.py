@@ -22,7 +22,9 @@ then measure it (the plan comes checked from tti_dist.sae.fit_plan).
    FiringTracker), gradients averaged over DP (one all-reduce per step), the decoder's
    parallel gradient removed, its own Adam step, decoder columns renormalized.
 5. `splice_metrics` (tti_dist.sae.splice) on the run's fixed validation batches
-   (max(1, train.eval_batches) micro-batches per DP rank); rank 0 writes OUT/sae_metrics.json
+   (max(1, train.eval_batches) micro-batches per DP rank); on a corpus with factor columns
+   (the synthetic language) also the latents' ground-truth scores `sae/<site>/gt_*`
+   (tti_dist.metrics.dictionary_scoring) on the same batches; rank 0 writes OUT/sae_metrics.json
    and each DP-rank-0 rank its SAE shard OUT/sae_tp_rank<R>.safetensors (tti_dist.sae.files).
 6. Several --site: steps 4-5 for each site in turn on the one loaded model, then all the
    SAEs spliced in at once (`compound_splice_metrics`) -> RUN/sae_fit/compound-n<N>-k<K>.json.
@@ -41,6 +43,8 @@ import torch.distributed as dist
 from tti_dist.capture.hookpoints import ActivationCapture, list_hookpoints
 from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
+from tti_dist.distributed.collectives import all_gather_concat
+from tti_dist.metrics.dictionary_scoring import dictionary_scoring_tags, score_dictionary
 from tti_dist.sae.files import shard_name, write_shard
 from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.rundir import RunDir
@@ -124,6 +128,7 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
                 if groups.is_writer:
                     logger.info("sae fit step %d/%d: mse %.5g, ev %.4f", step, plan.steps, mse, ev)
     metrics = splice_metrics(model, sae, site, val_batches, groups)
+    metrics.update(_ground_truth_scores(model, sae, site, val, max(1, cfg.train.eval_batches), groups))
     out_dir = Path(plan.out_dir)
     if groups.dp_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,3 +148,36 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
     if groups.world_size > 1:
         dist.barrier()
     return sae, {"metrics": metrics, "train_log": train_log}, val_batches
+
+
+@torch.no_grad()
+def _ground_truth_scores(model, sae: ParallelSAE, site, val: DistributedBatchLoader, num_batches: int,
+                         groups) -> dict[str, float]:
+    """`sae/<site>/gt_*` (tti_dist.metrics.dictionary_scoring): the SAE's latents scored against
+    the corpus's factor columns on the validation batches (each DP rank's, all of them
+    gathered over TP and DP, so every rank returns the same); {} without factor columns.
+    Collective over TP and DP."""
+    columns = tuple(c for c in val.windows.column_names if c.startswith("factor_"))
+    if not columns:
+        return {}
+    sae_training = sae.training
+    sae.eval()
+    latents, labels = [], {c: [] for c in columns}
+    with ActivationCapture([site]) as capture:
+        for batch in val.fixed_batches_columns(num_batches, columns):
+            model(batch["tokens"][:, :-1].to(groups.device))
+            f = sae(capture.captured[site.name].detach()).latents.float()
+            capture.clear()
+            if groups.tp_size > 1:
+                f = all_gather_concat(f, groups.tp_group, dim=-1)
+            latents.append(f.reshape(-1, f.shape[-1]))
+            for c in columns:  # the factor of each input token (targets are shifted by one)
+                labels[c].append(batch[c][:, :-1].reshape(-1).to(groups.device))
+    sae.train(sae_training)
+    z = torch.cat(latents)
+    factors = {c: torch.cat(v) for c, v in labels.items()}
+    if groups.dp_size > 1:  # every DP rank reads the same number of equal-shape batches
+        z = all_gather_concat(z, groups.dp_group, dim=0)
+        factors = {c: all_gather_concat(v, groups.dp_group, dim=0) for c, v in factors.items()}
+    scores = score_dictionary(z.cpu(), {c.removeprefix("factor_"): v.cpu() for c, v in factors.items()})
+    return dictionary_scoring_tags(f"sae/{site.name}/", scores)
