@@ -45,9 +45,9 @@ Conventions:
   ours is feature-side, so extra latents never lower it (matching "is each true feature
   detected by some latent").
 
-Cost: one pass over tokens in chunks of about `chunk_elements` latent values (memory
-O(chunk + K L) per factor with K values), O(N L K) arithmetic, then the matching on the
-[F, L] matrix.
+Cost: one pass over tokens in chunks of about `chunk_elements` latent values; per chunk three
+matrix products with the stacked indicators of all factors (R = factors + features columns),
+so O(N L R) arithmetic and O(chunk + R L) memory; then the matching on the [F, L] matrix.
 """
 
 from __future__ import annotations
@@ -80,25 +80,30 @@ def best_match_mcc(abs_corr_FL: Any) -> tuple[float, np.ndarray]:
     return float(a[rows, cols].sum() / a.shape[0]), matched
 
 
-def _factor_stats(z: np.ndarray, f: np.ndarray, values: np.ndarray, shift: np.ndarray,
-                  chunk_rows: int) -> dict[str, np.ndarray]:
-    """Sums over the defined tokens of one factor, accumulated over token chunks."""
-    num_l, num_k = z.shape[1], values.shape[0]
-    s, q, fired = np.zeros(num_l), np.zeros(num_l), np.zeros(num_l)
-    s_c, tp = np.zeros((num_k, num_l)), np.zeros((num_k, num_l))
+def _sums(z: np.ndarray, labels: list[np.ndarray], values: list[np.ndarray], shift: np.ndarray,
+          chunk_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over token chunks. Rows of the indicator matrix M [tokens, R]: per factor, its
+    defined mask then one column per value (1[f = c], 0 where undefined). Returns
+    M^T x [R, L], M^T 1[z > 0] [R, L] and (defined masks)^T x^2 [factors, L], x = z - shift
+    (Pearson is shift-invariant; the shift makes the sums cancel less)."""
+    num_l = z.shape[1]
+    num_r = sum(1 + v.shape[0] for v in values)
+    mx, mon, dq = np.zeros((num_r, num_l)), np.zeros((num_r, num_l)), np.zeros((len(values), num_l))
+    mask_rows = np.cumsum([0] + [1 + v.shape[0] for v in values[:-1]])  # the defined masks in M
     for start in range(0, z.shape[0], chunk_rows):
-        fc = f[start:start + chunk_rows]
-        # Shifted by a per-latent constant: Pearson is shift-invariant, the sums cancel less.
-        x = z[start:start + chunk_rows].astype(np.float64) - shift
-        on = (z[start:start + chunk_rows] > 0).astype(np.float64)
-        defined = (fc >= 0).astype(np.float64)
-        onehot = (fc[:, None] == values[None, :]).astype(np.float64)  # undefined rows: all 0
-        s += defined @ x
-        q += defined @ (x * x)
-        fired += defined @ on
-        s_c += onehot.T @ x
-        tp += onehot.T @ on
-    return {"s": s, "q": q, "fired": fired, "s_c": s_c, "tp": tp}
+        zc = z[start:start + chunk_rows]
+        x = zc.astype(np.float64) - shift
+        on = (zc > 0).astype(np.float64)
+        cols = []
+        for f, v in zip(labels, values):
+            fc = f[start:start + chunk_rows]
+            cols.append((fc >= 0)[:, None])
+            cols.append(fc[:, None] == v[None, :])
+        m = np.concatenate(cols, axis=1).astype(np.float64)
+        mx += m.T @ x
+        mon += m.T @ on
+        dq += m[:, mask_rows].T @ (x * x)
+    return mx, mon, dq
 
 
 def score_dictionary(latents_NL: Any, factors: Mapping[str, Any],
@@ -119,8 +124,7 @@ def score_dictionary(latents_NL: Any, factors: Mapping[str, Any],
     num_n, num_l = z.shape
     chunk_rows = max(1, chunk_elements // max(num_l, 1))
     shift = z[:chunk_rows].astype(np.float64).mean(axis=0) if num_n else np.zeros(num_l)
-    features: list[tuple[str, int]] = []
-    corr_rows, f1_rows = [], []
+    names, labels, values, positives = [], [], [], []
     for name, raw in factors.items():
         f = as_numpy(raw).reshape(-1)
         if f.dtype.kind not in "iu":
@@ -128,20 +132,31 @@ def score_dictionary(latents_NL: Any, factors: Mapping[str, Any],
         if f.shape[0] != num_n:
             raise ValueError(f"score_dictionary: {num_n} latent rows but {f.shape[0]} labels of factor {name!r}")
         f = f.astype(np.int64)
-        values, counts = np.unique(f[f >= 0], return_counts=True)
-        n = int(counts.sum())
-        keep = counts < n  # an indicator constant on the defined tokens is not a feature
-        if not keep.any():
-            continue
-        values, n_c = values[keep], counts[keep].astype(np.float64)
-        st = _factor_stats(z, f, values, shift, chunk_rows)
-        var_z = n * st["q"] - st["s"] ** 2  # n^2 Var(z_j) on D_f
-        live = var_z > 1e-12 * n * st["q"]  # constant latents (rounding aside) correlate 0
-        cov = n * st["s_c"] - n_c[:, None] * st["s"][None, :]
-        den = np.sqrt(np.where(live, var_z, 1.0)[None, :] * (n_c * (n - n_c))[:, None])
-        corr_rows.append(np.where(live[None, :], np.abs(cov) / den, 0.0))
-        f1_rows.append(2.0 * st["tp"] / (st["fired"][None, :] + n_c[:, None]))
-        features.extend((name, int(v)) for v in values)
+        v, counts = np.unique(f[f >= 0], return_counts=True)
+        keep = counts < counts.sum()  # an indicator constant on the defined tokens is not a feature
+        if keep.any():
+            names.append(name)
+            labels.append(f)
+            values.append(v[keep])
+            positives.append(counts[keep].astype(np.float64))
+    features: list[tuple[str, int]] = []
+    corr_rows, f1_rows = [], []
+    if names:
+        mx, mon, dq = _sums(z, labels, values, shift, chunk_rows)
+        row = 0
+        for i, name in enumerate(names):
+            n_c = positives[i]
+            n = float((labels[i] >= 0).sum())
+            s, fired = mx[row], mon[row]
+            s_c, tp = mx[row + 1:row + 1 + n_c.shape[0]], mon[row + 1:row + 1 + n_c.shape[0]]
+            row += 1 + n_c.shape[0]
+            var_z = n * dq[i] - s ** 2  # n^2 Var(z_j) on D_f
+            live = var_z > 1e-12 * n * dq[i]  # constant latents (rounding aside) correlate 0
+            cov = n * s_c - n_c[:, None] * s[None, :]
+            den = np.sqrt(np.where(live, var_z, 1.0)[None, :] * (n_c * (n - n_c))[:, None])
+            corr_rows.append(np.where(live[None, :], np.abs(cov) / den, 0.0))
+            f1_rows.append(2.0 * tp / (fired[None, :] + n_c[:, None]))
+            features.extend((name, int(v)) for v in values[i])
     num_f = len(features)
     abs_corr = np.concatenate(corr_rows) if corr_rows else np.zeros((0, num_l))
     f1_fl = np.concatenate(f1_rows) if f1_rows else np.zeros((0, num_l))
@@ -152,8 +167,8 @@ def score_dictionary(latents_NL: Any, factors: Mapping[str, Any],
     matched_corr[ok] = abs_corr[np.flatnonzero(ok), matched[ok]]
     f1 = f1_fl.max(axis=1) if num_l else np.zeros(num_f)
     best = f1_fl.argmax(axis=1) if num_l else np.full(num_f, -1)
-    names = np.array([k for k, _ in features], dtype=object)
-    per_factor = {k: float(f1[names == k].mean()) for k in dict.fromkeys(names.tolist())}
+    of_factor = np.array([k for k, _ in features], dtype=object)
+    per_factor = {k: float(f1[of_factor == k].mean()) for k in names}
     return {
         "mcc": mcc, "f1_mean": float(f1.mean()) if num_f else float("nan"),
         "f1_mean_per_factor": per_factor, "features": features, "f1": f1, "best_f1_latent": best,
