@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
 """Layer of each top-level module or subpackage of tti_dist (docs/design.md, "Layers")."""
 
 LAZY_THIRD_PARTY = ("deepspeed", "ray", "transformers", "matplotlib", "tensorboard", "torch.utils.tensorboard",
-                    "sklearn", "scipy", "tqdm", "torch.distributed.elastic")
+                    "sklearn", "scipy", "tqdm", "torch.distributed.elastic", "wandb")
 """Libraries that may be imported inside a function, to keep `import tti_dist...` light
 where they are not needed (a Ray driver must not import DeepSpeed; DeepSpeed must be
 imported after its accelerator is chosen; plotting and TensorBoard only where used)."""

@@ -25,7 +25,6 @@ to its own service process, which writes and uploads them asynchronously.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import secrets
@@ -70,7 +69,7 @@ class WandbSink:
             # its service process starts); offline means no network. An explicit setting wins.
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         # lazy: wandb is an optional extra (and takes ~1 s to import); only a run that logs to it loads it
-        wandb = importlib.import_module("wandb")
+        import wandb
         self.run_dir = Path(run_dir)
         (self.run_dir / WANDB_DIRNAME).mkdir(parents=True, exist_ok=True)
         run_id = self._run_id(resume_step)
