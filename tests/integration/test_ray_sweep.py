@@ -2,7 +2,9 @@
 
 - a 2-trial sweep on the embedded local Ray through the CLI: run directories, trial
   records, TensorBoard hparams and layout read back with EventAccumulator, `tti report`,
-  and `tti tensorboard` answering the trials' scalars over HTTP;
+  and `tti tensorboard` answering the trials' scalars over HTTP; its base config imports a
+  regularizer plugin by path (which must reach the Ray processes) and logs to W&B offline
+  (each trial one W&B run of the sweep's group, read back with `wandb leet inspect`);
 - a trial on a `ray.cluster_utils.Cluster` of 2 simulated nodes (joined by address):
   STRICT_SPREAD puts its 2 workers on different nodes; one is SIGKILLed mid-trial, Ray
   Train restarts the worker group from the last checkpoint, and the trial's metrics equal
@@ -26,10 +28,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tti_dist.metrics.wandb_sink import wandb_run_id_path
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "configs" / "scaling_base.yaml"
+PLUGIN = ROOT / "tests" / "plugins" / "tti_plugin_example.py"
 TINY = ["train.steps=8", "optim.warmup_steps=2", "train.eval_every=4", "checkpoint.every=4", "logging.log_every=2",
         "train.micro_batch_size=4", "train.eval_batches=2", "data.seq_len=32", "model.max_seq_len=32"]
 
@@ -37,6 +42,9 @@ TINY = ["train.steps=8", "optim.warmup_steps=2", "train.eval_every=4", "checkpoi
 def _env():
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # The plugin must reach Ray's processes through tti, not through an inherited path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p and Path(p).resolve() != PLUGIN.parent)
     return env
 
 
@@ -65,8 +73,25 @@ def _get_json(url: str):
         return json.loads(response.read())
 
 
+def _plugged_base(tmp_path: Path) -> Path:
+    """BASE plus a regularizer plugin imported by path (tests/plugins is on no worker's
+    PYTHONPATH: the Ray processes get it by unpickling the config, which imports the plugin
+    first) and W&B logging in offline mode."""
+    cfg = yaml.safe_load(BASE.read_text())
+    cfg["imports"] = [str(PLUGIN)]
+    cfg["regularizers"].append({"type": "weight_lp", "name": "wlp", "coefficient": 0.5,
+                                "layers": ["blocks.*.mlp.fc1"]})
+    cfg["logging"]["wandb"] = {"project": "tti-test", "mode": "offline"}
+    path = tmp_path / "plugged_base.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def test_local_sweep_writes_runs_hparams_report_and_serves_tensorboard(tmp_path):
-    sweep = _write_sweep(tmp_path / "two.yaml", {"model_size": ["xs"], "regularizers.0.coefficient": [0.0, 0.05]})
+    """Two trials on the embedded Ray: runs, trial records, hparams, the report and TensorBoard;
+    with a regularizer plugin in every Ray process and each trial a W&B run of the sweep's group."""
+    sweep = _write_sweep(tmp_path / "two.yaml", {"model_size": ["xs"], "regularizers.0.coefficient": [0.0, 0.05]},
+                         base=str(_plugged_base(tmp_path)))
     out = tmp_path / "out"
     proc = _tti("sweep", sweep, "--out", out)
     assert "2/2 trials completed" in proc.stdout
@@ -82,10 +107,26 @@ def test_local_sweep_writes_runs_hparams_report_and_serves_tensorboard(tmp_path)
     for run, coeff in zip(runs, (0.0, 0.05)):
         record = json.loads((run / "trial.json").read_text())
         assert record["status"] == "completed" and record["restarts"] == 0
-        assert record["model_size"] == "xs" and record["coefficients"] == {"l1_mlp": coeff}
+        assert record["model_size"] == "xs" and record["coefficients"] == {"l1_mlp": coeff, "wlp": 0.5}
         assert record["tokens"] == 8 * 4 * 32 and record["steps"] == 8
         metrics = pq.read_table(run / "metrics.parquet").to_pydict()
         assert metrics["step"][-1] == 8
+        # The plugin's term is in the objective: total = task + coeff * L1 + 0.5 * weight_lp.
+        for task, total, l1, wlp in zip(metrics["train/task_loss"], metrics["train/total_loss"],
+                                        metrics["reg/l1_mlp/loss"], metrics["reg/wlp/loss"]):
+            assert wlp > 1e-4 and total - task == pytest.approx(coeff * l1 + 0.5 * wlp, abs=2e-6)
+        # The trial is one W&B run, named after its run directory, grouped by the sweep's name,
+        # with the values of metrics.parquet.
+        (offline,) = sorted((run / "wandb").glob("offline-run-*"))
+        inspected = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(offline), "--json"],
+                                   capture_output=True, text=True, timeout=120, env=_env())
+        assert inspected.returncode == 0, inspected.stderr[-2000:]
+        rows = [json.loads(line) for line in inspected.stdout.splitlines() if line.strip()]
+        (wandb_run,) = [r["run"] for r in rows if r["type"] == "run"]
+        assert wandb_run["run_id"] == wandb_run_id_path(run).read_text().strip()
+        assert wandb_run["run_group"] == "two" and wandb_run["display_name"] == run.name
+        history = {int(r["history"]["step"]["num"]): r["history"]["item"] for r in rows if r["type"] == "history"}
+        assert [history[s]["reg/wlp/loss"] for s in metrics["step"]] == metrics["reg/wlp/loss"]
         # The record's final values are the run's last logged and evaluated values.
         assert record["final"]["train/task_loss"] == pytest.approx(metrics["train/task_loss"][-1])
         evaluation = json.loads((run / "eval" / "8.json").read_text())
