@@ -15,6 +15,15 @@ inputs, normalised reconstruction losses): a zero vector stays zero instead of b
 RECON_NORMALIZATIONS = ("fvu", "token", "none", "input_norm")
 """Allowed normalisations of the SAE reconstruction term (ParallelSAE.reconstruction_loss)."""
 
+ACTIVATIONS = ("topk", "relu", "batchtopk", "jumprelu", "matryoshka")
+"""The SAE activations (tti_dist/sae/activations.py; docs/sae.md has one section each)."""
+
+BATCH_SELECTIONS = ("batchtopk", "matryoshka")
+"""Activations that select with BatchTopK and keep its running inference threshold."""
+
+K_ACTIVATIONS = ("topk", "batchtopk", "matryoshka")
+"""Activations whose sparsity is set by k (and which use AuxK)."""
+
 
 @dataclass(frozen=True)
 class SAEConfig:
@@ -23,12 +32,18 @@ class SAEConfig:
     num_latents: int = 4096
     """Latents n of the whole SAE (all TP ranks together); must be divisible by tp_size.
     Typical: 8x to 64x the input width d."""
-    activation: Literal["topk", "relu"] = "topk"
+    activation: Literal["topk", "relu", "batchtopk", "jumprelu", "matryoshka"] = "topk"
     """"topk": f = ReLU(pre) on the k largest pre-activations of each token, 0 elsewhere
     (Gao et al. 2024); sparsity is set by k, no L1. "relu": f = ReLU(pre) with the
-    decoder-norm-weighted L1 penalty (Bricken et al. 2023 / Anthropic's 2024 update)."""
+    decoder-norm-weighted L1 penalty (Bricken et al. 2023 / Anthropic's 2024 update).
+    "batchtopk": ReLU of the k * B largest pre-activations of the whole micro-batch of B
+    tokens; in eval a JumpReLU at a learned global threshold (Bussmann et al. 2024).
+    "jumprelu": f = pre * H(pre - theta_i) with per-latent thresholds and an L0 penalty
+    (Rajamanoharan et al. 2024). "matryoshka": BatchTopK selection, and the loss sums the
+    reconstruction losses of the nested prefixes `matryoshka_prefixes` (Bussmann et al. 2025)."""
     k: int = 32
-    """topk only: active latents per token, 1 <= k <= num_latents (ignored for relu)."""
+    """topk: active latents per token; batchtopk / matryoshka: mean active latents per token
+    (k * B per micro-batch of B tokens). 1 <= k <= num_latents (ignored for relu and jumprelu)."""
     l1_coefficient: float = 5.0
     """relu only: weight of `l1_penalty` in `training_loss` (>= 0). The scale depends on the
     input scale: 5.0 is Anthropic's value for inputs scaled to E||x|| = sqrt(d)."""
@@ -48,6 +63,22 @@ class SAEConfig:
     b_pre_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """How `init_b_pre` sets b_pre from a sample of inputs: the geometric median (Weiszfeld
     iterations; Bricken et al. / Gao et al.), the mean, or zeros. Over all DP ranks' samples."""
+    batchtopk_threshold_lr: float = 0.01
+    """batchtopk / matryoshka: rate of the running estimate of the inference threshold,
+    theta <- (1 - lr) theta + lr * (smallest positive selected activation of the batch);
+    the first batch sets theta directly. SAELens's topk_threshold_lr (0.01). In (0, 1]."""
+    l0_coefficient: float = 1e-3
+    """jumprelu only: weight lambda of the L0 penalty mean_t sum_i H(pre - theta_i) in
+    `training_loss` (>= 0). Its scale depends on the reconstruction term's (recon_normalize)."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu only: width epsilon of the rectangle kernel of the straight-through estimator
+    of the thresholds' gradient (Rajamanoharan et al. 2024: 0.001). > 0."""
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu only: every theta_i = exp(log_threshold_i) starts here (the paper: 0.001). > 0."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """matryoshka only: the nested dictionary sizes m_1 < m_2 < ... < m_G = num_latents
+    (global latent counts; they need not align with TP shards). The loss is the sum over g
+    of the reconstruction loss from the first m_g latents. Must be empty otherwise."""
 
     def resolved_aux_k(self, d_model: int) -> int:
         """The AuxK width actually used: aux_k (or d // 2 when None), capped at num_latents."""
@@ -62,10 +93,12 @@ class SAEConfig:
             raise ConfigError(f"{where}.num_latents: {self.num_latents!r} must be an integer >= 2")
         if tp_size < 1 or self.num_latents % tp_size:
             raise ConfigError(f"{where}.num_latents: {self.num_latents} must be divisible by tp_size {tp_size}")
-        if self.activation not in ("topk", "relu"):
-            raise ConfigError(f"{where}.activation: {self.activation!r}; allowed: 'topk', 'relu'")
-        if self.activation == "topk" and not 1 <= self.k <= self.num_latents:
-            raise ConfigError(f"{where}.k: {self.k!r} must be in 1..num_latents ({self.num_latents})")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"{where}.activation: {self.activation!r}; allowed: "
+                              + ", ".join(repr(a) for a in ACTIVATIONS))
+        if self.activation in K_ACTIVATIONS and not (isinstance(self.k, int) and 1 <= self.k <= self.num_latents):
+            raise ConfigError(f"{where}.k: {self.k!r} must be an integer in 1..num_latents ({self.num_latents})")
+        self._validate_family(where)
         if not (math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0):
             raise ConfigError(f"{where}.l1_coefficient: {self.l1_coefficient!r} must be a finite number >= 0")
         if self.aux_k is not None and self.aux_k < 1:
@@ -76,3 +109,30 @@ class SAEConfig:
             raise ConfigError(f"{where}.dead_window_tokens: {self.dead_window_tokens!r} must be an integer >= 1")
         if self.b_pre_init not in ("geometric_median", "mean", "zeros"):
             raise ConfigError(f"{where}.b_pre_init: {self.b_pre_init!r}; allowed: 'geometric_median', 'mean', 'zeros'")
+
+    def _validate_family(self, where: str) -> None:
+        """The batchtopk / jumprelu / matryoshka settings (one-line ConfigError)."""
+        lr = self.batchtopk_threshold_lr
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 1):
+            raise ConfigError(f"{where}.batchtopk_threshold_lr: {lr!r} must be a number in (0, 1]")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{where}.{name}: {value!r} must be a finite number > 0")
+        if not (math.isfinite(self.l0_coefficient) and self.l0_coefficient >= 0):
+            raise ConfigError(f"{where}.l0_coefficient: {self.l0_coefficient!r} must be a finite number >= 0")
+        prefixes = list(self.matryoshka_prefixes)
+        if self.activation != "matryoshka":
+            if prefixes:
+                raise ConfigError(f"{where}.matryoshka_prefixes: {prefixes!r} is only used with activation "
+                                  f"'matryoshka' (activation is {self.activation!r}); leave it empty")
+            return
+        if not prefixes:
+            raise ConfigError(f"{where}.matryoshka_prefixes: [] must list the nested dictionary sizes, strictly "
+                              f"increasing and ending at num_latents ({self.num_latents}), e.g. "
+                              f"[{self.num_latents // 4}, {self.num_latents}]")
+        ok = all(isinstance(m, int) and not isinstance(m, bool) for m in prefixes)
+        if not ok or prefixes[0] < 1 or any(b <= a for a, b in zip(prefixes, prefixes[1:])) \
+                or prefixes[-1] != self.num_latents:
+            raise ConfigError(f"{where}.matryoshka_prefixes: {prefixes!r} must be integers >= 1, strictly increasing "
+                              f"and ending at num_latents ({self.num_latents})")

@@ -7,7 +7,15 @@ evaluating sparse autoencoders"). For an input x in R^d (one token's activation 
     f     = ReLU(pre)                                   activation: relu
     f     = ReLU(pre) * topk_mask(pre, k)               activation: topk (TopK on the
                                                         pre-activations, then ReLU; Gao et al.)
+    f     = batchtopk, jumprelu, matryoshka             tti_dist/sae/activations.py (formulas,
+                                                        papers, communication)
     x_hat = W_dec f + b_pre                             W_dec [d, n], columns = latent directions
+
+matryoshka also forms the prefix reconstructions x_hat_g = W_dec[:, :m_g] f[:m_g] + b_pre
+(`SAEOutput.x_hat_prefixes`) and its loss sums their reconstruction losses. batchtopk and
+matryoshka keep the running inference threshold as the buffer `batchtopk_threshold`
+(updated by every training-mode forward, averaged over `dp_group`); jumprelu's thresholds
+are the parameter `log_threshold` [n/tp], sharded like b_enc.
 
 b_pre is the pre-encoder bias: subtracted from the input and added back as the decoder's
 bias. The decoder's columns are kept at unit norm (`remove_parallel_gradient` before the
@@ -42,6 +50,7 @@ tti_dist/regularizers/sae.py; docs/sae.md lists what is not built yet.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +60,16 @@ import torch.nn.functional as F
 
 from tti_dist.distributed.collectives import copy_with_summed_grad, sum_with_identity_grad
 from tti_dist.models.sparsity import topk_mask
-from tti_dist.config.sae import NORM_EPS, RECON_NORMALIZATIONS, SAEConfig
+from tti_dist.config.sae import BATCH_SELECTIONS, K_ACTIVATIONS, NORM_EPS, RECON_NORMALIZATIONS, SAEConfig
+from tti_dist.sae.activations import (
+    TPShard,
+    activate,
+    group_partial_decodes,
+    jumprelu_l0,
+    prefix_slices,
+    selected_index,
+    update_threshold,
+)
 from tti_dist.sae.initialisation import b_pre_estimate, init_decoder_rows
 
 
@@ -71,7 +89,11 @@ class SAEOutput:
     """Reconstruction [..., d], replicated."""
     mask: torch.Tensor | None
     """topk: local bool mask [..., n/tp] of the k selected latents (before the ReLU, so a
-    selected latent with pre <= 0 has f = 0); None for relu."""
+    selected latent with pre <= 0 has f = 0); batchtopk / matryoshka: the batch selection in
+    training, the open gates pre > theta in eval; jumprelu: the open gates; None for relu."""
+    x_hat_prefixes: torch.Tensor | None = None
+    """matryoshka: [G, ..., d] replicated, the reconstructions from the first m_g latents
+    (b_pre included; the last is x_hat). None otherwise."""
 
 
 def input_norm(x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +122,10 @@ class ParallelSAE(nn.Module):
         tp_rank: this rank's index in tp_group; it holds latents [tp_rank n/tp, (tp_rank+1) n/tp).
         seed: initialisation seed (the weights do not depend on tp_size).
         device, dtype: of the parameters (fp32 recommended; inputs are cast to dtype).
-        sparse_decode: topk only: decode from the selected latents with an embedding-bag
-            (see `decode`) instead of the dense [tokens, n/tp] x [n/tp, d] product.
+        sparse_decode: topk / batchtopk: decode from the selected latents with an
+            embedding-bag (see `decode`) instead of the dense [tokens, n/tp] x [n/tp, d] product.
+        dp_group: batchtopk / matryoshka: the DP group over which the running threshold's
+            batch minima are averaged (None: one DP rank).
     """
 
     def __init__(
@@ -116,6 +140,7 @@ class ParallelSAE(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         sparse_decode: bool = True,
+        dp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         cfg.validate(d_model, tp_size)
@@ -140,6 +165,16 @@ class ParallelSAE(nn.Module):
         _mark_tp_sharded(self.W_enc, 0)
         _mark_tp_sharded(self.b_enc, 0)
         _mark_tp_sharded(self.W_dec, 1)
+        self.dp_group = dp_group
+        self._tp = TPShard(tp_group, tp_size, tp_rank)
+        if cfg.activation == "jumprelu":  # theta_i = exp(log_threshold_i), sharded like b_enc
+            init = math.log(cfg.jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(torch.full((self.num_local_latents,), init, **kw))
+            _mark_tp_sharded(self.log_threshold, 0)
+        if cfg.activation in BATCH_SELECTIONS:  # replicated; float64 as SAELens (EMA of small steps); -1 = unset
+            self.register_buffer("batchtopk_threshold", torch.tensor(-1.0, dtype=torch.float64, device=device))
+        self._prefix_slices = (prefix_slices(tuple(cfg.matryoshka_prefixes), self.latent_offset,
+                                             self.num_local_latents) if cfg.activation == "matryoshka" else None)
 
     # ------------------------------------------------------------------ communication helpers
 
@@ -191,37 +226,42 @@ class ParallelSAE(nn.Module):
             part = F.embedding_bag(idx, self.W_dec.t().contiguous(), per_sample_weights=weights, mode="sum")
         return self._tp_sum(part)
 
-    def _selected_index(self, pre: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-        """[rows, min(k, n/tp)] local indices whose first entries are the selected latents of each row."""
-        key = pre.detach().masked_fill(~mask, float("-inf"))
-        return torch.topk(key, min(k, key.shape[-1]), dim=-1, sorted=False).indices
+    def forward(self, x: torch.Tensor, inference: bool | None = None) -> SAEOutput:
+        """Encode and decode x [..., d] (replicated across TP). See the module docstring for the formulas.
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        """Encode and decode x [..., d] (replicated across TP). See the module docstring for the formulas."""
+        inference (default: not self.training) selects batchtopk / matryoshka's eval form, the
+        JumpReLU at the running threshold; a training-mode forward of those updates the
+        threshold (`update_threshold`: one all-reduce MIN over TP, one of 2 float64 over DP),
+        so every DP rank must run it the same number of times.
+        """
         if x.shape[-1] != self.d_model:
             raise ValueError(f"ParallelSAE: input width {x.shape[-1]} != d_model {self.d_model}")
+        training = self.training if inference is None else not inference
         x_in = self.preprocess(x)
         lead = x_in.shape[:-1]
         pre = self.encode_pre(x_in.reshape(-1, self.d_model))
-        relu = F.relu(pre)
-        mask = None
-        idx = None
-        if self.cfg.activation == "topk":
-            mask = topk_mask(pre, self.cfg.k, by="value", tp_group=self.tp_group, tp_size=self.tp_size,
-                             tp_rank=self.tp_rank)
-            f = torch.where(mask, relu, torch.zeros((), dtype=relu.dtype, device=relu.device))
-            if self.sparse_decode:
-                idx = self._selected_index(pre, mask, self.cfg.k)
+        act = activate(pre, self.cfg, self._tp, training=training,
+                       threshold=getattr(self, "batchtopk_threshold", None),
+                       log_threshold=getattr(self, "log_threshold", None), sparse=self.sparse_decode)
+        if act.batch_min is not None:
+            update_threshold(self.batchtopk_threshold, act.batch_min, self.cfg.batchtopk_threshold_lr, self.dp_group)
+        f = act.latents
+        prefixes = None
+        if self._prefix_slices is not None:
+            # one all-reduce of the stacked per-group partial decodes, then the running sum over groups
+            parts = self._tp_sum(group_partial_decodes(f, self.W_dec, self._prefix_slices))
+            prefixes = parts.cumsum(dim=0) + self.b_pre
+            x_hat = prefixes[-1]
         else:
-            f = relu
-        x_hat = self.decode(f, idx) + self.b_pre
+            x_hat = self.decode(f, act.idx) + self.b_pre
         n_l = self.num_local_latents
         return SAEOutput(
             x_in=x_in,
             pre=pre.view(*lead, n_l),
             latents=f.view(*lead, n_l),
             x_hat=x_hat.view(*lead, self.d_model),
-            mask=None if mask is None else mask.view(*lead, n_l),
+            mask=None if act.mask is None else act.mask.view(*lead, n_l),
+            x_hat_prefixes=None if prefixes is None else prefixes.view(-1, *lead, self.d_model),
         )
 
     # ------------------------------------------------------------------ losses (replicated scalars)
@@ -309,7 +349,7 @@ class ParallelSAE(nn.Module):
         sel = topk_mask(key, self.aux_k, by="value", tp_group=self.tp_group, tp_size=self.tp_size,
                         tp_rank=self.tp_rank) & dead
         f_aux = torch.where(sel, F.relu(pre), torch.zeros((), dtype=pre.dtype, device=pre.device))
-        idx = self._selected_index(pre, sel, self.aux_k) if self.sparse_decode else None
+        idx = selected_index(pre, sel, self.aux_k) if self.sparse_decode else None
         e_hat = self.decode(f_aux, idx)
         e = (x.to(out.x_hat.dtype) - out.x_hat).detach().reshape(-1, self.d_model)
         num = (e - e_hat).pow(2).sum()
@@ -322,23 +362,47 @@ class ParallelSAE(nn.Module):
         loss = num / torch.where(ok, den, torch.ones_like(den))  # no 0/0, so no NaN in the backward either
         return torch.where(ok, loss, torch.zeros_like(loss))
 
+    def l0_penalty(self, out: SAEOutput) -> torch.Tensor:
+        """jumprelu: lambda's term mean_t sum_i H(pre - theta_i) with the STE gradient to the
+        thresholds (tti_dist.sae.activations.jumprelu_l0; one scalar all-reduce over TP)."""
+        return jumprelu_l0(out.pre.reshape(-1, self.num_local_latents), self.log_threshold,
+                           self.cfg.jumprelu_bandwidth, self._tp)
+
+    def matryoshka_loss(self, x: torch.Tensor, out: SAEOutput, normalize: str = "none") -> torch.Tensor:
+        """sum_g R(x, x_hat_g) over the prefixes m_1 < ... < m_G = n (the last is the full
+        reconstruction): Bussmann et al. 2025's nested loss, a sum as in their paper and
+        SAELens's matryoshka_batchtopk. Replicated; no communication beyond the forward's."""
+        return sum(self.reconstruction_loss(x, xg, normalize) for xg in out.x_hat_prefixes.unbind(0))
+
     def training_loss(
         self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None = None, normalize: str = "none"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The SAE objective and its parts (replicated scalars; parts detached).
 
-        topk: reconstruction + aux_coefficient * aux_k_loss (AuxK only when dead_mask is given
-        and aux_coefficient > 0). relu: reconstruction + l1_coefficient * l1_penalty.
-        Parts: "mse" (reconstruction_loss with `normalize`), "aux_k", "l1".
+        topk / batchtopk: reconstruction + aux_coefficient * aux_k_loss (AuxK only when
+        dead_mask is given and aux_coefficient > 0). relu: reconstruction + l1_coefficient *
+        l1_penalty. jumprelu: reconstruction + l0_coefficient * l0_penalty. matryoshka: the
+        sum of the prefixes' reconstruction losses (`matryoshka_loss`) + AuxK.
+        Parts: "mse" (the full reconstruction's reconstruction_loss with `normalize`), "aux_k",
+        "l1", "l0_penalty", "matryoshka_inner" (sum of the inner prefixes' losses).
         """
         recon = self.reconstruction_loss(x, out.x_hat, normalize)
         parts = {"mse": recon.detach()}
         total = recon
+        if self.cfg.activation == "matryoshka":
+            inner = sum((self.reconstruction_loss(x, xg, normalize) for xg in out.x_hat_prefixes.unbind(0)[:-1]),
+                        torch.zeros_like(recon))
+            total = total + inner
+            parts["matryoshka_inner"] = inner.detach()
         if self.cfg.activation == "relu":
             l1 = self.l1_penalty(out)
             total = total + self.cfg.l1_coefficient * l1
             parts["l1"] = l1.detach()
-        elif dead_mask is not None and self.cfg.aux_coefficient > 0:
+        elif self.cfg.activation == "jumprelu":
+            l0 = self.l0_penalty(out)
+            total = total + self.cfg.l0_coefficient * l0
+            parts["l0_penalty"] = l0.detach()
+        elif dead_mask is not None and self.cfg.aux_coefficient > 0 and self.cfg.activation in K_ACTIVATIONS:
             aux = self.aux_k_loss(x, out, dead_mask, normalize)
             total = total + self.cfg.aux_coefficient * aux
             parts["aux_k"] = aux.detach()
