@@ -4,6 +4,7 @@ Runs (each a real job of 2 or 4 gloo ranks on a tiny GPT, 20 optimizer steps, ch
 at 10 and 20) are made once per module and shared by the tests:
     tp1_dp2_z1   TP=1 x DP=2, ZeRO-1   (the dense reference for TP)
     tp2_dp2_z{0,1,2,3}  TP=2 x DP=2, ZeRO stage 0..3
+    tp2_dp2_z1_reg  TP=2 x DP=2, ZeRO-1 with regularizers and weight sparsity
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ LAYOUTS = {
         "regularizers=[{type: l1, name: l1, coefficient: 0.01, hookpoints: ['blocks.*.mlp.act']},"
         " {type: orthogonality, name: orth, coefficient: 0.1, weights: ['blocks.*.mlp.fc1'], mode: sampled_global, k: 8},"
         " {type: decorrelation, name: decorr, coefficient: 0.1, hookpoints: ['blocks.1.resid_post'], max_tokens: 16}]",
+        # Weight sparsity too: its mask is a function of the weights and the step, so a resumed
+        # run must continue exactly, and ZeRO-1's fp32 master weights must stay masked.
+        "weight_sparsity={density: 0.25, anneal_fraction: 0.5, min_per_neuron: 2}",
     )),
 }
 
@@ -163,6 +167,30 @@ def test_resume_reproduces_uninterrupted_run(runs, tmp_path, name):
     for step in range(11, STEPS + 1):
         assert resumed.losses[step] == straight.losses[step], step
     assert resumed.eval_losses[20] == straight.eval_losses[20]
+
+
+def test_weight_sparsity_keeps_exactly_the_scheduled_density(runs):
+    """Every logged weights/<matrix>/density is the schedule's kept count over the matrix's
+    size, and the checkpoint's fp32 master weights (ZeRO-1 partitions, TP shards merged as
+    tti export does) hold exactly floor(density x size) nonzeros per matrix."""
+    from tti_dist.models.weight_sparsity import selected_matrices
+    from tti_dist.train.export import consolidated_state_dict
+
+    run_dir, _ = runs("tp2_dp2_z1_reg")
+    cfg = make_config(**LAYOUTS["tp2_dp2_z1_reg"])
+    ws = cfg.weight_sparsity
+    matrices = selected_matrices(cfg.model, ws)
+    assert len(matrices) == 8
+    table = pq.read_table(run_dir / "metrics.parquet").to_pydict()
+    for i, step in enumerate(table["step"]):
+        assert table["weights/target_density"][i] == pytest.approx(ws.density_at(step, STEPS))
+        for m in matrices:
+            kept = m.kept(ws.density_at(step, STEPS), ws.min_per_neuron)
+            assert table[f"weights/{m.name}/density"][i] == kept / m.numel, (step, m.name)
+    for tag in ("global_step10", "global_step20"):
+        _, state, _ = consolidated_state_dict(run_dir, tag)
+        for m in matrices:
+            assert int(torch.count_nonzero(state[f"{m.name}.weight"])) == int(ws.density * m.numel), (tag, m.name)
 
 
 def test_export_matches_deepspeed_zero_to_fp32(runs, tmp_path):

@@ -149,3 +149,14 @@ def test_search_paths_passed_to_ray_workers(monkeypatch):
     config_from_dict({"imports": ["tti_plugin_example"]})
     assert plugin_search_paths(("tti_plugin_example", "yaml", str(EXAMPLE))) == [str(PLUGINS)]
     assert plugin_search_paths(("tti_dist.regularizers.l1",)) == [str(ROOT)]  # a package: the directory holding it
+
+
+def test_settings_without_a_regularizer_class_is_a_one_line_error(tmp_path, capsys):
+    config = _write(tmp_path / "run.yaml", {
+        "imports": [str(PLUGINS / "tti_plugin_settings_only.py")],
+        "regularizers": [{"type": "settings_only", "name": "s", "coefficient": 1.0}]})
+    code, err = _tti(["train", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("tti: error: regularizers[0].type: 'settings_only' has settings but no registered "
+                             "Regularizer class (@register); registered types: ")
+    assert not (tmp_path / "run").exists()

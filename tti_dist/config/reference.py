@@ -65,6 +65,10 @@ def render() -> str:
     for f in dataclasses.fields(RunConfig):
         section = hints[f.name]
         lines += [f"## `{f.name}`", "", top_docs.get(f.name, ""), ""]
+        optional = [c for c in typing.get_args(section) if dataclasses.is_dataclass(c)]
+        if optional and typing.get_origin(section) in (typing.Union, types.UnionType):
+            section = optional[0]  # `X | None`: off by default, X's keys once the section is given
+            lines += ["Default `null` (off). A mapping turns it on; its keys default as below.", ""]
         if not dataclasses.is_dataclass(section):
             lines += [f"A list; default `[]`. {('' if f.name != 'regularizers' else 'Each entry is validated by its type.')}".rstrip(), ""]
             continue

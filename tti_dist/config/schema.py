@@ -16,6 +16,7 @@ from typing import Literal
 
 from tti_dist.config.plugins import PluginImports
 from tti_dist.config.regularizers import RegularizerConfig
+from tti_dist.config.weight_sparsity import WeightSparsityConfig
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,10 @@ class RunConfig:
     """Metrics and logs."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    weight_sparsity: WeightSparsityConfig | None = None
+    """Weight-sparse training: after every optimizer step keep only the largest-|w| fraction
+    of the selected matrices ({density, anneal_fraction, min_per_neuron, matrices};
+    docs/methods.md). null: dense weights."""
     regularizers: tuple[RegularizerConfig, ...] = ()
     """Interpretability regularizers, one entry each ({type, name, coefficient, hookpoints,
     schedule, ...}); each type validates its own entry."""

@@ -30,6 +30,12 @@ def validate_config(cfg: RunConfig, world_size: int | None = None) -> None:
     _validate_train(cfg)
     _validate_data(cfg)
     _validate_logging_and_checkpoint(cfg)
+    if cfg.weight_sparsity is not None:
+        cfg.weight_sparsity.validate()
+        if cfg.zero.stage == 3:
+            # ZeRO-3 partitions the parameters themselves: no rank holds a whole matrix to rank.
+            raise ConfigError("zero.stage: 3 is not supported with weight_sparsity (each matrix's top-|w| "
+                              "selection needs its whole TP shard on every rank); use stage 0, 1 or 2")
 
 
 def _finite(value: float, where: str) -> None:

@@ -22,6 +22,7 @@ from tti_dist.config.schema import ModelConfig, RunConfig
 from tti_dist.config.validate import validate_config
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import model_layout
+from tti_dist.models.weight_sparsity import selected_matrices
 from tti_dist.regularizers.base import REGISTRY
 
 
@@ -36,6 +37,8 @@ def validate_run_config(cfg: RunConfig, world_size: int | None = None) -> None:
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     check_regularizers(cfg.regularizers, cfg.model, cfg.parallel.tp_size)
+    if cfg.weight_sparsity is not None:
+        selected_matrices(cfg.model, cfg.weight_sparsity)
 
 
 def checked_regularizers(entries: Any, model_cfg: ModelConfig, tp_size: int = 1) -> tuple[RegularizerConfig, ...]:
@@ -67,6 +70,10 @@ def check_regularizers(regularizers: tuple[RegularizerConfig, ...] | list[Regula
                     raise ConfigError(f"{where}.hookpoints[{j}]: {pattern!r} matches no hookpoint; "
                                       f"available: {summarize_names(float_names)}")
         matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in reg.hookpoints)]
+        if reg.type not in REGISTRY:
+            # A plugin that registered this type's settings (register_config) but no Regularizer class.
+            raise ConfigError(f"{where}.type: {reg.type!r} has settings but no registered Regularizer class "
+                              f"(@register); registered types: {', '.join(sorted(REGISTRY))}")
         REGISTRY[reg.type].check_params(reg.params, model_cfg, matched, where, tp_size)
         for j, pattern in enumerate(reg.hookpoints):
             ids = [n for n in names if n not in float_names and fnmatch.fnmatchcase(n, pattern)]

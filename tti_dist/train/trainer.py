@@ -37,6 +37,7 @@ from tti_dist.train import checkpoint as ckpt
 from tti_dist.rundir import RunDir, latest_tag
 from tti_dist.runtime import stop_request
 from tti_dist.train.engine import build_engine, global_grad_norm, grad_norm_now
+from tti_dist.train.weight_sparsity import WeightSparsifier
 from tti_dist.metrics.routing_probe import RoutingProbe
 from tti_dist.metrics.routing_stats import RoutingStatsAccumulator, with_imbalance
 from tti_dist.utils.memory import current_rss_bytes, peak_rss_bytes
@@ -160,6 +161,7 @@ class Trainer:
         self.engine, self.ds_config = build_engine(self.model, cfg, groups)
         self.regularizers = build_regularizers(cfg.regularizers, self.engine.module, groups)
         self.co_trained = [reg for reg in self.regularizers if isinstance(reg, CoTrainedModule)]
+        self.sparsifier = WeightSparsifier(cfg, self.engine.module, groups) if cfg.weight_sparsity else None
         """Regularizers that train modules of their own (the SAE): stepped after each optimizer step."""
         hookpoints = {hp.name: hp for reg in self.regularizers for hp in reg.captures}
         # One capture for the union of all regularizers' hookpoints, kept registered for the run.
@@ -260,6 +262,8 @@ class Trainer:
                 if self.cfg.train.nonfinite == "stop":
                     raise NonFiniteStep(f"train/grad_norm is not finite at step {self.step + 1} "
                                         "(DeepSpeed's optimizer skipped the update)")
+            if self.sparsifier is not None:  # weights and master weights, every step (docs/methods.md)
+                self.sparsifier.apply(self.step + 1)
             for module in self.co_trained:
                 module.after_optimizer_step()
         if norm is None and need_norm:
@@ -385,6 +389,8 @@ class Trainer:
                         "train/skipped_steps": float(self.engine.skipped_steps),
                     }
                     scalars.update(self._memory_scalars())
+                    if self.sparsifier is not None:
+                        scalars.update(self.sparsifier.metrics())
                     result.record(result.losses, self.step, loss_value)
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss_value:.4f}")
