@@ -1,7 +1,8 @@
 """SAELens's on-disk format (tti_dist.sae.saelens_format) without a run: the hook-name table
 and its refusals, cfg.json field for field as SAELens's own save_model writes it, the TP
-shard merge, SAELens computing tti's SAE (TopK, ReLU, the hook_z reshape), the refusal of
-normalize_input, and the atomic write."""
+shard merge, SAELens computing tti's SAE (TopK, ReLU, JumpReLU, and BatchTopK / Matryoshka in
+their JumpReLU inference form; the hook_z reshape), the refusal of normalize_input, and the
+atomic write."""
 
 from __future__ import annotations
 
@@ -70,14 +71,27 @@ def _sae(cfg: SAEConfig, seed: int = 0) -> ParallelSAE:
     with torch.no_grad():  # non-zero biases, so the b_pre / b_dec roles are exercised
         sae.b_pre.copy_(torch.randn(32, generator=g) * 0.5)
         sae.b_enc.copy_(torch.randn(cfg.num_latents, generator=g) * 0.1)
+        if cfg.activation == "jumprelu":  # thresholds of different sizes, in the pre-activations' range
+            sae.log_threshold.copy_(torch.log(0.05 + 0.5 * torch.rand(cfg.num_latents, generator=g)))
+        if cfg.activation in ("batchtopk", "matryoshka"):  # the running threshold from two training batches
+            for _ in range(2):
+                sae(torch.randn(16, 32, generator=g), inference=False)
+            assert sae.batchtopk_threshold > 0
+    sae.eval()
     return sae
 
 
 def _shards(sae: ParallelSAE, tp: int) -> list[dict[str, torch.Tensor]]:
     """The state dicts TP ranks 0..tp-1 would hold (contiguous latent blocks)."""
     s = sae.state_dict()
-    return [{"W_enc": s["W_enc"].chunk(tp, 0)[r], "b_enc": s["b_enc"].chunk(tp)[r], "W_dec": s["W_dec"].chunk(tp, 1)[r],
-             "b_pre": s["b_pre"].clone()} for r in range(tp)]
+    shards = [{"W_enc": s["W_enc"].chunk(tp, 0)[r], "b_enc": s["b_enc"].chunk(tp)[r],
+               "W_dec": s["W_dec"].chunk(tp, 1)[r], "b_pre": s["b_pre"].clone()} for r in range(tp)]
+    for r, shard in enumerate(shards):
+        if "log_threshold" in s:
+            shard["log_threshold"] = s["log_threshold"].chunk(tp)[r]
+        if "batchtopk_threshold" in s:
+            shard["batchtopk_threshold"] = s["batchtopk_threshold"].clone()
+    return shards
 
 
 def _export(tmp_path, sae: ParallelSAE, hook="blocks.1.hook_resid_post", reshape="none", tp=2):
@@ -86,7 +100,11 @@ def _export(tmp_path, sae: ParallelSAE, hook="blocks.1.hook_resid_post", reshape
     return write_export(tmp_path / "sae", saelens_tensors(merged), cfg, {"kind": "test"}), cfg
 
 
-@pytest.mark.parametrize("cfg", [SAEConfig(num_latents=64, k=5), SAEConfig(num_latents=48, activation="relu")])
+@pytest.mark.parametrize("cfg", [
+    SAEConfig(num_latents=64, k=5), SAEConfig(num_latents=48, activation="relu"),
+    SAEConfig(num_latents=64, activation="jumprelu"), SAEConfig(num_latents=64, activation="batchtopk", k=5),
+    SAEConfig(num_latents=64, activation="matryoshka", k=5, matryoshka_prefixes=(10, 40, 64)),
+], ids=lambda c: c.activation)
 def test_saelens_computes_tti_sae(tmp_path, cfg):
     from sae_lens import SAE
 
@@ -101,6 +119,10 @@ def test_saelens_computes_tti_sae(tmp_path, cfg):
     assert (f - ours.latents).abs().max().item() <= 1e-5
     assert (x_hat - ours.x_hat).abs().max().item() <= 1e-5
     assert torch.equal(f != 0, ours.latents != 0) and int((f != 0).sum()) > 0
+    if cfg.activation in ("jumprelu", "batchtopk", "matryoshka"):
+        assert written["architecture"] == "jumprelu" and type(loaded).__name__ == "JumpReLUSAE"
+        pre = ours.pre
+        assert int(((pre > 0) & (ours.latents == 0)).sum()) > 0  # the thresholds do cut positive latents
     # cfg.json is what SAELens's own save_model writes for this SAE, field for field.
     assert json.loads((out / "cfg.json").read_text()) == written
     loaded.save_model(tmp_path / "resaved")

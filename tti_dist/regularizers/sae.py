@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from tti_dist.capture.hookpoints import summarize_names
 from tti_dist.config.regularizers import SAERegularizerConfig
+from tti_dist.config.sae import BATCH_SELECTIONS, K_ACTIVATIONS
 from tti_dist.config.schema import ModelConfig
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import hookpoint_width, is_tp_sharded, model_layout
@@ -48,8 +49,11 @@ class SAECoTraining(Regularizer, CoTrainedModule):
         x_in, x_hat = SAE(a)                               (SAE in fp32, autocast off)
         L = R(x_in, x_hat)      (reconstruction, recon_normalize: default fvu =
                                  sum_t ||x_in - x_hat||^2 / sum_t ||x_in - mean x_in||^2)
-            + aux_coefficient * AuxK      (topk; dead mask from before this micro-batch)
+            + aux_coefficient * AuxK      (topk, batchtopk, matryoshka; dead mask from before
+                                           this micro-batch)
             + l1_coefficient * L1         (relu)
+            + l0_coefficient * L0 penalty (jumprelu)
+            + the inner prefixes' reconstruction terms (matryoshka)
     One backward of L through the SAE (torch.autograd.grad) gives the SAE parameters'
     gradient dL/dtheta, which is accumulated into their .grad (whatever the coefficient and
     schedule), and in joint mode also g = dL/da. The returned loss is then
@@ -72,7 +76,8 @@ class SAECoTraining(Regularizer, CoTrainedModule):
     W_dec all-gather over TP.
 
     Metrics (detached, reg/<name>/*; the trainer averages them over micro-steps and DP ranks):
-    loss (L), recon_loss (the normalized reconstruction part R), aux_k or l1, l0, explained_variance
+    loss (L), recon_loss (the normalized reconstruction part R), aux_k, l1, l0_penalty (jumprelu),
+    matryoshka_inner (matryoshka), batchtopk_threshold (batchtopk / matryoshka), l0, explained_variance
     and shrinkage (of this micro-batch, docs/metrics.md#explained-variance), dead_fraction (tracker),
     dense_fraction_1pct / dense_fraction_10pct (tracker densities over the tokens of the
     current optimizer step so far, all DP ranks), decoder_redundancy (last computed value).
@@ -88,9 +93,9 @@ class SAECoTraining(Regularizer, CoTrainedModule):
                               f"got {[hp.name for hp in self.hookpoints]}")
         self.site = self.hookpoints[0]
         self.sae_cfg = p  # the entry is the SAE's config (SAERegularizerConfig subclasses SAEConfig)
-        self.sae = ParallelSAE(self.site.global_dim, self.sae_cfg, groups.tp_group, groups.tp_size, groups.tp_rank,
-                               seed=p.seed, device=groups.device)
         self._dp_group = groups.dp_group if groups.dp_size > 1 else None
+        self.sae = ParallelSAE(self.site.global_dim, self.sae_cfg, groups.tp_group, groups.tp_size, groups.tp_rank,
+                               seed=p.seed, device=groups.device, dp_group=self._dp_group)
         self.tracker = FiringTracker(self.sae.num_local_latents, self.sae_cfg.dead_window_tokens,
                                      dp_group=self._dp_group, device=groups.device)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=p.lr, betas=tuple(p.betas), eps=p.adam_eps)
@@ -116,7 +121,7 @@ class SAECoTraining(Regularizer, CoTrainedModule):
         if is_tp_sharded(name):
             raise ConfigError(f"{where}.hookpoints: {name} is split across tensor-parallel ranks; type 'sae' needs "
                               f"a replicated site ({_replicated_hint(model_cfg)})")
-        if params.activation == "topk" and params.k > params.num_latents:
+        if params.activation in K_ACTIVATIONS and params.k > params.num_latents:
             raise ConfigError(f"{where}.k: {params.k} is larger than the whole SAE (num_latents "
                               f"{params.num_latents}); must be in 1..num_latents")
         params.validate(hookpoint_width(name, model_cfg), tp_size, where)
@@ -191,11 +196,13 @@ class SAECoTraining(Regularizer, CoTrainedModule):
             "dense_fraction_1pct": counts[2] / n,
             "dense_fraction_10pct": counts[3] / n,
         }
-        for key in ("aux_k", "l1"):
+        for key in ("aux_k", "l1", "l0_penalty", "matryoshka_inner"):
             if key in parts:
                 metrics[key] = parts[key]
-            elif key == "aux_k" and self.sae_cfg.activation == "topk":
+            elif key == "aux_k" and self.sae_cfg.activation in K_ACTIVATIONS:
                 metrics[key] = torch.zeros((), device=f.device)  # keep the keys the same every call
+        if self.sae_cfg.activation in BATCH_SELECTIONS:
+            metrics["batchtopk_threshold"] = self.sae.batchtopk_threshold
         if self._redundancy is not None:
             metrics["decoder_redundancy"] = self._redundancy
         return {k: v.detach().float() for k, v in metrics.items()}

@@ -131,7 +131,9 @@ def fit_source(fit_dir: Path) -> SAESource:
         raise ConfigError(f"FIT_DIR: '{fit_dir}' holds the shards of TP ranks {ranks}; an SAE fitted at tp_size {tp} "
                           f"needs ranks 0..{tp - 1}, each once")
     known = {f.name for f in fields(SAEConfig)}
-    sae_cfg = SAEConfig(**{k: v for k, v in metas[0]["sae_config"].items() if k in known})
+    # JSON has lists where SAEConfig holds tuples (matryoshka_prefixes)
+    sae_cfg = SAEConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in metas[0]["sae_config"].items() if k in known})
     record_path = fit_dir / METRICS_FILE
     try:
         record = json.loads(record_path.read_text())

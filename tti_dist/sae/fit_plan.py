@@ -8,7 +8,7 @@ Light on purpose: no model code is imported.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tti_dist.capture.hookpoints import summarize_names
@@ -18,16 +18,29 @@ from tti_dist.data.prepare import resolve_dataset, run_windows
 from tti_dist.errors import ConfigError
 from tti_dist.models.layout import gpt_hookpoint_names, hookpoint_width, is_tp_sharded
 from tti_dist.rundir import TP_LAYOUT_FILE, RunDir
-from tti_dist.config.sae import SAEConfig
+from tti_dist.config.sae import ACTIVATIONS, K_ACTIVATIONS, SAEConfig
 
 DEFAULT_STEPS = 500
 DEFAULT_LR = 1e-3
 METRICS_FILE = "sae_metrics.json"
 
 
-def compound_metrics_path(run: RunDir, num_latents: int, k: int) -> Path:
+FIT_OPTIONS = ("batchtopk_threshold_lr", "l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold",
+               "matryoshka_prefixes", "aux_k", "aux_coefficient", "normalize_input", "b_pre_init")
+"""SAEConfig fields a fit may set besides num_latents, activation and k (`sae_options`)."""
+
+
+def shape_tag(num_latents: int, k: int, activation: str = "topk") -> str:
+    """n<N>-k<K> for TopK (the names of earlier versions), n<N>-<activation>-k<K> for the
+    other k-sparse activations, n<N>-<activation> for relu / jumprelu (no k)."""
+    if activation == "topk":
+        return f"n{num_latents}-k{k}"
+    return f"n{num_latents}-{activation}" + (f"-k{k}" if activation in K_ACTIVATIONS else "")
+
+
+def compound_metrics_path(run: RunDir, num_latents: int, k: int, activation: str = "topk") -> Path:
     """Where a several-site fit writes its compound splice metrics (all SAEs spliced at once)."""
-    return run.sae_fit / f"compound-n{num_latents}-k{k}.json"
+    return run.sae_fit / f"compound-{shape_tag(num_latents, k, activation)}.json"
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class FitPlan:
     site_dim: int
     """Width d of the site."""
     sae_cfg: SAEConfig
-    """The SAE (TopK)."""
+    """The SAE (TopK unless an activation was chosen)."""
     steps: int
     """SAE optimizer steps (one micro-batch per DP rank each)."""
     lr: float
@@ -71,12 +84,23 @@ def _replicated_hint(cfg: RunConfig) -> str:
 
 def prepare_fit(run_dir: str | Path, sites: str | list[str], num_latents: int, k: int, checkpoint: str | None = None,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, out: str | Path | None = None, seed: int = 0,
-                nproc: int | None = None) -> tuple[FitPlan, ...]:
+                nproc: int | None = None, activation: str = "topk",
+                sae_options: dict | None = None) -> tuple[FitPlan, ...]:
     """Validate everything before any process starts; raise a one-line ConfigError on a user error.
 
     One FitPlan per site (same checkpoint, shape, steps and seed), fitted in turn on one
     loaded model; `out` (the SAE's directory) is only allowed with a single site.
+    `activation` is any SAEConfig activation (k is ignored for relu / jumprelu);
+    `sae_options` sets further SAEConfig fields (FIT_OPTIONS), e.g. matryoshka_prefixes.
     """
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"--activation: {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    options = dict(sae_options or {})
+    unknown = sorted(set(options) - set(FIT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"sae_options: {unknown[0]!r} is not a settable SAE field; allowed: {', '.join(FIT_OPTIONS)}")
+    if "matryoshka_prefixes" in options:
+        options["matryoshka_prefixes"] = tuple(options["matryoshka_prefixes"])
     sites = [sites] if isinstance(sites, str) else list(sites)
     if not sites:
         raise ConfigError("--site: give at least one replicated hookpoint")
@@ -97,13 +121,16 @@ def prepare_fit(run_dir: str | Path, sites: str | list[str], num_latents: int, k
         if is_tp_sharded(site):
             raise ConfigError(f"--site: {site} is split across tensor-parallel ranks; an SAE needs a replicated site "
                               f"({_replicated_hint(cfg)})")
-    first = _prepare_site(run, cfg, sites[0], num_latents, k, checkpoint, steps, lr, out, seed, nproc)
+    sae_kw = dict(activation=activation, **options)
+    first = _prepare_site(run, cfg, sites[0], num_latents, k, checkpoint, steps, lr, out, seed, nproc, sae_kw)
     return (first,) + tuple(
-        _prepare_site(run, cfg, site, num_latents, k, checkpoint, steps, lr, None, seed, nproc) for site in sites[1:])
+        _prepare_site(run, cfg, site, num_latents, k, checkpoint, steps, lr, None, seed, nproc, sae_kw)
+        for site in sites[1:])
 
 
 def _prepare_site(run: RunDir, cfg: RunConfig, site: str, num_latents: int, k: int, checkpoint: str | None,
-                  steps: int, lr: float, out: str | Path | None, seed: int, nproc: int | None) -> FitPlan:
+                  steps: int, lr: float, out: str | Path | None, seed: int, nproc: int | None,
+                  sae_kw: dict) -> FitPlan:
     run_dir = run.root
     tag = run.resolve_checkpoint(checkpoint)
     ckpt_dir = run.checkpoints
@@ -112,7 +139,7 @@ def _prepare_site(run: RunDir, cfg: RunConfig, site: str, num_latents: int, k: i
         raise ConfigError(f"--latents: {num_latents} must be an integer >= 2")
     if num_latents % tp:
         raise ConfigError(f"--latents: {num_latents} must be divisible by the run's parallel.tp_size {tp}")
-    if not 1 <= k <= num_latents:
+    if sae_kw["activation"] in K_ACTIVATIONS and not 1 <= k <= num_latents:
         raise ConfigError(f"--k: {k} must be in 1..latents ({num_latents})")
     if steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1")
@@ -130,12 +157,14 @@ def _prepare_site(run: RunDir, cfg: RunConfig, site: str, num_latents: int, k: i
     # Short fits: a latent counts as dead after a quarter of the fit's tokens (at most the
     # default dead_window_tokens, 10M), so AuxK can act at all.
     window = max(1, min(10_000_000, steps * tokens_per_step // 4))
-    sae_cfg = SAEConfig(num_latents=num_latents, activation="topk", k=k, dead_window_tokens=window)
+    known = {f.name for f in fields(SAEConfig)}
+    sae_cfg = SAEConfig(num_latents=num_latents, k=k, dead_window_tokens=window,
+                        **{name: v for name, v in sae_kw.items() if name in known})
     sae_cfg.validate(d, tp, "sae")
     cfg, dataset = resolve_dataset(cfg, run_dir)
     windows = run_windows(cfg, dataset)
     for split in ("train", "val"):
         DistributedBatchLoader(windows, split, cfg.train.micro_batch_size, 0, nproc // tp, cfg.train.seed)
-    out_dir = Path(out) if out is not None else run.sae_fit / f"{site}-n{num_latents}-k{k}"
+    out_dir = Path(out) if out is not None else run.sae_fit / f"{site}-{shape_tag(num_latents, k, sae_cfg.activation)}"
     return FitPlan(run_dir=str(run_dir), cfg=cfg, ckpt_dir=str(ckpt_dir), tag=tag, site=site, site_dim=d,
                    sae_cfg=sae_cfg, steps=steps, lr=lr, seed=seed, out_dir=str(out_dir), nproc=nproc)

@@ -5,6 +5,7 @@
                                  architecture ("topk" with k, or "standard"), metadata
                                  (sae_lens_version, model_name, hook_name, context_size, ...)
     DIR/sae_weights.safetensors  W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+                                 (+ threshold [d_sae] for architecture "jumprelu")
     DIR/tti_provenance.json      where it came from (run, checkpoint, entry or fit directory, site)
 
 `sae_lens.SAE.load_from_disk(DIR)` reads the first two (SAELens ignores other files).
@@ -21,6 +22,12 @@ TopK, which also selects on the pre-activations before its ReLU). The one differ
 ties: tti breaks a tie at the k-th value towards the lower latent index (on every TP
 degree), torch.topk leaves it unspecified; only a tie between positive values straddling
 the k-th place changes f, which real-valued activations essentially never produce.
+jumprelu -> "jumprelu" with threshold = exp(log_threshold): SAELens computes
+ReLU(pre) * 1[pre > threshold], tti pre * 1[pre > theta] with theta > 0, the same. batchtopk
+and matryoshka -> "jumprelu" with every threshold = max(batchtopk_threshold, 0): their
+inference form (tti's eval mode; SAELens saves its BatchTopK and Matryoshka SAEs the same
+way, batchtopk_sae.process_state_dict_for_saving_inference). The training-time batch
+selection is not exported; it depends on the batch.
 Refused (one-line ConfigError): `normalize_input: true` (SAELens's nearest option,
 normalize_activations "layer_norm", divides by std + 1e-5 instead of the norm, so its
 encoder differs by a relative ~1e-5/std and TopK may select differently), and any site
@@ -63,6 +70,12 @@ PROVENANCE_FORMAT = "tti_dist.sae_export/1"
 
 SHARD_DIMS = {"W_enc": 0, "b_enc": 0, "W_dec": 1, "b_pre": None}
 """Dimension of each ParallelSAE tensor split over TP ranks (None: replicated)."""
+
+OPTIONAL_DIMS = {"log_threshold": 0, "batchtopk_threshold": None}
+"""The same for the tensors only some activations have (jumprelu; batchtopk / matryoshka)."""
+
+JUMPRELU_FORMS = ("jumprelu", "batchtopk", "matryoshka")
+"""Activations exported as SAELens's "jumprelu" (with a threshold tensor)."""
 
 BLOCK_HOOKS = {
     "resid_pre": ("hook_resid_pre", "none"),
@@ -120,15 +133,20 @@ def check_exportable(sae_cfg: SAEConfig, where: str) -> None:
     if sae_cfg.normalize_input:
         raise ConfigError(f"{where}.normalize_input: true is not exportable: SAELens's nearest input normalisation "
                           "(layer_norm) divides by std + 1e-5, not by the centred norm, so its encoder would differ")
-    if sae_cfg.activation not in ("topk", "relu"):
-        raise ConfigError(f"{where}.activation: {sae_cfg.activation!r}; exportable: 'topk', 'relu'")
+    if sae_cfg.activation not in ("topk", "relu") + JUMPRELU_FORMS:
+        raise ConfigError(f"{where}.activation: {sae_cfg.activation!r}; exportable: 'topk', 'relu', "
+                          + ", ".join(repr(a) for a in JUMPRELU_FORMS))
 
 
 def merge_tp_shards(shards: list[dict[str, torch.Tensor]], where: str) -> dict[str, torch.Tensor]:
     """The whole SAE from its TP shards in rank order: W_enc [n, d], b_enc [n], W_dec [d, n],
     b_pre [d] (which every shard must hold identically); fp32 copies. ConfigError otherwise."""
     merged = {}
-    for name, dim in SHARD_DIMS.items():
+    dims = dict(SHARD_DIMS)
+    for name, dim in OPTIONAL_DIMS.items():
+        if any(name in s for s in shards):  # then every shard must hold it
+            dims[name] = dim
+    for name, dim in dims.items():
         missing = [r for r, s in enumerate(shards) if name not in s]
         if missing:
             raise ConfigError(f"{where}: TP rank {missing[0]}'s SAE state has no {name}; not a tti SAE")
@@ -148,13 +166,22 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], where: str) -> dict[s
 
 
 def saelens_tensors(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SAELens's state dict: W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d] (fp32, contiguous)."""
-    return {
+    """SAELens's state dict: W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d] (fp32, contiguous),
+    and for a JumpReLU form threshold [n]: exp(log_threshold) (jumprelu), or the running
+    BatchTopK threshold clamped at 0 for every latent (batchtopk / matryoshka; tti's eval form)."""
+    out = {
         "W_enc": merged["W_enc"].t().contiguous(),
         "b_enc": merged["b_enc"].contiguous(),
         "W_dec": merged["W_dec"].t().contiguous(),
         "b_dec": merged["b_pre"].contiguous(),
     }
+    if "log_threshold" in merged:
+        out["threshold"] = merged["log_threshold"].exp().contiguous()
+    elif "batchtopk_threshold" in merged:
+        # cast as tti's eval does (threshold.clamp_min(0).to(pre.dtype)), so the comparisons agree
+        theta = merged["batchtopk_threshold"].to(torch.float64).clamp_min(0).to(torch.float32)
+        out["threshold"] = theta.expand(merged["b_enc"].shape).contiguous()
+    return out
 
 
 def saelens_config(sae_cfg: SAEConfig, d_in: int, hook_name: str, reshape: str, metadata: dict[str, Any]) -> dict:
@@ -172,6 +199,8 @@ def saelens_config(sae_cfg: SAEConfig, d_in: int, hook_name: str, reshape: str, 
     }
     if sae_cfg.activation == "topk":
         cfg.update(k=sae_cfg.k, rescale_acts_by_decoder_norm=False, architecture="topk")
+    elif sae_cfg.activation in JUMPRELU_FORMS:
+        cfg["architecture"] = "jumprelu"
     else:
         cfg["architecture"] = "standard"
     return cfg

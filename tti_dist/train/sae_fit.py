@@ -15,12 +15,15 @@ then measure it (the plan comes checked from tti_dist.sae.fit_plan).
    module states for ZeRO-0, DeepSpeed's zero_to_fp32 for ZeRO 1-3, so every stage that
    `tti export` reads works; no DeepSpeed engine is built). The model is frozen (eval mode,
    requires_grad False).
-4. The SAE (ParallelSAE, TopK, latents sharded over TP) trains on the site's activations of
-   the training split, read by the training data loader (same windows, seed and DP split),
-   one micro-batch of train.micro_batch_size windows per DP rank per step: b_pre from the
-   first batch (geometric median over DP), loss = MSE + AuxK/32 (dead latents from a
-   FiringTracker), gradients averaged over DP (one all-reduce per step), the decoder's
-   parallel gradient removed, its own Adam step, decoder columns renormalized.
+4. The SAE (ParallelSAE, TopK unless the plan names another activation, latents sharded
+   over TP) trains on the site's activations of the training split, read by the training
+   data loader (same windows, seed and DP split), one micro-batch of
+   train.micro_batch_size windows per DP rank per step: b_pre from the first batch
+   (geometric median over DP), loss = `training_loss` (TopK / BatchTopK / Matryoshka: MSE
+   terms + AuxK/32 with dead latents from a FiringTracker; JumpReLU: MSE + L0 penalty),
+   gradients averaged over DP (one all-reduce per step), the decoder's parallel gradient
+   removed, its own Adam step, decoder columns renormalized. BatchTopK's running threshold
+   is averaged over DP inside the forward; measurement runs in eval mode (its JumpReLU form).
 5. `splice_metrics` (tti_dist.sae.splice) on the run's fixed validation batches
    (max(1, train.eval_batches) micro-batches per DP rank); on a corpus with factor columns
    (the synthetic language) also the latents' ground-truth scores `sae/<site>/gt_*`
@@ -72,10 +75,12 @@ def run_fit(plans: tuple[FitPlan, ...], groups) -> dict:
         saes = {site: sae for site, (sae, _, _) in fitted.items()}
         compound = compound_splice_metrics(model, saes, next(iter(fitted.values()))[2], groups)
         if groups.is_writer:
-            path = compound_metrics_path(RunDir(Path(first.run_dir)), first.sae_cfg.num_latents, first.sae_cfg.k)
+            path = compound_metrics_path(RunDir(Path(first.run_dir)), first.sae_cfg.num_latents, first.sae_cfg.k,
+                                         first.sae_cfg.activation)
             path.parent.mkdir(parents=True, exist_ok=True)
             record = {"run": first.run_dir, "checkpoint": first.tag, "sites": list(fitted),
-                      "num_latents": first.sae_cfg.num_latents, "k": first.sae_cfg.k, "steps": first.steps,
+                      "num_latents": first.sae_cfg.num_latents, "k": first.sae_cfg.k,
+                      "activation": first.sae_cfg.activation, "steps": first.steps,
                       "seed": first.seed, "metrics": compound,
                       "per_site_delta_lm_loss": {site: r[1]["metrics"][f"sae/{site}/delta_lm_loss"]
                                                  for site, r in fitted.items()}}
@@ -93,7 +98,7 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     sae = ParallelSAE(plan.site_dim, plan.sae_cfg, tp_group, groups.tp_size, groups.tp_rank, seed=plan.seed,
-                      device=groups.device)
+                      device=groups.device, dp_group=dp_group)
     tracker = FiringTracker(sae.num_local_latents, plan.sae_cfg.dead_window_tokens, dp_group=dp_group,
                             device=groups.device)
     opt = torch.optim.Adam(sae.parameters(), lr=plan.lr)
@@ -139,7 +144,8 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
         tokens = plan.steps * cfg.train.micro_batch_size * groups.dp_size * cfg.data.seq_len
         record = {
             "run": plan.run_dir, "checkpoint": plan.tag, "site": plan.site, "d_model": plan.site_dim,
-            "num_latents": plan.sae_cfg.num_latents, "k": plan.sae_cfg.k, "steps": plan.steps, "lr": plan.lr,
+            "num_latents": plan.sae_cfg.num_latents, "k": plan.sae_cfg.k, "activation": plan.sae_cfg.activation,
+            "steps": plan.steps, "lr": plan.lr,
             "seed": plan.seed, "tp_size": groups.tp_size, "dp_size": groups.dp_size, "train_tokens": tokens,
             "eval_batches": len(val_batches), "dead_window_tokens": plan.sae_cfg.dead_window_tokens,
             "metrics": metrics, "train_log": train_log,
