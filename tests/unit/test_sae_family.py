@@ -222,3 +222,15 @@ def test_config_errors_are_one_line(kwargs, field, value):
 
 def test_k_is_not_checked_for_jumprelu():
     SAEConfig(num_latents=16, activation="jumprelu", k=99).validate(8, 2)
+
+
+def test_fit_plan_activation_checks_and_names():
+    from tti_dist.sae.fit_plan import prepare_fit, shape_tag
+
+    with pytest.raises(ConfigError, match=r"^--activation: 'gelu'; allowed: topk, relu, batchtopk, jumprelu, "):
+        prepare_fit("no-such-run", "blocks.0.resid_post", 64, 4, activation="gelu")
+    with pytest.raises(ConfigError, match=r"^sae_options: 'lr' is not a settable SAE field; allowed: "):
+        prepare_fit("no-such-run", "blocks.0.resid_post", 64, 4, activation="jumprelu", sae_options={"lr": 1.0})
+    assert shape_tag(64, 4) == "n64-k4"  # TopK keeps the names of earlier versions
+    assert shape_tag(64, 4, "batchtopk") == "n64-batchtopk-k4"
+    assert shape_tag(64, 4, "jumprelu") == "n64-jumprelu"
