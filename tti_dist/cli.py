@@ -12,6 +12,7 @@
     tti toy CONFIG --run-dir RUN [--set key=value ...] [--overwrite]
     tti eval RUN [--checkpoint STEP] [--data DIR ...] [--weights FILE] [--nproc P] [--batches B] [--max-tokens N]
     tti inspect RUN --site SITE --unit U [--top N] [--checkpoint STEP] [--batches B] [--context C] [--sae DIR]
+    tti circuit RUN --task TASK [--checkpoint STEP] [--batches B] [--steps S] [--lambdas L,...] [--target-loss X] [--out FILE] [...]
     tti tensorboard DIR [--port P] [--host 127.0.0.1]
     tti report DIR [--metric TAG ...] [--target VALUE]
     tti submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--out DIR] [--set k=v ...] [--working-dir DIR] [--runtime-env FILE] [--wait]
@@ -139,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--context", type=int, default=12, help="tokens of left context (default 12)")
     insp.add_argument("--sae", help="a tti sae fit output directory: inspect its latent --unit instead")
 
+    circ = sub.add_parser("circuit", help="circuit size by pruning node masks (Gao et al. 2025), with controls at "
+                          "initialisation and on random labels (docs/circuits.md)")
+    circ.add_argument("run_dir", metavar="RUN", help="run directory written by tti train (on the synthetic corpus)")
+    circ.add_argument("--task", required=True, help="verb_number or topic (docs/circuits.md)")
+    circ.add_argument("--checkpoint", help="step or tag (default: latest)")
+    circ.add_argument("--batches", type=int, default=4, help="validation micro-batches of task examples (default 4)")
+    circ.add_argument("--steps", type=int, default=100, help="mask optimizer steps per penalty (default 100)")
+    circ.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the mask logits (default 0.1)")
+    circ.add_argument("--lambdas", metavar="L,...",
+                      help="penalties on the fraction of nodes kept, nats (default 0.03,0.3)")
+    circ.add_argument("--target-loss", type=float,
+                      help="task loss the circuit must reach (default: the trained model's full task loss + 0.05)")
+    circ.add_argument("--nodes", default="mlp,attn,resid", help="node types to mask (default mlp,attn,resid)")
+    circ.add_argument("--ablation", default="mean", help="pruned nodes: mean (default, as the paper) or zero")
+    circ.add_argument("--seed", type=int, default=0, help="seed of the random-label permutation (default 0)")
+    circ.add_argument("--out", help="also write the JSON result to this file")
+
     toy = sub.add_parser("toy", help="Toy Models of Superposition: a sparsity sweep of batched toy models, or the "
                          "sparsity x importance phase diagram (the config's `experiment`)")
     toy.add_argument("config", help="YAML toy config (e.g. configs/toy_superposition.yaml, "
@@ -204,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMAND_MODULES = {"train": "train", "export": "export", "data": "data",
                    "sae": {"fit": "sae_fit", "export": "sae_export"}, "eval": "eval",
-                   "inspect": "inspect", "toy": "toy", "sweep": "sweep", "report": "report",
+                   "inspect": "inspect", "circuit": "circuit", "toy": "toy", "sweep": "sweep", "report": "report",
                    "tensorboard": "tensorboard", "submit": "submit", "jobs": "jobs"}
 """Each verb's module in tti_dist.commands ({sub-verb: module} where each sub-verb has its own)."""
 
