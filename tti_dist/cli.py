@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     circ.add_argument("--steps", type=int, default=100, help="mask optimizer steps per penalty (default 100)")
     circ.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the mask logits (default 0.1)")
     circ.add_argument("--lambdas", metavar="L,...",
-                      help="penalties on the fraction of nodes kept, nats (default 0.03,0.3)")
+                      help="penalties on the fraction of nodes kept, nats, one search each (default 0.1)")
     circ.add_argument("--target-loss", type=float,
                       help="task loss the circuit must reach (default: the trained model's full task loss + 0.05)")
     circ.add_argument("--nodes", default="mlp,attn,resid", help="node types to mask (default mlp,attn,resid)")

@@ -27,7 +27,7 @@ ABLATIONS = ("mean", "zero")
 
 DEFAULT_TARGET_MARGIN = 0.05
 """Default target task loss: the trained model's full task loss plus this many nats."""
-DEFAULT_LAMBDAS = (0.03, 0.3)
+DEFAULT_LAMBDAS = (0.1,)
 """Default penalties (nats per fraction of nodes kept)."""
 
 
