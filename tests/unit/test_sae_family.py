@@ -176,11 +176,16 @@ def test_new_activations_train(cfg):
         out = sae(held_out, inference=False)
         ev_before = explained_variance(out.x_in, out.x_hat).item()
         l0_before = (out.latents != 0).sum(-1).float().mean().item()
-    for _ in range(100):
-        out = sae(batch(g))
-        loss, _ = sae.training_loss(out.x_in, out, normalize="fvu")
-        loss.backward()
-        sae_optimizer_step(sae, opt, None, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a loaded machine
+    try:
+        for _ in range(100):
+            out = sae(batch(g))
+            loss, _ = sae.training_loss(out.x_in, out, normalize="fvu")
+            loss.backward()
+            sae_optimizer_step(sae, opt, None, 1)
+    finally:
+        torch.set_num_threads(threads)
     sae.eval()
     with torch.no_grad():
         out = sae(held_out)
