@@ -103,6 +103,11 @@ def test_eval_loss_reproduces_the_logged_one(evaluated, run_dir):
     for tag in ("ev", "ce_loss_recovered", "l0", "dead_fraction"):
         name = f"sae/blocks.1.resid_post/{tag}"
         assert tp2[name] == pytest.approx(float(logged[name].iloc[0]), rel=1e-4, abs=1e-6), name
+    # Its latents (gathered over TP) scored against the corpus's factors: MCC and F1 per factor.
+    prefix = "sae/blocks.1.resid_post/"
+    assert tp2[prefix + "gt_num_features"] > len(FACTORS)
+    assert 0 < tp2[prefix + "gt_mcc"] < 1 and 0 < tp2[prefix + "gt_f1_mean"] <= 1
+    assert {f for f in FACTORS if f"{prefix}gt_f1_mean_{f}" in tp2} == set(FACTORS)
 
 
 def test_eval_reports_the_documented_tags(evaluated, run_dir):

@@ -45,6 +45,7 @@ from tti_dist.models.gpt import lm_loss
 from tti_dist.models.layout import model_layout
 from tti_dist.regularizers.base import REGISTRY, CoTrainedModule, build_regularizers
 from tti_dist.rundir import model_states_file
+from tti_dist.sae.ground_truth import ground_truth_scores
 from tti_dist.train.export import load_frozen_model
 from tti_dist.utils.safe_load import DEEPSPEED_GLOBALS, load_torch_file
 
@@ -104,7 +105,7 @@ def run_eval(plan: EvalPlan, groups) -> dict:
 
         probe = RoutingProbe(model, collected[2], groups, plan.cfg.model.vocab_size)
         moe = probe.measure(model)
-    sae = co_trained_sae_metrics(plan, model, [b["tokens"] for b in collected[2]], groups)
+    sae = co_trained_sae_metrics(plan, model, collected[2], groups)
     result: dict = {}
     if groups.is_writer:
         acts, labels, _ = collected
@@ -119,11 +120,13 @@ def run_eval(plan: EvalPlan, groups) -> dict:
     return result
 
 
-def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[torch.Tensor], groups) -> dict[str, float]:
+def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[dict[str, torch.Tensor]], groups) -> dict[str, float]:
     """Splice metrics (`sae/<site>/*`, tti_dist.sae.splice) of every SAE co-trained with the
     model (`type: sae` regularizers), restored from the checkpoint's client state: each TP
-    rank's shard is in its `mp_rank_XX_model_states.pt`. Collective; {} with --weights (an
-    export holds no SAE) or without SAE regularizers."""
+    rank's shard is in its `mp_rank_XX_model_states.pt`. On the synthetic language (batches
+    with factor columns) also the latents' ground-truth scores `sae/<site>/gt_*`
+    (tti_dist.sae.ground_truth). Collective; {} with --weights (an export holds no SAE) or
+    without SAE regularizers."""
     specs = [r for r in plan.cfg.regularizers if issubclass(REGISTRY[r.type], CoTrainedModule)]
     if plan.weights is not None or not specs:
         return {}
@@ -136,7 +139,12 @@ def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[torch.Tensor], g
             logger.warning("checkpoint %s holds no state of SAE %s; skipped", plan.tag, reg.spec.name)
             continue
         reg.load_state_dict(states[reg.spec.name])
-        out.update(reg.eval_metrics(model, batches))
+        out.update(reg.eval_metrics(model, [b["tokens"] for b in batches]))
+        sae = getattr(reg, "sae", None)
+        if sae is not None:
+            sae.eval()  # inference form (e.g. BatchTopK's learned threshold)
+            out.update(ground_truth_scores(model, lambda a: sae(a).latents, reg.site, batches, groups,
+                                           f"sae/{reg.site.name}/"))
     return out
 
 
