@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from tti_dist.commands.ranks import run_in_rank_sessions
@@ -49,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
     results, code = run_in_rank_sessions("circuit", 1, plan.cfg, 1, ep_size, run_circuit, plan, settings, layout)
     if code is not None:
         return code
-    text = json.dumps(results[0], indent=1)
+    # Indented, with each list of numbers (the kept nodes of a site) on one line.
+    text = re.sub(r"\[[-\d.,\s]*\]", lambda m: json.dumps(json.loads(m.group(0))), json.dumps(results[0], indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, text + "\n")
