@@ -20,17 +20,20 @@ contiguous range of that index, and the mask is exactly the TP=1 mask of the who
 ties included.
 
 Distributed selection (`abs_topk_masks`), all matrices of the step together:
-  1. keys: the float32 bit patterns of |w| as integers (monotone in |w| for non-negative
-     floats); forced entries get 2^31, above every finite float's pattern.
-  2. the k-th largest key over all TP ranks by a most-significant-byte-first radix select:
-     4 passes, each a 256-bin histogram of the current byte among the keys that match the
-     bytes chosen so far, summed over TP (one all-reduce of [matrices, 256] int64), then the
-     byte whose cumulative count from the top reaches k. No sort, no host synchronisation.
+  1. keys: the float32 bit patterns of |w| as int32 (monotone in |w| for non-negative
+     floats); forced entries get 0x7F800001, above the pattern of every |w| up to +inf.
+  2. the k-th largest key over all TP ranks by a most-significant-digit-first radix select
+     over the 31 key bits in 3 passes (11, 11 and 9 bits): each pass histograms the digit
+     of the keys that still match the digits chosen so far (torch.bincount), sums the
+     histograms over TP (one all-reduce of [matrices, 2048] int64), picks the digit whose
+     count from the top reaches k, and keeps only the keys with that digit as candidates
+     (a compaction, so passes 2 and 3 touch a small fraction of the weights; on a GPU each
+     compaction is one host synchronisation).
   3. ties at the k-th key go to lower ranks first (one all-gather of the tie counts,
-     [matrices] int64 per rank), and within a rank to the lower index (a cumsum).
-Communication per call: 4 all-reduces of 2 KiB per matrix and one all-gather of 8 bytes per
-matrix per rank, over the TP group; nothing at TP=1. Compute: about six elementwise passes
-over the weights plus, with min_per_neuron, one torch.topk of j per neuron.
+     [matrices] int64 per rank), and within a rank to the lower neuron-major index (a cumsum).
+Communication per call: 3 all-reduces of 16 KiB per matrix and one all-gather of 8 bytes per
+matrix per rank, over the TP group; nothing at TP=1. Compute: a few elementwise passes over
+the weights and one bincount, plus, with min_per_neuron, one torch.topk of j per neuron.
 
 Why not a gather of the candidates (models.sparsity.topk_mask's method): k is a large
 fraction of the matrix (a quarter, say), so gathering the candidate values would move about
@@ -56,8 +59,8 @@ from tti_dist.models.sparsity import topk_mask
 SPARSIFIABLE_ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 """Roles (tti_dist.models.layout.Linear.role) whose weight can be sparsified."""
 
-_FORCED_KEY = 1 << 31
-"""Key of an entry kept by min_per_neuron: above the bit pattern of every finite float32."""
+_FORCED_KEY = 0x7F800001
+"""Key of an entry kept by min_per_neuron: above the bit pattern of every float32 |w| up to +inf."""
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,33 @@ def neuron_major(w: torch.Tensor, parallel: str) -> torch.Tensor:
 
 
 def _keys(w: torch.Tensor, parallel: str, min_per_neuron: int) -> torch.Tensor:
-    """int64 keys of |w| in neuron-major order (flat), forced entries at _FORCED_KEY."""
-    nm = neuron_major(w.detach(), parallel).float()
-    keys = nm.abs().contiguous().view(torch.int32).to(torch.int64)
+    """int32 keys of |w| in w's own layout (flat), forced entries at _FORCED_KEY."""
+    keys = w.detach().float().abs().contiguous().view(torch.int32)
     if min_per_neuron > 0:
-        j = min(min_per_neuron, nm.shape[1])
-        forced = topk_mask(nm, j, by="abs")  # per neuron, ties to the lower index
-        keys = keys.masked_fill(forced, _FORCED_KEY)
+        nm = neuron_major(w.detach(), parallel)
+        forced = topk_mask(nm, min(min_per_neuron, nm.shape[1]), by="abs")  # per neuron, ties to the lower index
+        keys = keys.masked_fill(neuron_major(forced, parallel), _FORCED_KEY)
     return keys.reshape(-1)
+
+
+def _histograms(candidates: list[torch.Tensor], shift: int, bits: int, tp_group, tp_size: int) -> torch.Tensor:
+    """[M, 2^bits] counts of digit (key >> shift) & (2^bits - 1) of each matrix's candidate
+    keys, summed over the TP group (one all-reduce)."""
+    size = 1 << bits
+    hist = torch.stack([torch.bincount((c >> shift) & (size - 1), minlength=size) for c in candidates])
+    if tp_size > 1:
+        dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=tp_group)
+    return hist
+
+
+def _choose_digit(hist: torch.Tensor, remaining: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per matrix: the digit holding the remaining-th largest candidate, and the remaining
+    count within it (remaining minus the candidates with a larger digit)."""
+    from_top = hist.flip(-1).cumsum(-1)  # entry i: candidates whose digit >= size - 1 - i
+    pos = (from_top < remaining.unsqueeze(-1)).sum(-1).clamp(max=hist.shape[-1] - 1)
+    above = torch.where(pos > 0, from_top.gather(-1, (pos - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1),
+                        torch.zeros_like(pos))
+    return hist.shape[-1] - 1 - pos, remaining - above
 
 
 @torch.no_grad()
@@ -155,27 +177,20 @@ def abs_topk_masks(
     if tp_size > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=tp_group)
     remaining = torch.tensor(ks, dtype=torch.int64, device=device).minimum(total)
+    # Radix select over the 31 key bits, most significant first: 11 + 11 + 9 bits. After each
+    # pass only the keys sharing the chosen leading digits stay candidates (compacted), so the
+    # later passes touch a small fraction of the weights.
     prefix = torch.zeros(len(keys), dtype=torch.int64, device=device)
-    for shift in (24, 16, 8, 0):
-        hists = []
-        for m, key in enumerate(keys):
-            match = (key >> (shift + 8)) == prefix[m]
-            digit = torch.where(match, (key >> shift) & 255, torch.full_like(key, 256))
-            hist = torch.zeros(257, dtype=torch.int64, device=device)
-            hist.scatter_add_(0, digit, torch.ones_like(digit))
-            hists.append(hist[:256])
-        hist = torch.stack(hists)  # [M, 256]
-        if tp_size > 1:
-            dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=tp_group)
-        from_top = hist.flip(-1).cumsum(-1)  # entry i: count of digits >= 255 - i
-        pos = (from_top < remaining.unsqueeze(-1)).sum(-1).clamp(max=255)  # first position reaching k
-        digit = 255 - pos
-        above = torch.where(pos > 0, from_top.gather(-1, (pos - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1),
-                            torch.zeros_like(pos))
-        remaining = remaining - above
-        prefix = (prefix << 8) | digit
-    # prefix[m] is the k-th largest key; `remaining` of the keys equal to it are kept.
-    eq_local = torch.stack([(key == prefix[m]).sum() for m, key in enumerate(keys)])
+    candidates = keys
+    for shift, bits in ((20, 11), (9, 11), (0, 9)):
+        hist = _histograms(candidates, shift, bits, tp_group, tp_size)
+        digit, remaining = _choose_digit(hist, remaining)
+        prefix = (prefix << bits) | digit
+        if shift:
+            candidates = [c[((c >> shift) & ((1 << bits) - 1)) == digit[m]] for m, c in enumerate(candidates)]
+    # prefix[m] is the k-th largest key; `remaining` of the keys equal to it are kept, lower
+    # ranks first, then lower neuron-major index.
+    eq_local = torch.stack([(c == prefix[m]).sum() for m, c in enumerate(candidates)])
     if tp_size > 1:
         eq_all = torch.empty(tp_size, len(keys), dtype=torch.int64, device=device)
         all_gather_single(eq_all.view(-1), eq_local, group=tp_group)
@@ -185,8 +200,9 @@ def abs_topk_masks(
     take = (remaining - eq_before).clamp(min=0).minimum(eq_local)
     masks = []
     for m, (key, w, par) in enumerate(zip(keys, weights, parallels)):
-        eq = key == prefix[m]
-        keep = (key > prefix[m]) | (eq & (eq.cumsum(0) <= take[m]))
-        nm_shape = neuron_major(w, par).shape
-        masks.append(neuron_major(keep.view(nm_shape), par))
+        threshold = prefix[m].to(torch.int32)
+        keep = (key > threshold).view(w.shape)
+        eq = neuron_major((key == threshold).view(w.shape), par)
+        first = eq & (eq.reshape(-1).cumsum(0).view(eq.shape) <= take[m])
+        masks.append(keep | neuron_major(first, par))
     return masks
