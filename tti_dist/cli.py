@@ -6,7 +6,7 @@
     tti data build SOURCE --out DIR [--tokenizer byte|bpe|FILE.json] [--vocab-size N] [--workers N] [...]
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
-    tti sae fit RUN --site SITE --latents N --k K [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
+    tti sae fit RUN --site SITE --latents N [--k K] [--activation A] [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
     tti sae export RUN|FIT_DIR --out DIR [--checkpoint STEP|TAG] [--name ENTRY]
     tti sweep SWEEP [--address ADDR] [--out DIR] [--set k=v ...]
     tti toy CONFIG --run-dir RUN [--set key=value ...] [--overwrite]
@@ -97,13 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = sub.add_parser("sae", help="sparse autoencoders on a trained run").add_subparsers(
         dest="sae_command", required=True)
-    fit = sae.add_parser("fit", help="train a TopK SAE on a run's frozen activations and write its splice metrics")
+    fit = sae.add_parser("fit", help="train an SAE (TopK by default) on a run's frozen activations and write its "
+                          "splice metrics")
     fit.add_argument("run_dir", metavar="RUN", help="run directory written by tti train")
     fit.add_argument("--site", required=True, action="append",
                      help="replicated hookpoint, e.g. blocks.1.resid_post; repeat to fit one SAE per site "
                           "and measure them spliced in together")
     fit.add_argument("--latents", type=int, required=True, help="SAE latents (divisible by the run's tp_size)")
-    fit.add_argument("--k", type=int, required=True, help="active latents per token (TopK), 1..latents")
+    fit.add_argument("--k", type=int, help="active latents per token (topk; mean per token for batchtopk and "
+                     "matryoshka), 1..latents; required for those, unused by relu and jumprelu")
+    fit.add_argument("--activation", default="topk",
+                     help="topk (default), relu, batchtopk, jumprelu or matryoshka (docs/sae.md)")
+    fit.add_argument("--l1-coefficient", help="relu: weight of the decoder-norm-weighted L1 penalty (default 5.0)")
+    fit.add_argument("--l0-coefficient", help="jumprelu: weight of the L0 penalty (default 1e-3)")
+    fit.add_argument("--matryoshka-prefixes", metavar="M1,M2,...",
+                     help="matryoshka: nested dictionary sizes, increasing, ending at --latents, e.g. 256,1024")
     fit.add_argument("--checkpoint", help="step or tag (default: latest)")
     fit.add_argument("--steps", type=int, default=500, help="SAE optimizer steps (default 500)")
     fit.add_argument("--lr", type=float, default=1e-3, help="SAE Adam learning rate (default 1e-3)")

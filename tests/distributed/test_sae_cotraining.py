@@ -1,5 +1,5 @@
 """`type: sae` co-training regularizer: TP=2 equals TP=1 through the GPT (loss, model and SAE
-gradients, SAE shards after its own optimizer step), the joint-mode gradient trick equals a
+gradients, SAE shards after its own optimizer step; TopK, ReLU, BatchTopK, JumpReLU, Matryoshka), the joint-mode gradient trick equals a
 plain backward, detached mode leaves the model alone, a short single-rank run through the launcher (in-process, for speed)
 (metrics, unit-norm decoder, exact resume), and config errors.
 """
@@ -30,8 +30,17 @@ LAI_RELU = {"type": "sae", "name": "sae_lai", "coefficient": 0.6, "hookpoints": 
             "num_latents": 64, "activation": "relu", "l1_coefficient": 0.02, "recon_normalize": "input_norm",
             "b_pre_init": "zeros", "lr": 1e-2, "seed": 5}
 LAI_TOPK = {**JOINT, "name": "sae_lai_k", "recon_normalize": "input_norm"}
-ENTRIES = {"joint": JOINT, "detached": DETACHED, "lai_relu": LAI_RELU, "lai_topk": LAI_TOPK}
-SAE_LAYOUT = {"W_enc": 0, "b_enc": 0, "W_dec": 1, "b_pre": None}
+# The SAE family through the regularizer: BatchTopK (joint, AuxK on the second micro-step),
+# JumpReLU (detached; thresholds inside the inputs' range, so the L0 term has gradient) and
+# Matryoshka (a prefix across the TP shard boundary at 32).
+BATCHTOPK = {**JOINT, "name": "sae_btk", "activation": "batchtopk", "batchtopk_threshold_lr": 0.5, "seed": 6}
+JUMPRELU = {"type": "sae", "name": "sae_jr", "coefficient": 1.0, "hookpoints": [HOOK], "mode": "detached",
+            "num_latents": 32, "activation": "jumprelu", "l0_coefficient": 0.05, "jumprelu_bandwidth": 0.02,
+            "jumprelu_init_threshold": 0.03, "b_pre_init": "mean", "lr": 1e-2, "seed": 7}
+MATRYOSHKA = {**JOINT, "name": "sae_mat", "activation": "matryoshka", "matryoshka_prefixes": [8, 40, 64], "seed": 8}
+ENTRIES = {"joint": JOINT, "detached": DETACHED, "lai_relu": LAI_RELU, "lai_topk": LAI_TOPK,
+           "batchtopk": BATCHTOPK, "jumprelu": JUMPRELU, "matryoshka": MATRYOSHKA}
+SAE_LAYOUT = {"W_enc": 0, "b_enc": 0, "W_dec": 1, "b_pre": None, "log_threshold": 0}
 
 
 def _tokens(i: int) -> torch.Tensor:
@@ -175,6 +184,24 @@ def test_detached_gives_model_no_gradient(tp_results):
         assert not res["requires_grad"] and res["model_grads"] == {}
         assert all(g.abs().sum() > 0 for g in res["sae_grads"].values())
         assert "reg/sae_d/l1" in res["metrics"][0] and "reg/sae_d/aux_k" not in res["metrics"][0]
+
+
+def test_sae_family_metrics(tp_results):
+    """The family's own terms reach the regularizer's metrics: BatchTopK's running threshold
+    (set by the first batch, then an EMA) and AuxK, JumpReLU's L0 penalty (equal to its L0,
+    no AuxK), Matryoshka's inner prefix losses."""
+    btk = tp_results[0]["batchtopk"]["metrics"]
+    theta = [m["reg/sae_btk/batchtopk_threshold"].item() for m in btk]
+    assert theta[0] > 0 and theta[1] > 0 and theta[0] != theta[1]
+    assert btk[1]["reg/sae_btk/aux_k"].item() > 0
+    assert 0 < btk[0]["reg/sae_btk/l0"].item() <= BATCHTOPK["k"]  # k T selected per batch, some may be <= 0
+    jr = tp_results[0]["jumprelu"]["metrics"][0]
+    assert jr["reg/sae_jr/l0_penalty"].item() == pytest.approx(jr["reg/sae_jr/l0"].item(), rel=1e-6)
+    assert jr["reg/sae_jr/l0"].item() > 0
+    assert "reg/sae_jr/aux_k" not in jr
+    assert tp_results[0]["jumprelu"]["sae_grads"]["log_threshold"].abs().sum() > 0
+    mat = tp_results[0]["matryoshka"]["metrics"][0]
+    assert mat["reg/sae_mat/matryoshka_inner"].item() > 0 and mat["reg/sae_mat/recon_loss"].item() > 0
 
 
 def test_state_dict_contents(tp_results):

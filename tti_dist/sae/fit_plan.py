@@ -25,7 +25,7 @@ DEFAULT_LR = 1e-3
 METRICS_FILE = "sae_metrics.json"
 
 
-FIT_OPTIONS = ("batchtopk_threshold_lr", "l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold",
+FIT_OPTIONS = ("batchtopk_threshold_lr", "l1_coefficient", "l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold",
                "matryoshka_prefixes", "aux_k", "aux_coefficient", "normalize_input", "b_pre_init")
 """SAEConfig fields a fit may set besides num_latents, activation and k (`sae_options`)."""
 
