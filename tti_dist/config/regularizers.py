@@ -383,3 +383,24 @@ def regularizer_to_dict(reg: RegularizerConfig) -> dict[str, Any]:
     return {"type": reg.type, "name": reg.name, "coefficient": reg.coefficient,
             "hookpoints": list(reg.hookpoints), "schedule": dataclasses.asdict(reg.schedule),
             **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(reg.params).items()}}
+
+
+@register_config
+@dataclass(frozen=True)
+class TranscoderRegularizerConfig(SAERegularizerConfig):
+    """Settings of `type: transcoder`: a (skip) transcoder from an MLP's input to its output
+    (tti_dist/sae/transcoder.py), co-trained like `type: sae` (mode, recon_normalize, own
+    Adam). Its hookpoints are exactly ["blocks.<i>.resid_mid", "blocks.<i>.mlp.out"] of one
+    dense block: the input (the MLP sublayer's input, before its LayerNorm) and the target.
+    Every SAE field applies, except normalize_input (must be false); b_pre_init sets the
+    decoder bias b_dec from the target's samples."""
+
+    type_name = "transcoder"
+
+    skip: bool = False
+    """Add the skip term W_skip x (W_skip [d, d], replicated over TP, initialised to 0):
+    a skip transcoder (Paulo, Shabalin & Belrose 2025)."""
+    normalize_decoder: bool = False
+    """False (sparsify's transcoders): W_dec starts at 0 and is unconstrained. True (Dunefsky
+    et al. 2024): W_dec starts from random unit columns, kept at unit norm (gradient
+    projection before and renormalisation after each step), as an SAE's decoder."""

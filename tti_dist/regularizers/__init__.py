@@ -5,7 +5,9 @@ classes are registered in tti_dist.config.regularizers.
 """
 
 # Importing the modules registers their types.
-from tti_dist.regularizers import decorrelation, kl, l1, orthogonality, routing, sae, total_correlation  # noqa: F401
+from tti_dist.regularizers import (  # noqa: F401
+    decorrelation, kl, l1, orthogonality, routing, sae, total_correlation, transcoder,
+)
 from tti_dist.regularizers.base import REGISTRY, Regularizer, build_regularizers, register
 from tti_dist.regularizers.validation import check_regularizers, checked_regularizers, validate_run_config
 

@@ -34,6 +34,12 @@ x_in = (x - mean_d x) / ||x - mean_d x||. The spliced activation is mapped back 
 space with the token's own statistics, x_hat_site = x_hat * ||x - mean_d x|| + mean_d x, so a
 perfect reconstruction in the SAE's space splices x exactly. EV etc. stay in the SAE's space.
 
+Transcoders (`transcoder_splice_metrics`, tti_dist/sae/transcoder.py): the same three passes
+and definitions, with the MLP's output blocks.<i>.mlp.out replaced by the transcoder's y_hat,
+computed from the MLP's input blocks.<i>.resid_mid of the same forward (zero pass: the MLP's
+output zero-ablated); EV / FVU compare y_hat with the MLP's own output. Tags
+transcoder/blocks.<i>.mlp/<name>.
+
 CE here is over the real vocabulary, so CE_clean can differ slightly from the trainer's
 eval/loss, whose softmax (megatron's vocab_parallel_cross_entropy) also includes the padded rows.
 """
@@ -164,6 +170,29 @@ def splice_metrics(model: nn.Module, sae: ParallelSAE, site, batches, groups) ->
     name, module = _resolve_site(model, site)
     if module.tp_sharded:
         raise ValueError(f"splice_metrics: site {name} is TP-sharded; splicing needs a replicated site")
+    return _splice(model, sae, module, None, batches, groups, f"sae/{name}/")
+
+
+@torch.no_grad()
+def transcoder_splice_metrics(model: nn.Module, transcoder: ParallelSAE, block: int, batches,
+                              groups) -> dict[str, float]:
+    """Replacement metrics of a transcoder (tti_dist.sae.transcoder) of block `block`'s MLP: in
+    the spliced pass the MLP's output blocks.<i>.mlp.out is replaced by y_hat = transcoder(x)
+    of the same forward's MLP input x = blocks.<i>.resid_mid; the zero pass zero-ablates the
+    MLP's output. CE_m, KL_m, ce_loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean),
+    delta_lm_loss and kl_score exactly as in `splice_metrics`; ev / fvu and shrinkage compare
+    y_hat with the MLP's own output y of that forward (FVU = 1 - EV of y); l0, dead and dense
+    fractions and redundancy as for an SAE. Returns {"transcoder/blocks.<i>.mlp/<name>": float}
+    for every name in METRIC_NAMES, identical on all ranks; communication as splice_metrics."""
+    _, source = _resolve_site(model, f"blocks.{block}.resid_mid")
+    _, target = _resolve_site(model, f"blocks.{block}.mlp.out")
+    return _splice(model, transcoder, target, source, batches, groups, f"transcoder/blocks.{block}.mlp/")
+
+
+def _splice(model: nn.Module, sae: ParallelSAE, module: HookPoint, source: HookPoint | None, batches, groups,
+            prefix: str) -> dict[str, float]:
+    """The three passes and the metrics. source None: the SAE reconstructs `module`'s own
+    output; else `module`'s output is replaced by sae(source's output of the same forward)."""
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     vocab_size = model.cfg.vocab_size
@@ -179,21 +208,31 @@ def splice_metrics(model: nn.Module, sae: ParallelSAE, site, batches, groups) ->
     # [ce_clean, ce_spliced, ce_zero, kl_spliced, kl_zero, nonzero latents, tokens]
     sums = torch.zeros(7, dtype=_F64, device=device)
 
+    def source_hook(_mod, _inp, output):
+        state["x"] = output
+
     def hook(_mod, _inp, output):
         mode = state["mode"]
         if mode == "clean":
             return None
         if mode == "zero":
             return torch.zeros_like(output)
-        out, x_hat = reconstruct_site(sae, output)
+        if source is None:
+            out, x_hat = reconstruct_site(sae, output)
+            ev_acc.update(out.x_in, out.x_hat)
+        else:  # a transcoder: y_hat from this forward's input replaces the output y
+            out = sae(state.pop("x"))
+            x_hat = out.x_hat.to(output.dtype)
+            ev_acc.update(output.to(out.x_hat.dtype), out.x_hat)
         f = out.latents.reshape(-1, sae.num_local_latents)
-        ev_acc.update(out.x_in, out.x_hat)
         fire_counts.add_((f != 0).sum(dim=0).to(_F64))
         sums[5] += torch.count_nonzero(f).to(_F64)
         sums[6] += f.shape[0]
         return x_hat
 
-    handle = module.register_forward_hook(hook)
+    handles = [module.register_forward_hook(hook)]
+    if source is not None:
+        handles.append(source.register_forward_hook(source_hook))
     num_targets = 0
     try:
         for batch in batches:
@@ -212,7 +251,8 @@ def splice_metrics(model: nn.Module, sae: ParallelSAE, site, batches, groups) ->
             sums[4] += _kl(logps["clean"], logps["zero"], tp_group).to(_F64).sum()
             num_targets += targets.numel()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
         sae.train(sae_training)
 
@@ -250,7 +290,7 @@ def splice_metrics(model: nn.Module, sae: ParallelSAE, site, batches, groups) ->
         "redundancy": float(decoder_redundancy(sae.W_dec, tp_group)),
         "num_tokens": float(n_targets),
     }
-    return {f"sae/{name}/{k}": float(v) for k, v in metrics.items()}
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
 
 COMPOUND_METRIC_NAMES = ("ce_clean", "ce_spliced", "delta_lm_loss", "kl_spliced", "sum_l0", "num_tokens")
