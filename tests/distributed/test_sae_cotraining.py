@@ -38,9 +38,15 @@ JUMPRELU = {"type": "sae", "name": "sae_jr", "coefficient": 1.0, "hookpoints": [
             "num_latents": 32, "activation": "jumprelu", "l0_coefficient": 0.05, "jumprelu_bandwidth": 0.02,
             "jumprelu_init_threshold": 0.03, "b_pre_init": "mean", "lr": 1e-2, "seed": 7}
 MATRYOSHKA = {**JOINT, "name": "sae_mat", "activation": "matryoshka", "matryoshka_prefixes": [8, 40, 64], "seed": 8}
+# A joint skip transcoder of blocks.1's MLP (type: transcoder): the model gets the gradient at
+# both sites; a unit-norm decoder, so the first step moves every weight.
+TRANSCODER = {"type": "transcoder", "name": "tc", "coefficient": 0.5,
+              "hookpoints": ["blocks.1.resid_mid", "blocks.1.mlp.out"], "mode": "joint", "skip": True,
+              "normalize_decoder": True, "num_latents": 64, "k": 6, "aux_k": 8, "aux_coefficient": 0.25,
+              "dead_window_tokens": 1, "lr": 1e-2, "seed": 9}
 ENTRIES = {"joint": JOINT, "detached": DETACHED, "lai_relu": LAI_RELU, "lai_topk": LAI_TOPK,
-           "batchtopk": BATCHTOPK, "jumprelu": JUMPRELU, "matryoshka": MATRYOSHKA}
-SAE_LAYOUT = {"W_enc": 0, "b_enc": 0, "W_dec": 1, "b_pre": None, "log_threshold": 0}
+           "batchtopk": BATCHTOPK, "jumprelu": JUMPRELU, "matryoshka": MATRYOSHKA, "transcoder": TRANSCODER}
+SAE_LAYOUT = {"W_enc": 0, "b_enc": 0, "W_dec": 1, "b_pre": None, "log_threshold": 0, "W_skip": None}
 
 
 def _tokens(i: int) -> torch.Tensor:
@@ -71,7 +77,7 @@ def _rank() -> dict:
                 for i in range(2):
                     model(_tokens(i))
                     weighted, metrics = reg(cap.captured, step=0)
-                    res["acts"].append(cap.captured[HOOK].detach().clone())
+                    res["acts"].append(cap.captured[reg.captures[0].name].detach().clone())
                     res["requires_grad"] = weighted.requires_grad
                     if weighted.requires_grad:
                         weighted.backward()
@@ -202,6 +208,19 @@ def test_sae_family_metrics(tp_results):
     assert tp_results[0]["jumprelu"]["sae_grads"]["log_threshold"].abs().sum() > 0
     mat = tp_results[0]["matryoshka"]["metrics"][0]
     assert mat["reg/sae_mat/matryoshka_inner"].item() > 0 and mat["reg/sae_mat/recon_loss"].item() > 0
+
+
+def test_transcoder_entry(tp_results):
+    """type: transcoder in the same loop: the model received gradient (joint), the skip term
+    trained, the metrics describe the MLP output's reconstruction."""
+    for r in [tp_results[0], *tp_results[1]]:
+        res = r["transcoder"]
+        assert res["requires_grad"] and any(k.startswith("blocks.1.mlp") for k in res["model_grads"])
+        assert res["sae_grads"]["W_skip"].abs().sum() > 0
+        assert not torch.equal(res["sae_after"]["W_skip"], res["sae_before"]["W_skip"])
+    m = tp_results[0]["transcoder"]["metrics"][1]
+    assert m["reg/tc/aux_k"].item() > 0 and 0 < m["reg/tc/l0"].item() <= TRANSCODER["k"]
+    assert {"reg/tc/explained_variance", "reg/tc/dead_fraction", "reg/tc/recon_loss"} <= set(m)
 
 
 def test_state_dict_contents(tp_results):

@@ -122,7 +122,8 @@ def run_eval(plan: EvalPlan, groups) -> dict:
 
 def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[dict[str, torch.Tensor]], groups) -> dict[str, float]:
     """Splice metrics (`sae/<site>/*`, tti_dist.sae.splice) of every SAE co-trained with the
-    model (`type: sae` regularizers), restored from the checkpoint's client state: each TP
+    model (`type: sae` regularizers; `type: transcoder`: `transcoder/blocks.<i>.mlp/*`, the
+    replacement metrics), restored from the checkpoint's client state: each TP
     rank's shard is in its `mp_rank_XX_model_states.pt`. On the synthetic language (batches
     with factor columns) also the latents' ground-truth scores `sae/<site>/gt_*`
     (tti_dist.sae.ground_truth). Collective; {} with --weights (an export holds no SAE) or
@@ -141,10 +142,10 @@ def co_trained_sae_metrics(plan: EvalPlan, model, batches: list[dict[str, torch.
         reg.load_state_dict(states[reg.spec.name])
         out.update(reg.eval_metrics(model, [b["tokens"] for b in batches]))
         sae = getattr(reg, "sae", None)
-        if sae is not None:
+        if sae is not None:  # an SAE, or a transcoder (reading its input site, tags under its metric_prefix)
             sae.eval()  # inference form (e.g. BatchTopK's learned threshold)
-            out.update(ground_truth_scores(model, lambda a: sae(a).latents, reg.site, batches, groups,
-                                           f"sae/{reg.site.name}/"))
+            prefix = getattr(reg, "metric_prefix", None) or f"sae/{reg.site.name}/"
+            out.update(ground_truth_scores(model, lambda a: sae(a).latents, reg.site, batches, groups, prefix))
     return out
 
 
