@@ -6,7 +6,7 @@
     tti data build SOURCE --out DIR [--tokenizer byte|bpe|FILE.json] [--vocab-size N] [--workers N] [...]
     tti data synth factored --out DIR [--config FILE] [--set key=value ...]
     tti data info DIR
-    tti sae fit RUN --site SITE --latents N [--k K] [--activation A] [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
+    tti sae fit RUN --site SITE --latents N [--k K] [--activation A] [--target SITE [--skip]] [--checkpoint STEP] [--steps S] [--lr LR] [--out DIR] [--seed S] [--nproc P]
     tti sae export RUN|FIT_DIR --out DIR [--checkpoint STEP|TAG] [--name ENTRY]
     tti sweep SWEEP [--address ADDR] [--out DIR] [--set k=v ...]
     tti toy CONFIG --run-dir RUN [--set key=value ...] [--overwrite]
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--l0-coefficient", help="jumprelu: weight of the L0 penalty (default 1e-3)")
     fit.add_argument("--matryoshka-prefixes", metavar="M1,M2,...",
                      help="matryoshka: nested dictionary sizes, increasing, ending at --latents, e.g. 256,1024")
+    fit.add_argument("--target", help="fit a transcoder instead: --site blocks.<i>.resid_mid (the MLP's input) "
+                     "predicting --target blocks.<i>.mlp.out (its output)")
+    fit.add_argument("--skip", action="store_true", help="with --target: a skip transcoder (adds W_skip x)")
     fit.add_argument("--checkpoint", help="step or tag (default: latest)")
     fit.add_argument("--steps", type=int, default=500, help="SAE optimizer steps (default 500)")
     fit.add_argument("--lr", type=float, default=1e-3, help="SAE Adam learning rate (default 1e-3)")

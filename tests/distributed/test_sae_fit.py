@@ -282,6 +282,10 @@ def test_sae_fit_several_sites_writes_compound_metrics(tiny_run):
     (["--site", "blocks.0.mlp.act"], "split across tensor-parallel ranks"),
     (["--site", FIT_SITE, "--k", "100"], "--k: 100 must be in 1..latents (64)"),
     (["--site", FIT_SITE, "--nproc", "0"], "--nproc: 0"),
+    (["--site", "blocks.1.resid_mid", "--target", "blocks.0.mlp.out"], "--target: 'blocks.0.mlp.out' with --site"),
+    (["--site", "blocks.1.resid_mid", "--site", "blocks.0.resid_mid", "--target", "blocks.1.mlp.out"],
+     "--target: a transcoder has one --site"),
+    (["--site", "blocks.1.resid_mid", "--skip"], "--skip: only used with --target"),
 ])
 def test_sae_fit_user_errors(tiny_run, capsys, args, message):
     from tti_dist.cli import main
@@ -292,6 +296,41 @@ def test_sae_fit_user_errors(tiny_run, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tti: error: ") and message in err and "\n" not in err
+
+
+def test_transcoder_fit_and_activation_flags(tiny_run, tmp_path):
+    """`tti sae fit --target` fits a skip transcoder of blocks.1's MLP: the replacement metrics
+    under transcoder/blocks.1.mlp/*, FVU below the initial 1, L0 <= k, its own shard name,
+    and tti sae export refuses it in one line. `--activation matryoshka` with
+    --matryoshka-prefixes fits that SAE (the flags reach the SAE's config)."""
+    from tti_dist.sae.files import read_shard
+    from tti_dist.sae.splice import METRIC_NAMES
+
+    out = tmp_path / "tc"
+    proc = _cli("sae", "fit", str(tiny_run), "--site", "blocks.1.resid_mid", "--target", "blocks.1.mlp.out",
+                "--skip", "--latents", "64", "--k", "4", "--steps", "40", "--lr", "3e-3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skip transcoder blocks.1.resid_mid -> blocks.1.mlp.out" in proc.stdout
+    record = json.loads((out / "sae_metrics.json").read_text())
+    assert record["target"] == "blocks.1.mlp.out" and record["skip"] is True
+    assert set(record["metrics"]) == {f"transcoder/blocks.1.mlp/{n}" for n in METRIC_NAMES}
+    m = {k.rsplit("/", 1)[1]: v for k, v in record["metrics"].items()}
+    print("transcoder fit", {k: round(m[k], 4) for k in ("fvu", "l0", "ce_loss_recovered", "dead_fraction")})
+    assert m["fvu"] < 1.0 and 0 < m["l0"] <= 4 and m["ce_zero"] != m["ce_clean"]
+    assert record["train_log"][0]["ev"] < record["train_log"][-1]["ev"]
+    meta, state = read_shard(out / "transcoder_tp_rank00.safetensors")
+    assert state["W_skip"].shape == (32, 32) and state["W_skip"].abs().sum() > 0
+    assert not list(out.glob("sae_tp_rank*"))
+    proc = _cli("sae", "export", str(out), "--out", str(tmp_path / "exported"))
+    assert proc.returncode == 2 and "holds a transcoder" in proc.stderr and "\n" not in proc.stderr.strip()
+
+    mat = tmp_path / "mat"
+    proc = _cli("sae", "fit", str(tiny_run), "--site", FIT_SITE, "--latents", "32", "--k", "3", "--activation",
+                "matryoshka", "--matryoshka-prefixes", "8,32", "--steps", "5", "--out", str(mat))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((mat / "sae_metrics.json").read_text())
+    assert record["activation"] == "matryoshka" and record["target"] is None
+    assert read_shard(mat / "sae_tp_rank00.safetensors")[0]["sae_config"]["matryoshka_prefixes"] == [8, 32]
 
 
 def test_sae_fit_not_a_run_dir_subprocess(tmp_path):

@@ -1,7 +1,8 @@
 """`tti sae fit RUN --site SITE [--site SITE ...] --latents N [--k K] [--activation A] [...]`: a
 fresh SAE (TopK by default; relu, batchtopk, jumprelu, matryoshka) per site on a run's frozen
 activations, its splice metrics, and with several sites the metrics of all of them spliced in
-at once.
+at once. With `--target blocks.<i>.mlp.out [--skip]` (and the one site blocks.<i>.resid_mid):
+a (skip) transcoder of that MLP and its replacement metrics (tti_dist/sae/transcoder.py).
 
 The activation's options come from their own flags (--l1-coefficient for relu,
 --l0-coefficient for jumprelu, --matryoshka-prefixes for matryoshka); a flag given with
@@ -68,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     k, options = sae_options(args)
     plans = prepare_fit(args.run_dir, args.site, args.latents, k, checkpoint=args.checkpoint, steps=args.steps,
                         lr=args.lr, out=args.out, seed=args.seed, nproc=args.nproc, activation=args.activation,
-                        sae_options=options)
+                        sae_options=options, target=getattr(args, "target", None), skip=getattr(args, "skip", False))
     plan = plans[0]
     # lazy: megatron-core and the model load only after the input was checked
     from tti_dist.train.sae_fit import run_fit
@@ -82,9 +83,12 @@ def main(args: argparse.Namespace) -> int:
     for site_plan in plans:
         sae_cfg = site_plan.sae_cfg
         sparsity = f"k={sae_cfg.k}" if sae_cfg.activation in K_ACTIVATIONS else "no k"
-        print(f"SAE on {site_plan.site} of {site_plan.run_dir} ({site_plan.tag}): {sae_cfg.num_latents} "
+        what = f"SAE on {site_plan.site}" if site_plan.target is None else (
+            f"{'skip ' if site_plan.skip else ''}transcoder {site_plan.site} -> {site_plan.target}")
+        print(f"{what} of {site_plan.run_dir} ({site_plan.tag}): {sae_cfg.num_latents} "
               f"latents, {sae_cfg.activation}, {sparsity}, {site_plan.steps} steps")
-        print(format_table(result["sites"][site_plan.site]["metrics"], site_plan.site))
+        prefix = f"sae/{site_plan.site}" if site_plan.target is None else f"transcoder/blocks.{site_plan.block}.mlp"
+        print(format_table(result["sites"][site_plan.site]["metrics"], prefix))
         print(f"wrote {Path(site_plan.out_dir) / METRICS_FILE}")
     if result["compound"] is not None:
         print(f"all {len(plans)} SAEs spliced in at once:")
@@ -96,13 +100,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(metrics: dict[str, float], site: str) -> str:
-    """A short human-readable table of the headline metrics."""
-    names = ("ce_loss_recovered", "delta_lm_loss", "kl_score", "ev", "l0", "dead_fraction",
+def format_table(metrics: dict[str, float], prefix: str) -> str:
+    """A short human-readable table of the headline metrics tagged `<prefix>/<name>`
+    (sae/<site> or transcoder/blocks.<i>.mlp)."""
+    names = ("ce_loss_recovered", "delta_lm_loss", "kl_score", "ev", "fvu", "l0", "dead_fraction",
              "dense_fraction_10pct", "shrinkage", "redundancy", "ce_clean", "ce_spliced", "ce_zero")
-    lines = [f"sae/{site}:"]
+    lines = [f"{prefix}:"]
     for n in names:
-        v = metrics.get(f"sae/{site}/{n}")
+        v = metrics.get(f"{prefix}/{n}")
         if v is not None:
             lines.append(f"  {n:<22} {v:10.4f}")
     return "\n".join(lines)

@@ -58,6 +58,9 @@ def find_source(path: str | Path, checkpoint: str | None = None, name: str | Non
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return cotrained_source(path, checkpoint, name)
+    if path.is_dir() and any(path.glob("transcoder_tp_rank*.safetensors")):
+        raise ConfigError(f"FIT_DIR: '{path}' holds a transcoder (tti sae fit --target); tti sae export writes "
+                          "SAEs only (SAELens's transcoder formats are not mapped)")
     if path.is_dir() and shard_files(path):
         for flag, value in (("--checkpoint", checkpoint), ("--name", name)):
             if value is not None:
@@ -74,6 +77,9 @@ def cotrained_source(run_dir: Path, checkpoint: str | None, name: str | None) ->
     cfg = run.load_config()
     entries = [r for r in cfg.regularizers if r.type == "sae"]
     names = ", ".join(r.name for r in entries)
+    if name is not None and any(r.name == name and r.type == "transcoder" for r in cfg.regularizers):
+        raise ConfigError(f"--name: {name!r} is a `type: transcoder` entry; tti sae export writes SAEs only "
+                          "(SAELens's transcoder formats are not mapped)")
     if not entries:
         raise ConfigError(f"RUN: '{run_dir}' has no `type: sae` regularizer entry (a tti sae fit SAE is exported "
                           "from its own output directory)")

@@ -8,7 +8,8 @@ Light on purpose: no model code is imported.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from tti_dist.capture.hookpoints import summarize_names
@@ -71,6 +72,15 @@ class FitPlan:
     """Where sae_metrics.json and the SAE shards go."""
     nproc: int
     """Processes; a multiple of the run's tp_size."""
+    target: str | None = None
+    """A transcoder's target, blocks.<i>.mlp.out (site is then blocks.<i>.resid_mid); None: an SAE."""
+    skip: bool = False
+    """Transcoder only: with the skip term W_skip x (a skip transcoder)."""
+
+    @property
+    def block(self) -> int | None:
+        """The transcoder's block i; None for an SAE."""
+        return None if self.target is None else int(self.site.split(".")[1])
 
     @property
     def dp_size(self) -> int:
@@ -85,13 +95,16 @@ def _replicated_hint(cfg: RunConfig) -> str:
 def prepare_fit(run_dir: str | Path, sites: str | list[str], num_latents: int, k: int, checkpoint: str | None = None,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, out: str | Path | None = None, seed: int = 0,
                 nproc: int | None = None, activation: str = "topk",
-                sae_options: dict | None = None) -> tuple[FitPlan, ...]:
+                sae_options: dict | None = None, target: str | None = None,
+                skip: bool = False) -> tuple[FitPlan, ...]:
     """Validate everything before any process starts; raise a one-line ConfigError on a user error.
 
     One FitPlan per site (same checkpoint, shape, steps and seed), fitted in turn on one
     loaded model; `out` (the SAE's directory) is only allowed with a single site.
     `activation` is any SAEConfig activation (k is ignored for relu / jumprelu);
     `sae_options` sets further SAEConfig fields (FIT_OPTIONS), e.g. matryoshka_prefixes.
+    `target` (blocks.<i>.mlp.out, with the single site blocks.<i>.resid_mid) fits a transcoder
+    of that MLP instead (tti_dist/sae/transcoder.py), `skip` a skip transcoder.
     """
     if activation not in ACTIVATIONS:
         raise ConfigError(f"--activation: {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
@@ -121,11 +134,35 @@ def prepare_fit(run_dir: str | Path, sites: str | list[str], num_latents: int, k
         if is_tp_sharded(site):
             raise ConfigError(f"--site: {site} is split across tensor-parallel ranks; an SAE needs a replicated site "
                               f"({_replicated_hint(cfg)})")
+    if target is not None or skip:
+        _check_transcoder(names, sites, target, options)
     sae_kw = dict(activation=activation, **options)
     first = _prepare_site(run, cfg, sites[0], num_latents, k, checkpoint, steps, lr, out, seed, nproc, sae_kw)
+    if target is not None:
+        if out is None:
+            tag = shape_tag(num_latents, k, first.sae_cfg.activation) + ("-skip" if skip else "")
+            out = run.sae_fit / f"transcoder-blocks.{sites[0].split('.')[1]}.mlp-{tag}"
+        return (replace(first, target=target, skip=skip, out_dir=str(out)),)
     return (first,) + tuple(
         _prepare_site(run, cfg, site, num_latents, k, checkpoint, steps, lr, None, seed, nproc, sae_kw)
         for site in sites[1:])
+
+
+def _check_transcoder(names: list[str], sites: list[str], target: str | None, options: dict) -> None:
+    """A transcoder reads one block's resid_mid and predicts the same dense block's mlp.out."""
+    if target is None:
+        raise ConfigError("--skip: only used with --target (a skip transcoder)")
+    if len(sites) != 1:
+        raise ConfigError(f"--target: a transcoder has one --site, the MLP's input (got {len(sites)})")
+    match = re.fullmatch(r"blocks\.(\d+)\.resid_mid", sites[0])
+    want = f"blocks.{match.group(1)}.mlp.out" if match else None
+    if want is None or target != want or target not in names:
+        raise ConfigError(f"--target: {target!r} with --site {sites[0]}; a transcoder reads blocks.<i>.resid_mid and "
+                          f"predicts blocks.<i>.mlp.out of the same dense block, e.g. --site blocks.1.resid_mid "
+                          f"--target blocks.1.mlp.out")
+    if options.get("normalize_input"):
+        raise ConfigError("normalize_input: not supported by transcoders (the replacement reads the MLP's input as "
+                          "it is)")
 
 
 def _prepare_site(run: RunDir, cfg: RunConfig, site: str, num_latents: int, k: int, checkpoint: str | None,

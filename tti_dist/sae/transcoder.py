@@ -68,6 +68,13 @@ def metric_prefix(block: int) -> str:
     return f"transcoder/blocks.{block}.mlp/"
 
 
+def shard_name(tp_rank: int) -> str:
+    """The file of TP rank `tp_rank`'s shard of a `tti sae fit --target` transcoder: the SAE
+    shard format (tti_dist.sae.files.write_shard / read_shard) under a name of its own, so that
+    readers of SAE shards (tti inspect --sae, tti sae export) do not take it for an SAE."""
+    return f"transcoder_tp_rank{tp_rank:02d}.safetensors"
+
+
 class ParallelTranscoder(ParallelSAE):
     """A (skip) transcoder with latents sharded over the TP group (see the module docstring).
 

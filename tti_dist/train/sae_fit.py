@@ -31,6 +31,13 @@ then measure it (the plan comes checked from tti_dist.sae.fit_plan).
    and each DP-rank-0 rank its SAE shard OUT/sae_tp_rank<R>.safetensors (tti_dist.sae.files).
 6. Several --site: steps 4-5 for each site in turn on the one loaded model, then all the
    SAEs spliced in at once (`compound_splice_metrics`) -> RUN/sae_fit/compound-n<N>-k<K>.json.
+7. A transcoder (--site blocks.<i>.resid_mid --target blocks.<i>.mlp.out [--skip];
+   tti_dist/sae/transcoder.py): steps 4-5 with the MLP's output as the target: biases from
+   the first batch (`init_biases`), loss = `training_loss(y, ...)`, the train log's EV that
+   of y, then `transcoder_splice_metrics` (y_hat replacing the MLP's output) and the latents'
+   ground-truth scores, tagged transcoder/blocks.<i>.mlp/*; its shards are
+   OUT/transcoder_tp_rank<R>.safetensors (the SAE shard format under another name; the
+   record names the target and the skip term).
 """
 
 from __future__ import annotations
@@ -55,7 +62,9 @@ from tti_dist.sae.fit_plan import METRICS_FILE, FitPlan, compound_metrics_path
 from tti_dist.sae.metrics import explained_variance
 from tti_dist.sae.model import ParallelSAE
 from tti_dist.sae.optimizer_step import sae_optimizer_step
-from tti_dist.sae.splice import compound_splice_metrics, splice_metrics
+from tti_dist.sae.splice import compound_splice_metrics, splice_metrics, transcoder_splice_metrics
+from tti_dist.sae.transcoder import ParallelTranscoder, metric_prefix
+from tti_dist.sae.transcoder import shard_name as transcoder_shard_name
 from tti_dist.train.export import load_frozen_model
 from tti_dist.utils.atomic_file import write_text_atomic
 
@@ -94,11 +103,17 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
     """Train one SAE on `plan.site` of the frozen model, measure it and write its files;
     returns (the SAE, {"metrics", "train_log"}, the validation batches it was measured on)."""
     cfg = plan.cfg
-    site = next(hp for hp in list_hookpoints(model) if hp.name == plan.site)
+    hookpoints = {hp.name: hp for hp in list_hookpoints(model)}
+    site = hookpoints[plan.site]
+    target = None if plan.target is None else hookpoints[plan.target]
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     dp_group = groups.dp_group if groups.dp_size > 1 else None
-    sae = ParallelSAE(plan.site_dim, plan.sae_cfg, tp_group, groups.tp_size, groups.tp_rank, seed=plan.seed,
-                      device=groups.device, dp_group=dp_group)
+    if target is None:
+        sae = ParallelSAE(plan.site_dim, plan.sae_cfg, tp_group, groups.tp_size, groups.tp_rank, seed=plan.seed,
+                          device=groups.device, dp_group=dp_group)
+    else:
+        sae = ParallelTranscoder(plan.site_dim, plan.sae_cfg, tp_group, groups.tp_size, groups.tp_rank,
+                                 seed=plan.seed, skip=plan.skip, device=groups.device, dp_group=dp_group)
     tracker = FiringTracker(sae.num_local_latents, plan.sae_cfg.dead_window_tokens, dp_group=dp_group,
                             device=groups.device)
     opt = torch.optim.Adam(sae.parameters(), lr=plan.lr)
@@ -109,41 +124,52 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
     val_batches = val.fixed_batches(max(1, cfg.train.eval_batches))
     log_every = max(1, plan.steps // 10)
     train_log = []
-    with ActivationCapture([site]) as capture:
+    with ActivationCapture([site] + ([target] if target is not None else [])) as capture:
         for step in range(1, plan.steps + 1):
             batch = train.next_batch().to(groups.device)
             with torch.no_grad():
                 model(batch[:, :-1])
             acts = capture.captured[site.name].detach()
+            ys = None if target is None else capture.captured[target.name].detach()
             capture.clear()
-            if step == 1:
+            if step == 1 and target is None:
                 sae.init_b_pre(acts.reshape(-1, plan.site_dim), dp_group=dp_group)
+            elif step == 1:
+                sae.init_biases(acts, ys, dp_group=dp_group)
             out = sae(acts)
+            goal = out.x_in if target is None else ys  # what x_hat (y_hat) is compared with
             dead = tracker.dead_mask() if tracker.may_have_dead() else None
-            loss, parts = sae.training_loss(out.x_in, out, dead)
+            loss, parts = sae.training_loss(goal, out, dead)
             loss.backward()
             sae_optimizer_step(sae, opt, dp_group, groups.dp_size)
             tracker.update(out.latents)
             if step % log_every == 0 or step == plan.steps:
-                vals = torch.stack([parts["mse"].double(), explained_variance(out.x_in, out.x_hat)]).to(groups.device)
+                vals = torch.stack([parts["mse"].double(), explained_variance(goal, out.x_hat)]).to(groups.device)
                 if dp_group is not None:
                     dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=dp_group)
                 mse, ev = (vals / groups.dp_size).tolist()
                 train_log.append({"step": step, "mse": mse, "ev": ev})
                 if groups.is_writer:
                     logger.info("sae fit step %d/%d: mse %.5g, ev %.4f", step, plan.steps, mse, ev)
-    metrics = splice_metrics(model, sae, site, val_batches, groups)
-    metrics.update(_ground_truth_scores(model, sae, site, val, max(1, cfg.train.eval_batches), groups))
+    if target is None:
+        metrics = splice_metrics(model, sae, site, val_batches, groups)
+        prefix = f"sae/{site.name}/"
+    else:
+        metrics = transcoder_splice_metrics(model, sae, plan.block, val_batches, groups)
+        prefix = metric_prefix(plan.block)
+    metrics.update(_ground_truth_scores(model, sae, site, val, max(1, cfg.train.eval_batches), groups, prefix))
     out_dir = Path(plan.out_dir)
     if groups.dp_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_shard(out_dir / shard_name(groups.tp_rank), sae.state_dict(),
+        name = shard_name(groups.tp_rank) if target is None else transcoder_shard_name(groups.tp_rank)
+        write_shard(out_dir / name, sae.state_dict(),
                     {"sae_config": asdict(plan.sae_cfg), "d_model": plan.site_dim, "tp_rank": groups.tp_rank,
                      "tp_size": groups.tp_size, "seed": plan.seed})
     if groups.is_writer:
         tokens = plan.steps * cfg.train.micro_batch_size * groups.dp_size * cfg.data.seq_len
         record = {
-            "run": plan.run_dir, "checkpoint": plan.tag, "site": plan.site, "d_model": plan.site_dim,
+            "run": plan.run_dir, "checkpoint": plan.tag, "site": plan.site, "target": plan.target,
+            "skip": plan.skip, "d_model": plan.site_dim,
             "num_latents": plan.sae_cfg.num_latents, "k": plan.sae_cfg.k, "activation": plan.sae_cfg.activation,
             "steps": plan.steps, "lr": plan.lr,
             "seed": plan.seed, "tp_size": groups.tp_size, "dp_size": groups.dp_size, "train_tokens": tokens,
@@ -158,8 +184,8 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
 
 @torch.no_grad()
 def _ground_truth_scores(model, sae: ParallelSAE, site, val: DistributedBatchLoader, num_batches: int,
-                         groups) -> dict[str, float]:
-    """`sae/<site>/gt_*` (tti_dist.metrics.dictionary_scoring): the SAE's latents scored against
+                         groups, prefix: str) -> dict[str, float]:
+    """`<prefix>gt_*` (tti_dist.metrics.dictionary_scoring): the SAE's (transcoder's) latents of `site` scored against
     the corpus's factor columns on the validation batches (each DP rank's, all of them
     gathered over TP and DP, so every rank returns the same); {} without factor columns.
     Collective over TP and DP."""
@@ -186,4 +212,4 @@ def _ground_truth_scores(model, sae: ParallelSAE, site, val: DistributedBatchLoa
         z = all_gather_concat(z, groups.dp_group, dim=0)
         factors = {c: all_gather_concat(v, groups.dp_group, dim=0) for c, v in factors.items()}
     scores = score_dictionary(z.cpu(), {c.removeprefix("factor_"): v.cpu() for c, v in factors.items()})
-    return dictionary_scoring_tags(f"sae/{site.name}/", scores)
+    return dictionary_scoring_tags(prefix, scores)
