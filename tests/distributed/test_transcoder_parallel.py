@@ -4,7 +4,7 @@
     y_hat, matryoshka-free losses (FVU reconstruction, AuxK or the L0 penalty, the training
     loss) and the gradient of every shard, of b_dec, of W_skip and of a joint input; for
     TopK with and without the skip term (sparse and dense decode), BatchTopK with the skip
-    term and a joint input, and JumpReLU.
+    term and a joint input, and JumpReLU; the TopK skip transcoder with its input normalised.
 (b) The replacement metrics (transcoder_splice_metrics) of a GPT at TP=2 x DP=1 equal those
     at TP=1 x DP=2 (the batches split over DP).
 """
@@ -18,7 +18,8 @@ from spawn import run_ranks
 
 D, N = 12, 32
 VARIANTS = {
-    "topk_skip": dict(cfg=dict(activation="topk", k=4, aux_k=6), skip=True, sparse=True, joint=False),
+    "topk_skip": dict(cfg=dict(activation="topk", k=4, aux_k=6, normalize_input=True), skip=True, sparse=True,
+                      joint=False),
     "topk_dense": dict(cfg=dict(activation="topk", k=4, aux_k=6), skip=False, sparse=False, joint=False),
     "batchtopk_skip_joint": dict(cfg=dict(activation="batchtopk", k=3, aux_k=5), skip=True, sparse=True, joint=True),
     "jumprelu_skip": dict(cfg=dict(activation="jumprelu", l0_coefficient=0.2, jumprelu_bandwidth=0.5), skip=True,

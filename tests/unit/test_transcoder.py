@@ -73,7 +73,10 @@ def test_init_biases_centre_the_encoder_and_set_b_dec():
 
     tc = _tc(skip=True, cfg=SAEConfig(num_latents=N, activation="relu", b_pre_init="mean"))
     tc.init_biases(x, y)
-    torch.testing.assert_close(tc.b_dec.detach(), y.mean(0))
+    # the scales put E||x|| and E||y|| at sqrt(d); b_dec is the scaled target's mean
+    assert tc.input_scale.item() == pytest.approx(D ** 0.5 / x.norm(dim=1).mean().item(), rel=1e-5)
+    assert tc.target_scale.item() == pytest.approx(D ** 0.5 / y.norm(dim=1).mean().item(), rel=1e-5)
+    torch.testing.assert_close(tc.b_dec.detach() / tc.target_scale, y.mean(0))
     torch.testing.assert_close(tc(x).pre.mean(0), torch.zeros(N), atol=1e-5, rtol=0)  # centred pre-activations
     # At initialisation y_hat = b_dec = mean y: FVU exactly 1.
     assert tc.reconstruction_loss(y, tc(x).x_hat, "fvu").item() == pytest.approx(1.0, abs=1e-6)
@@ -208,7 +211,6 @@ def test_joint_regularizer_gradient_equals_plain_backward(groups):
                                              r"type 'transcoder' takes exactly"),
     ({"hookpoints": ["blocks.0.resid_mid", "blocks.1.mlp.out"]}, r"regularizers\[0\]\.hookpoints: .*one dense block"),
     ({"hookpoints": ["blocks.1.resid_post", "blocks.1.mlp.out"]}, r"regularizers\[0\]\.hookpoints"),
-    ({"normalize_input": True}, r"regularizers\[0\]\.normalize_input: True is not supported"),
     ({"k": 33}, r"regularizers\[0\]\.k: 33 is larger than the whole SAE"),
     ({"skip": "yes"}, r"regularizers\[0\]\.skip"),
     ({"lr": -1}, r"regularizers\[0\]\.lr"),
@@ -222,6 +224,37 @@ def test_config_errors_are_one_line(change, match):
     with pytest.raises(ConfigError, match=match) as info:
         checked_regularizers([{**TC_ENTRY, **change}], cfg)
     assert "\n" not in str(info.value)
+
+
+def test_units_do_not_change_training():
+    """The fixed scales make training independent of the activations' units: the FVU curve on
+    (100 x, 0.001 y) equals the one on (x, y), AuxK active (dead latents)."""
+    from tti_dist.sae import SAEConfig
+    from tti_dist.sae.optimizer_step import sae_optimizer_step
+    from tti_dist.sae.transcoder import ParallelTranscoder
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(D, D, generator=g)
+    xs = [torch.randn(64, D, generator=g) for _ in range(10)]
+    curves = []
+    for cx, cy in ((1.0, 1.0), (100.0, 1e-3)):
+        tc = ParallelTranscoder(D, SAEConfig(num_latents=N, k=3, aux_k=4), seed=0, skip=True)
+        opt = torch.optim.Adam(tc.parameters(), lr=1e-2)
+        dead = torch.zeros(N, dtype=torch.bool)
+        dead[::3] = True
+        curve = []
+        for step, x in enumerate(xs):
+            y = torch.tanh(x @ w.t())
+            if step == 0:
+                tc.init_biases(cx * x, cy * y)
+            out = tc(cx * x)
+            loss, parts = tc.training_loss(cy * y, out, dead, normalize="fvu")
+            loss.backward()
+            sae_optimizer_step(tc, opt, None, 1)
+            curve.append([parts["mse"].item(), parts["aux_k"].item()])
+        curves.append(torch.tensor(curve))
+    assert curves[0][-1, 0] < 0.7 * curves[0][0, 0] and curves[0][:, 1].min() > 0
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])

@@ -392,10 +392,15 @@ class TranscoderRegularizerConfig(SAERegularizerConfig):
     (tti_dist/sae/transcoder.py), co-trained like `type: sae` (mode, recon_normalize, own
     Adam). Its hookpoints are exactly ["blocks.<i>.resid_mid", "blocks.<i>.mlp.out"] of one
     dense block: the input (the MLP sublayer's input, before its LayerNorm) and the target.
-    Every SAE field applies, except normalize_input (must be false); b_pre_init sets the
-    decoder bias b_dec from the target's samples."""
+    Every SAE field applies; b_pre_init sets the decoder bias b_dec from the target's samples."""
 
     type_name = "transcoder"
+
+    normalize_input: bool = True
+    """Centre the MLP's input over d and scale it to unit norm per token before encoding (the
+    MLP's LayerNorm without its affine map; the target is not normalised). Default true: the
+    transcoder then does not depend on the residual stream's scale, which changes fast while
+    the model trains."""
 
     skip: bool = False
     """Add the skip term W_skip x (W_skip [d, d], replicated over TP, initialised to 0):

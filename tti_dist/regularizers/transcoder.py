@@ -96,7 +96,7 @@ class TranscoderCoTraining(SAECoTraining):
         self._calls = 0
         self._steps = 0
         self._pending = 0
-        self._b_pre_ready = p.b_pre_init == "zeros"
+        self._b_pre_ready = False  # init_biases sets the scales even with b_pre_init zeros
         self._redundancy = self._compute_redundancy() if p.redundancy_every else None
         if p.mode == "detached" and spec.coefficient != 0 and groups.is_writer:
             logger.warning("%s (%s): mode detached: the model receives no gradient from the transcoder; "
@@ -107,9 +107,6 @@ class TranscoderCoTraining(SAECoTraining):
     def check_params(cls, params: TranscoderRegularizerConfig, model_cfg: ModelConfig, hookpoints: list[str],
                      where: str, tp_size: int) -> None:
         block = transcoder_block(hookpoints, where)
-        if params.normalize_input:
-            raise ConfigError(f"{where}.normalize_input: True is not supported by type 'transcoder' (the "
-                              "replacement reads the MLP's input as it is); set it to false")
         SAECoTraining.check_params(params, model_cfg, [transcoder_sites(block)[0]], where, tp_size)
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -160,9 +160,7 @@ def _check_transcoder(names: list[str], sites: list[str], target: str | None, op
         raise ConfigError(f"--target: {target!r} with --site {sites[0]}; a transcoder reads blocks.<i>.resid_mid and "
                           f"predicts blocks.<i>.mlp.out of the same dense block, e.g. --site blocks.1.resid_mid "
                           f"--target blocks.1.mlp.out")
-    if options.get("normalize_input"):
-        raise ConfigError("normalize_input: not supported by transcoders (the replacement reads the MLP's input as "
-                          "it is)")
+    options.setdefault("normalize_input", True)  # the MLP's LayerNorm without its affine map, as type: transcoder
 
 
 def _prepare_site(run: RunDir, cfg: RunConfig, site: str, num_latents: int, k: int, checkpoint: str | None,

@@ -10,6 +10,16 @@ Paulo, Shabalin & Belrose 2025, "Transcoders Beat Sparse Autoencoders for Interp
     y_hat = W_dec f + b_dec (+ W_skip x)
     y     = blocks.i.mlp.out            the target (replicated over TP)
 
+computed in the transcoder's own units: x enters as input_scale x and y_hat leaves divided by
+target_scale, two fixed scalars set from the first batch (`init_biases`: E||x|| and E||y||
+become sqrt(d)), so that Adam's learning rate means the same at any activation scale. With
+`normalize_input` (the default of `type: transcoder` and of `tti sae fit --target`) x is
+first centred over d and scaled to unit norm per token: the MLP's own LayerNorm without its
+affine map (which the linear encoder absorbs) and eps, so the transcoder reads what the MLP
+reads and is immune to the residual stream's scale, which moves fast while a model trains
+(co-trained on resid_mid as it is, a transcoder of a young model diverged: EV -700 after 6
+steps). Only the input is normalised; y_hat stays in the target's units.
+
 `ParallelTranscoder` is a `ParallelSAE` whose encoder reads x without subtracting a bias and
 whose b_pre plays b_dec (the decoder bias only); the activation, the decoder, the losses
 (called with the target y in place of the SAE's input: `training_loss(y, out, ...)`, so the
@@ -29,16 +39,18 @@ communication either.
 
 Initialisation (sparsify's transcoders, `normalize_decoder: false`, the default): W_dec = 0,
 so y_hat starts at b_dec and the FVU at 1; W_enc from the SAE's TP-independent random unit
-rows; W_skip = 0. `init_biases(x, y)`: b_dec = the target's geometric median / mean (the
-SAE's b_pre_init methods) and b_enc = -W_enc mean(x), so the pre-activations start centred
-(sparsify does the same). The decoder is then unconstrained (no column normalisation, no
+rows; W_skip = 0. `init_biases(x, y)`: the two scales, b_dec = the (scaled) target's
+geometric median / mean (the SAE's b_pre_init methods) and b_enc = -W_enc mean(scaled x), so
+the pre-activations start centred (sparsify does the same). The decoder is then unconstrained (no column normalisation, no
 gradient projection). With `normalize_decoder: true` (Dunefsky et al.) W_dec starts from
 random unit columns and is kept at unit norm exactly like an SAE's.
 
-What differs from sparsify / Dunefsky et al.: the input is resid_mid, before the MLP's
+What differs from sparsify / Dunefsky et al.: the fixed scales (sparsify trains on raw
+activations, Dunefsky et al. on raw ones too); the input is resid_mid, before the MLP's
 LayerNorm (both read the LayerNorm's output), so the transcoder also learns the
 normalisation: the one nonlinearity outside its latents that a replacement must absorb;
-optional input normalisation is refused (it would change the replacement's input). Sparsify
+the per-token normalisation stands in for the LayerNorm (sparsify and Dunefsky et al. read
+its output, affine included). Sparsify
 trains on FVU with AuxK (k_aux = d/2, scaled by the dead count); here the SAE's objective
 (recon_normalize, AuxK at aux_k / aux_coefficient, or L1 / L0 penalties) applies unchanged.
 Metrics: tti_dist.sae.splice.transcoder_splice_metrics (FVU of y, L0, dead / dense fractions,
@@ -47,13 +59,14 @@ CE recovered when y_hat replaces the MLP's output).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tti_dist.config.sae import SAEConfig
-from tti_dist.errors import ConfigError
 from tti_dist.sae.initialisation import b_pre_estimate
 from tti_dist.sae.model import ParallelSAE, SAEOutput
 
@@ -88,9 +101,6 @@ class ParallelTranscoder(ParallelSAE):
                  tp_rank: int = 0, seed: int = 0, *, skip: bool = False, normalize_decoder: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  sparse_decode: bool = True, dp_group: dist.ProcessGroup | None = None) -> None:
-        if cfg.normalize_input:
-            raise ConfigError("transcoder.normalize_input: True is not supported; the replacement must read the "
-                              "MLP's input as it is (set it to false)")
         super().__init__(d_model, cfg, tp_group, tp_size, tp_rank, seed, device=device, dtype=dtype,
                          sparse_decode=sparse_decode, dp_group=dp_group)
         self.skip = skip
@@ -100,11 +110,19 @@ class ParallelTranscoder(ParallelSAE):
                 self.W_dec.zero_()
         if skip:
             self.W_skip = nn.Parameter(torch.zeros(d_model, d_model, device=device, dtype=dtype))  # replicated
+        # Fixed input / target scales (set by init_biases; 1 until then), replicated buffers.
+        self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
+        self.register_buffer("target_scale", torch.ones((), device=device, dtype=dtype))
 
     @property
     def b_dec(self) -> nn.Parameter:
         """The decoder bias (stored as ParallelSAE's b_pre, which the encoder does not use here)."""
         return self.b_pre
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """The input in the transcoder's own space: x cast to its dtype (with normalize_input:
+        centred over d and scaled to unit norm per token), times input_scale."""
+        return super().preprocess(x) * self.input_scale
 
     def encode_pre(self, x_in: torch.Tensor) -> torch.Tensor:
         """Local pre-activations x W_enc^T + b_enc [..., n/tp]. Backward: the gradient of x is
@@ -114,15 +132,25 @@ class ParallelTranscoder(ParallelSAE):
         return F.linear(x_in, self.W_enc, self.b_enc)
 
     def forward(self, x: torch.Tensor, inference: bool | None = None) -> SAEOutput:
-        """y_hat (out.x_hat) for the MLP input x [..., d] (replicated over TP): the SAE's forward
-        with this encoder, plus W_skip x on y_hat and on every matryoshka prefix."""
+        """y_hat (out.x_hat, in the target's own units) for the MLP input x [..., d] (replicated
+        over TP): the SAE's forward on x_s = input_scale x (out.x_in) with this encoder, plus
+        W_skip x_s, divided by target_scale; the same for every matryoshka prefix."""
         out = super().forward(x, inference)
-        if self.skip:
-            skip = F.linear(out.x_in, self.W_skip)  # whole on every TP rank: no communication
-            out.x_hat = out.x_hat + skip
-            if out.x_hat_prefixes is not None:
-                out.x_hat_prefixes = out.x_hat_prefixes + skip
+        skip = F.linear(out.x_in, self.W_skip) if self.skip else 0.0  # whole on every TP rank: no communication
+        out.x_hat = (out.x_hat + skip) / self.target_scale
+        if out.x_hat_prefixes is not None:
+            out.x_hat_prefixes = (out.x_hat_prefixes + skip) / self.target_scale
         return out
+
+    def training_loss(self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None = None,
+                      normalize: str = "none") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The SAE objective with the target y (x here) and y_hat, both taken into the
+        transcoder's own units (times target_scale), where AuxK's W_dec f_aux lives: every term
+        as ParallelSAE.training_loss (an FVU is the same in either units)."""
+        s = self.target_scale
+        prefixes = None if out.x_hat_prefixes is None else out.x_hat_prefixes * s
+        scaled = dataclasses.replace(out, x_hat=out.x_hat * s, x_hat_prefixes=prefixes)
+        return super().training_loss(x.to(out.x_hat.dtype) * s, scaled, dead_mask, normalize)
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
@@ -143,21 +171,36 @@ class ParallelTranscoder(ParallelSAE):
     @torch.no_grad()
     def init_biases(self, x_samples: torch.Tensor, y_samples: torch.Tensor, method: str | None = None,
                     dp_group: dist.ProcessGroup | None = None) -> None:
-        """Data-dependent biases from this DP rank's samples of input and target (all DP ranks'
+        """Scales and biases from this DP rank's samples of input and target (all DP ranks'
         samples together: every estimate all-reduces its sums over dp_group):
 
-            b_dec = geometric median / mean of y  (method, default cfg.b_pre_init; zeros: 0)
-            b_enc = -W_enc mean(x)                 (centred pre-activations; not with zeros)
+            input_scale  = sqrt(d) / mean_t ||x_t||,  target_scale = sqrt(d) / mean_t ||y_t||
+            b_dec = geometric median / mean of target_scale y  (method, default cfg.b_pre_init;
+                    zeros: 0)
+            b_enc = -W_enc mean(input_scale x)       (centred pre-activations; zeros: 0)
 
-        Local in the latents (each rank centres its own rows), so no TP communication."""
+        The scales put input and target at E||.|| = sqrt(d) (SAELens's
+        expected_average_only_in normalisation), so the learning rate means the same at any
+        activation scale: the decoder starts at 0 and Adam moves each weight by about lr per
+        step whatever the target's units (a tiny model's MLP output, norm ~0.04, diverged at
+        lr 1e-3 without them). Local in the latents (each rank centres its own rows), so no
+        TP communication."""
         method = method or self.cfg.b_pre_init
         if method not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"init_biases: method {method!r}; allowed: 'geometric_median', 'mean', 'zeros'")
+        y = y_samples.reshape(-1, self.d_model).to(torch.float64)
+        x = ParallelSAE.preprocess(self, x_samples).reshape(-1, self.d_model).to(torch.float64)
+        norms = torch.stack([x.norm(dim=1).sum(), y.norm(dim=1).sum(), x.new_tensor(float(x.shape[0]))])
+        if dp_group is not None:
+            dist.all_reduce(norms, op=dist.ReduceOp.SUM, group=dp_group)
+        root_d = self.d_model ** 0.5
+        self.input_scale.fill_(root_d * norms[2].item() / max(norms[0].item(), 1e-12))
+        self.target_scale.fill_(root_d * norms[2].item() / max(norms[1].item(), 1e-12))
         if method == "zeros":
             self.b_pre.zero_()
+            self.b_enc.zero_()
             return
-        y = y_samples.reshape(-1, self.d_model).to(torch.float64)
-        x = x_samples.reshape(-1, self.d_model).to(torch.float64)
+        y = y * self.target_scale.double()
         self.b_pre.copy_(b_pre_estimate(y, method, dp_group, 32, 1e-8).to(self.b_pre.dtype))
-        mean_x = b_pre_estimate(x, "mean", dp_group, 0, 1e-8)
+        mean_x = b_pre_estimate(x * self.input_scale.double(), "mean", dp_group, 0, 1e-8)
         self.b_enc.copy_(-(self.W_enc.double() @ mean_x).to(self.b_enc.dtype))
