@@ -109,15 +109,23 @@ def _wrong_values(tp: Any) -> list[str]:
     raise AssertionError(f"no wrong values for {tp!r}")
 
 
+def _section(tp: Any) -> Any:
+    """A top-level section's dataclass (`X` or an optional `X | None`, e.g. weight_sparsity)."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner[0] if typing.get_origin(tp) is not None and len(inner) == 1 else tp
+
+
 def wrong_type_cases(rng: random.Random) -> list[Case]:
     """Two wrong-typed values for every scalar field of every section."""
     cases = []
     for section in dataclasses.fields(RunConfig):
         if section.name in ("regularizers", "imports"):  # lists, not sections
             continue
-        cls = typing.get_type_hints(RunConfig)[section.name]
+        cls = _section(typing.get_type_hints(RunConfig)[section.name])
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if typing.get_origin(hints[f.name]) is tuple:  # a list of globs: its own cases below
+                continue
             for text in rng.sample(_wrong_values(hints[f.name]), 2):
                 path = f"{section.name}.{f.name}"
                 cases.append(Case(f"type-{path}={text}", _sets(f"{path}={text}"), path))
@@ -147,6 +155,8 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "data.source": ["/nonexistent/tti-corpus.txt", "''"], "data.text_field": ["''"],
     "data.path": ["/nonexistent/tti-dataset", "''"], "data.eos_token": ["'<|endoftext|>'"],
     "logging.log_every": ["0", "-1"], "checkpoint.every": ["-1"], "checkpoint.keep_last": ["-1", "-3"],
+    "weight_sparsity.density": ["0", "1.5", "-0.25", ".nan"], "weight_sparsity.anneal_fraction": ["-0.1", "1.5", ".nan"],
+    "weight_sparsity.min_per_neuron": ["-1", "100000"], "weight_sparsity.matrices": ["[]", "['blocks.*.mlp.fc9']"],
 }
 """Values outside the allowed range of each field (on the dense base config)."""
 
@@ -191,7 +201,7 @@ def unknown_key_cases(rng: random.Random) -> list[Case]:
     for section in dataclasses.fields(RunConfig):
         if section.name in ("regularizers", "imports"):  # lists, not sections
             continue
-        names = [f.name for f in dataclasses.fields(hints[section.name])]
+        names = [f.name for f in dataclasses.fields(_section(hints[section.name]))]
         for real in rng.sample(names, min(3, len(names))):
             key = _typo(real, rng)
             if key in names:
@@ -422,7 +432,7 @@ def workspace(tmp_path_factory) -> Path:
 def _patched(raw: dict, keys: tuple, value: Any) -> dict:
     node = raw
     for key in keys[:-1]:
-        node = node[key]
+        node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]  # an optional section: add it
     node[keys[-1]] = value
     return raw
 
