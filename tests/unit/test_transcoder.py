@@ -188,13 +188,14 @@ def test_joint_regularizer_gradient_equals_plain_backward(groups):
     got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     assert {"reg/tc/explained_variance", "reg/tc/l0", "reg/tc/aux_k", "reg/tc/dead_fraction"} <= set(metrics)
     ref_model = _gpt(groups)
-    tc = ParallelTranscoder(model.cfg.hidden_size, reg.sae_cfg, seed=3, skip=True, normalize_decoder=True)
+    tc = ParallelTranscoder(model.cfg.hidden_size, reg.sae_cfg, seed=3, skip=True, normalize_decoder=True,
+                            b_dec_rate=1.0)
     sites = [hp for hp in list_hookpoints(ref_model) if hp.name in ("blocks.1.resid_mid", "blocks.1.mlp.out")]
     with ActivationCapture(sites) as cap:
         ref_model(tokens)
         x, y = cap.captured["blocks.1.resid_mid"], cap.captured["blocks.1.mlp.out"]
         tc.init_biases(x.detach(), y.detach())
-        out = tc(x)
+        out = tc(x, target=y.detach())
         loss, _ = tc.training_loss(y, out, None, normalize="fvu")
         (0.5 * loss).backward()
     assert weighted.item() == pytest.approx(0.5 * loss.item(), rel=1e-6)
@@ -202,7 +203,12 @@ def test_joint_regularizer_gradient_equals_plain_backward(groups):
         if p.grad is not None:
             torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     for name, p in tc.named_parameters():
+        if name == "b_pre":  # b_dec: refitted in the forward, no gradient
+            assert p.grad is None and reg.sae.b_dec.grad is None
+            torch.testing.assert_close(reg.sae.b_dec, p)
+            continue
         torch.testing.assert_close(dict(reg.sae.named_parameters())[name].grad, p.grad / 0.5, rtol=1e-4, atol=1e-7)
+    assert all(p is not reg.sae.b_dec for group in reg.optimizer.param_groups for p in group["params"])
     assert got  # joint: the model received a gradient
 
 
@@ -214,6 +220,8 @@ def test_joint_regularizer_gradient_equals_plain_backward(groups):
     ({"k": 33}, r"regularizers\[0\]\.k: 33 is larger than the whole SAE"),
     ({"skip": "yes"}, r"regularizers\[0\]\.skip"),
     ({"lr": -1}, r"regularizers\[0\]\.lr"),
+    ({"b_dec_rate": 0}, r"regularizers\[0\]\.b_dec_rate: 0\.0 must be a number in \(0, 1\]"),
+    ({"b_dec_rate": 1.5}, r"regularizers\[0\]\.b_dec_rate: 1\.5 must be a number in \(0, 1\]"),
 ])
 def test_config_errors_are_one_line(change, match):
     from tti_dist.config.schema import ModelConfig
@@ -301,3 +309,78 @@ def _train(tc, opt, g, w1, w2, b, d, fvus):
         loss.backward()
         sae_optimizer_step(tc, opt, None, 1)
         fvus.append(parts["mse"].item())
+
+
+def _moving_mean_fvus(b_dec_rate, steps=30):
+    """A fixed small MLP y = W2 ReLU(W1 x) + B x (spread ~0.04, as a young model's MLP output)
+    plus a mean that moves by 0.05 along one direction every step (the model's own fc2 bias
+    trained at the model's learning rate); a skip transcoder with Adam at lr 1e-3. Returns the
+    live FVU of every step (the training forward's, after the refit when b_dec_rate is set)."""
+    from tti_dist.sae import SAEConfig
+    from tti_dist.sae.optimizer_step import sae_optimizer_step
+    from tti_dist.sae.transcoder import ParallelTranscoder
+
+    d, hidden = 8, 32
+    g = torch.Generator().manual_seed(12)
+    w1, w2, b = torch.randn(hidden, d, generator=g), torch.randn(d, hidden, generator=g) / 4, torch.randn(d, d, generator=g) / 2
+    u = torch.randn(d, generator=g)
+    u = u / u.norm()
+    tc = ParallelTranscoder(d, SAEConfig(num_latents=64, k=6, b_pre_init="mean", normalize_input=True), seed=0,
+                            skip=True, b_dec_rate=b_dec_rate)
+    opt = torch.optim.Adam([p for p in tc.parameters() if p.requires_grad], lr=1e-3)
+    fvus = []
+    for step in range(steps):
+        x = torch.randn(256, d, generator=g)
+        y = 0.01 * (F.relu(x @ w1.t()) @ w2.t() + x @ b.t()) + 0.05 * step * u
+        if step == 0:
+            tc.init_biases(x, y)
+        out = tc(x, target=y)
+        loss, parts = tc.training_loss(y, out, None, normalize="fvu")
+        loss.backward()
+        sae_optimizer_step(tc, opt, None, 1)
+        fvus.append(parts["mse"].item())
+    return tc, fvus
+
+
+def test_b_dec_refit_keeps_up_with_a_moving_target_mean():
+    """The co-training failure (a young model's MLP output mean moving far faster than Adam
+    moves b_dec): with b_dec trained by Adam the live FVU explodes; refitted per batch (b_dec =
+    the batch's mean residual) it stays below 1 and b_dec tracks the mean; b_dec gets no
+    gradient and an eval-mode forward leaves it alone."""
+    _, adam = _moving_mean_fvus(None)
+    tc, refit = _moving_mean_fvus(1.0)
+    print("FVU adam", [round(v, 2) for v in adam[::5]], "refit", [round(v, 3) for v in refit[::5]])
+    assert adam[-1] > 100  # the failure: y_hat stays near the first batch's mean
+    assert max(refit) <= 1.0 + 1e-6 and refit[-1] < 0.75  # learns as on a fixed target (0.71 when recorded)
+    assert tc.b_dec.grad is None and not tc.b_dec.requires_grad
+    before = tc.b_dec.detach().clone()
+    tc.eval()
+    x = torch.randn(16, 8)
+    tc(x, target=torch.full((16, 8), 100.0))
+    assert torch.equal(tc.b_dec, before)
+
+
+def test_b_dec_refit_is_the_batch_mean_residual():
+    """rate 1: b_dec = mean_t(target_scale y - W_dec f - W_skip x_s), so the mean error of the
+    returned y_hat is 0; rate 0.25 moves a quarter of the way; bad rates are refused."""
+    tc = _tc(skip=True, b_dec_rate=1.0)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        tc.W_dec.copy_(torch.randn(D, N, generator=g))
+        tc.W_skip.copy_(torch.randn(D, D, generator=g))
+        tc.target_scale.fill_(3.0)
+    x, y = torch.randn(40, D, generator=g), torch.randn(40, D, generator=g) + 5.0
+    out = tc(x, target=y)
+    want = (3.0 * y - out.latents @ tc.W_dec.t() - out.x_in @ tc.W_skip.t()).mean(0)
+    torch.testing.assert_close(tc.b_dec.detach(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((y - out.x_hat).mean(0), torch.zeros(D), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.x_hat, tc(x).x_hat)  # the returned y_hat used the refitted b_dec
+    quarter = _tc(skip=True, b_dec_rate=0.25)
+    with torch.no_grad():
+        quarter.load_state_dict(tc.state_dict())
+        quarter.b_dec.fill_(1.0)
+    quarter(x, target=y)
+    torch.testing.assert_close(quarter.b_dec.detach(), 0.75 + 0.25 * want, rtol=1e-5, atol=1e-5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="b_dec_rate"):
+            _tc(b_dec_rate=bad)

@@ -409,3 +409,9 @@ class TranscoderRegularizerConfig(SAERegularizerConfig):
     """False (sparsify's transcoders): W_dec starts at 0 and is unconstrained. True (Dunefsky
     et al. 2024): W_dec starts from random unit columns, kept at unit norm (gradient
     projection before and renormalisation after each step), as an SAE's decoder."""
+    b_dec_rate: float = 1.0
+    """The output bias b_dec is not trained by gradient: every training micro-step sets
+    b_dec <- (1 - rate) b_dec + rate b*, b* = the micro-batch's (all DP ranks) mean of
+    y - W_dec f - W_skip x, the squared error's minimiser over the bias. 1 = an exact refit per
+    micro-batch. It keeps up with the MLP output's mean, which moves with the model's own bias
+    at the model's learning rate. In (0, 1]."""

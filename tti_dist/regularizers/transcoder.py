@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 
 import torch
@@ -61,13 +62,18 @@ class TranscoderCoTraining(SAECoTraining):
                 schedule x both gradients; the transcoder none through this value)
       detached: L.detach().
     Its own Adam steps in `after_optimizer_step` (micro-step mean, DP mean, Adam; the decoder
-    projection and renormalisation only with normalize_decoder), exactly as `type: sae`.
+    projection and renormalisation only with normalize_decoder), exactly as `type: sae`, for
+    every parameter but b_dec: the forward first refits b_dec to the micro-batch's optimal
+    output bias, b_dec <- (1 - b_dec_rate) b_dec + b_dec_rate mean_t(y - W_dec f - W_skip x)
+    (ParallelTranscoder.refit_b_dec), so that it keeps up with the MLP output's mean, which
+    moves with the model's own bias at the model's learning rate.
 
     Communication per micro-step: the transcoder's forward (activation all-gathers, the
-    decoder all-reduce of 4 T d bytes), in joint mode the encoder's input-gradient all-reduce
-    (4 T d bytes; none in detached mode), the metrics' TP all-reduce of 4 float64 and the
-    firing tracker's DP all-reduce; per optimizer step one DP all-reduce of the local
-    gradients (4 (2 n d / tp + n / tp + d (+ d^2 with skip)) bytes payload).
+    decoder all-reduce of 4 T d bytes, the b_dec refit's DP all-reduce of 8 (d + 1) bytes),
+    in joint mode the encoder's input-gradient all-reduce (4 T d bytes; none in detached
+    mode), the metrics' TP all-reduce of 4 float64 and the firing tracker's DP all-reduce;
+    per optimizer step one DP all-reduce of the local gradients (4 (2 n d / tp + n / tp
+    (+ d^2 with skip)) bytes payload).
 
     Metrics (reg/<name>/*): those of `type: sae`, with explained_variance, shrinkage and
     recon_loss of the target y. At eval steps `transcoder/blocks.<i>.mlp/*`
@@ -89,10 +95,12 @@ class TranscoderCoTraining(SAECoTraining):
         self._dp_group = groups.dp_group if groups.dp_size > 1 else None
         self.sae = ParallelTranscoder(self.site.global_dim, p, groups.tp_group, groups.tp_size, groups.tp_rank,
                                       seed=p.seed, skip=p.skip, normalize_decoder=p.normalize_decoder,
-                                      device=groups.device, dp_group=self._dp_group)
+                                      device=groups.device, dp_group=self._dp_group, b_dec_rate=p.b_dec_rate)
         self.tracker = FiringTracker(self.sae.num_local_latents, p.dead_window_tokens, dp_group=self._dp_group,
                                      device=groups.device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=p.lr, betas=tuple(p.betas), eps=p.adam_eps)
+        # b_dec is refitted in every training forward (b_dec_rate), not stepped by Adam
+        trained = [q for q in self.sae.parameters() if q.requires_grad]
+        self.optimizer = torch.optim.Adam(trained, lr=p.lr, betas=tuple(p.betas), eps=p.adam_eps)
         self._calls = 0
         self._steps = 0
         self._pending = 0
@@ -108,6 +116,10 @@ class TranscoderCoTraining(SAECoTraining):
                      where: str, tp_size: int) -> None:
         block = transcoder_block(hookpoints, where)
         SAECoTraining.check_params(params, model_cfg, [transcoder_sites(block)[0]], where, tp_size)
+        rate = params.b_dec_rate
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and 0 < rate <= 1):
+            raise ConfigError(f"{where}.b_dec_rate: {rate!r} must be a number in (0, 1] (1 = refit b_dec exactly "
+                              "every micro-step)")
 
     def loss(self, acts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = acts[self.site.name], acts[self.target.name]
@@ -124,10 +136,10 @@ class TranscoderCoTraining(SAECoTraining):
             self.sae.init_biases(x.detach(), y.detach(), dp_group=self._dp_group)  # collective over DP, once
             self._b_pre_ready = True
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = self.sae(x_in)
+            out = self.sae(x_in, target=y.detach())  # refits b_dec first (b_dec_rate)
             dead = self.tracker.dead_mask() if self.tracker.may_have_dead() else None
             total, parts = self.sae.training_loss(y_in, out, dead, normalize=self.params.recon_normalize)
-            params = list(self.sae.parameters())
+            params = [q for q in self.sae.parameters() if q.requires_grad]
             grads = torch.autograd.grad(total, params + inputs, allow_unused=True)
         for p, gp in zip(params, grads[:len(params)]):
             if gp is None:

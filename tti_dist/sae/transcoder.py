@@ -33,9 +33,27 @@ all-gathers) and one all-reduce of the [tokens, d] decoder partials; nothing els
 the encoder needs no all-reduce when x carries no gradient (no b_pre in the encoder, unlike
 the SAE, whose b_pre gradient is summed over TP); in joint co-training, where x requires
 grad, the encoder's share of dL/dx is all-reduced over TP ([tokens, d]), while the skip
-term's share is computed whole on every rank and added once. W_skip's and b_dec's gradients
-are identical on every TP rank (every loss on y_hat is replicated), so they need no
-communication either.
+term's share is computed whole on every rank and added once. W_skip's (and a
+gradient-trained b_dec's) gradients are identical on every TP rank (every loss on y_hat is
+replicated), so they need no communication either.
+
+The output bias b_dec (`b_dec_rate`, default 1 in `type: transcoder` and `tti sae fit`) is
+not trained by gradient: every training forward given the target sets it, before the loss,
+to the batch-optimal bias with the other parameters fixed,
+
+    b*    = mean over the micro-batch's tokens (all DP ranks) of (y - W_dec f - W_skip x)
+    b_dec <- (1 - b_dec_rate) b_dec + b_dec_rate b*
+
+(the minimiser over b of sum_t ||y_t - y_hat_t||^2, in the transcoder's units), with no
+gradient through it and b_dec outside the optimizer. Why: co-trained with a young model, the
+MLP output's mean moves with the model's own fc2 bias, at the model's learning rate (|mean y|
+0.035 -> 0.6 in 12 steps while its spread stayed ~0.04); an Adam-trained b_dec, moving about
+lr per step in the transcoder's units, lagged far behind and the live EV of y fell to -250
+within 12 steps. Communication: none over TP (y and the summed decode are replicated, so
+every TP rank computes the same b*); one all-reduce of d + 1 float64 over DP per training
+forward, so all DP ranks keep identical b_dec. Inference forwards (the replacement metrics,
+`tti eval`) use the running value. b_dec stays in the state dict (a parameter without
+gradient).
 
 Initialisation (sparsify's transcoders, `normalize_decoder: false`, the default): W_dec = 0,
 so y_hat starts at b_dec and the FVU at 1; W_enc from the SAE's TP-independent random unit
@@ -45,7 +63,8 @@ the pre-activations start centred (sparsify does the same). The decoder is then 
 gradient projection). With `normalize_decoder: true` (Dunefsky et al.) W_dec starts from
 random unit columns and is kept at unit norm exactly like an SAE's.
 
-What differs from sparsify / Dunefsky et al.: the fixed scales (sparsify trains on raw
+What differs from sparsify / Dunefsky et al.: b_dec refitted per batch (both train it by
+gradient descent, on a frozen model); the fixed scales (sparsify trains on raw
 activations, Dunefsky et al. on raw ones too); the input is resid_mid, before the MLP's
 LayerNorm (both read the LayerNorm's output), so the transcoder also learns the
 normalisation: the one nonlinearity outside its latents that a replacement must absorb;
@@ -95,12 +114,16 @@ class ParallelTranscoder(ParallelSAE):
         skip: add W_skip x (W_skip [d, d], replicated, starts at 0).
         normalize_decoder: keep W_dec's columns at unit norm (and start them random) instead
             of sparsify's zero-initialised, unconstrained decoder.
+        b_dec_rate: in (0, 1]: b_dec is refitted to the batch-optimal bias by every training
+            forward given the target (`refit_b_dec`) and gets no gradient; None: b_dec is an
+            ordinary parameter trained by the optimizer (sparsify, Dunefsky et al.).
     """
 
     def __init__(self, d_model: int, cfg: SAEConfig, tp_group: dist.ProcessGroup | None = None, tp_size: int = 1,
                  tp_rank: int = 0, seed: int = 0, *, skip: bool = False, normalize_decoder: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 sparse_decode: bool = True, dp_group: dist.ProcessGroup | None = None) -> None:
+                 sparse_decode: bool = True, dp_group: dist.ProcessGroup | None = None,
+                 b_dec_rate: float | None = None) -> None:
         super().__init__(d_model, cfg, tp_group, tp_size, tp_rank, seed, device=device, dtype=dtype,
                          sparse_decode=sparse_decode, dp_group=dp_group)
         self.skip = skip
@@ -113,6 +136,11 @@ class ParallelTranscoder(ParallelSAE):
         # Fixed input / target scales (set by init_biases; 1 until then), replicated buffers.
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
         self.register_buffer("target_scale", torch.ones((), device=device, dtype=dtype))
+        if b_dec_rate is not None and not 0 < b_dec_rate <= 1:
+            raise ValueError(f"ParallelTranscoder: b_dec_rate {b_dec_rate!r} must be in (0, 1] or None")
+        self.b_dec_rate = b_dec_rate
+        if b_dec_rate is not None:  # refitted in the forward, not by the optimizer: no gradient at all
+            self.b_pre.requires_grad_(False)
 
     @property
     def b_dec(self) -> nn.Parameter:
@@ -131,16 +159,49 @@ class ParallelTranscoder(ParallelSAE):
             x_in = self._tp_copy(x_in)
         return F.linear(x_in, self.W_enc, self.b_enc)
 
-    def forward(self, x: torch.Tensor, inference: bool | None = None) -> SAEOutput:
+    def forward(self, x: torch.Tensor, inference: bool | None = None,
+                target: torch.Tensor | None = None) -> SAEOutput:
         """y_hat (out.x_hat, in the target's own units) for the MLP input x [..., d] (replicated
         over TP): the SAE's forward on x_s = input_scale x (out.x_in) with this encoder, plus
-        W_skip x_s, divided by target_scale; the same for every matryoshka prefix."""
+        W_skip x_s, divided by target_scale; the same for every matryoshka prefix.
+
+        target: the target y [..., d] of a training forward. With b_dec_rate set, a
+        training-mode forward (inference False) given the target first refits b_dec
+        (`refit_b_dec`) and returns y_hat with the refitted bias; an inference forward, or
+        one without target, uses b_dec as it is."""
         out = super().forward(x, inference)
         skip = F.linear(out.x_in, self.W_skip) if self.skip else 0.0  # whole on every TP rank: no communication
-        out.x_hat = (out.x_hat + skip) / self.target_scale
+        training = self.training if inference is None else not inference
+        shift = 0.0
+        if self.b_dec_rate is not None and training and target is not None:
+            shift = self.refit_b_dec(target, out.x_hat.detach() + (skip.detach() if self.skip else 0.0))
+        out.x_hat = (out.x_hat + skip + shift) / self.target_scale
         if out.x_hat_prefixes is not None:
-            out.x_hat_prefixes = (out.x_hat_prefixes + skip) / self.target_scale
+            out.x_hat_prefixes = (out.x_hat_prefixes + skip + shift) / self.target_scale
         return out
+
+    @torch.no_grad()
+    def refit_b_dec(self, y: torch.Tensor, y_hat_s: torch.Tensor) -> torch.Tensor:
+        """Move b_dec towards the batch-optimal decoder bias; returns the change [d].
+
+            b*    = mean over the micro-batch's tokens of all DP ranks of
+                    (target_scale y - W_dec f - W_skip x_s)   (the transcoder's units)
+            b_dec <- (1 - b_dec_rate) b_dec + b_dec_rate b*
+
+        b* minimises sum_t ||y_t - y_hat_t||^2 over the bias with the other parameters fixed
+        (so also the FVU, whose denominator does not depend on it). y_hat_s is the scaled
+        prediction with the current b_dec (W_dec f + b_dec + W_skip x_s), so
+        b* - b_dec = mean(target_scale y - y_hat_s). Computed in float64. y and the summed
+        decode are replicated over TP, so every TP rank computes the same b*; the token sums
+        are all-reduced over dp_group (d + 1 float64), so every DP rank keeps the same b_dec.
+        No gradient: b_dec is excluded from the optimizer (requires_grad False)."""
+        resid = (y.to(torch.float64) * self.target_scale.double() - y_hat_s.to(torch.float64)).reshape(-1, self.d_model)
+        sums = torch.cat([resid.sum(dim=0), resid.new_tensor([float(resid.shape[0])])])
+        if self.dp_group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.dp_group)
+        delta = (self.b_dec_rate * sums[:-1] / sums[-1].clamp_min(1.0)).to(self.b_pre.dtype)
+        self.b_pre.add_(delta)
+        return delta
 
     def training_loss(self, x: torch.Tensor, out: SAEOutput, dead_mask: torch.Tensor | None = None,
                       normalize: str = "none") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

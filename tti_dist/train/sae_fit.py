@@ -33,8 +33,9 @@ then measure it (the plan comes checked from tti_dist.sae.fit_plan).
    SAEs spliced in at once (`compound_splice_metrics`) -> RUN/sae_fit/compound-n<N>-k<K>.json.
 7. A transcoder (--site blocks.<i>.resid_mid --target blocks.<i>.mlp.out [--skip];
    tti_dist/sae/transcoder.py): steps 4-5 with the MLP's output as the target: biases from
-   the first batch (`init_biases`), loss = `training_loss(y, ...)`, the train log's EV that
-   of y, then `transcoder_splice_metrics` (y_hat replacing the MLP's output) and the latents'
+   the first batch (`init_biases`), b_dec refitted to the batch's optimal bias by every
+   training forward (b_dec_rate 1, as `type: transcoder`), loss = `training_loss(y, ...)`,
+   the train log's EV that of y, then `transcoder_splice_metrics` (y_hat replacing the MLP's output) and the latents'
    ground-truth scores, tagged transcoder/blocks.<i>.mlp/*; its shards are
    OUT/transcoder_tp_rank<R>.safetensors (the SAE shard format under another name; the
    record names the target and the skip term).
@@ -113,10 +114,11 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
                           device=groups.device, dp_group=dp_group)
     else:
         sae = ParallelTranscoder(plan.site_dim, plan.sae_cfg, tp_group, groups.tp_size, groups.tp_rank,
-                                 seed=plan.seed, skip=plan.skip, device=groups.device, dp_group=dp_group)
+                                 seed=plan.seed, skip=plan.skip, device=groups.device, dp_group=dp_group,
+                                 b_dec_rate=1.0)  # b_dec refitted per batch, as in co-training
     tracker = FiringTracker(sae.num_local_latents, plan.sae_cfg.dead_window_tokens, dp_group=dp_group,
                             device=groups.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=plan.lr)
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=plan.lr)
     windows = run_windows(cfg)
     mbs = cfg.train.micro_batch_size
     train = DistributedBatchLoader(windows, "train", mbs, groups.dp_rank, groups.dp_size, cfg.train.seed)
@@ -136,7 +138,7 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
                 sae.init_b_pre(acts.reshape(-1, plan.site_dim), dp_group=dp_group)
             elif step == 1:
                 sae.init_biases(acts, ys, dp_group=dp_group)
-            out = sae(acts)
+            out = sae(acts) if target is None else sae(acts, target=ys)
             goal = out.x_in if target is None else ys  # what x_hat (y_hat) is compared with
             dead = tracker.dead_mask() if tracker.may_have_dead() else None
             loss, parts = sae.training_loss(goal, out, dead)
