@@ -152,10 +152,16 @@ def test_search_paths_passed_to_ray_workers(monkeypatch):
 
 
 def test_settings_without_a_regularizer_class_is_a_one_line_error(tmp_path, capsys):
+    from tti_dist.config.regularizers import CONFIG_TYPES
+
     config = _write(tmp_path / "run.yaml", {
         "imports": [str(PLUGINS / "tti_plugin_settings_only.py")],
         "regularizers": [{"type": "settings_only", "name": "s", "coefficient": 1.0}]})
-    code, err = _tti(["train", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    try:
+        code, err = _tti(["train", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    finally:  # the half-registered type must not leak into later tests of this process
+        CONFIG_TYPES.pop("settings_only", None)
+        sys.modules.pop("tti_plugin_settings_only", None)
     assert code == 2 and len(err) == 1
     assert err[0].startswith("tti: error: regularizers[0].type: 'settings_only' has settings but no registered "
                              "Regularizer class (@register); registered types: ")
