@@ -70,6 +70,7 @@ def main() -> None:
         rows = [run_summary(r) for r in runs]
         circuits: dict[str, list[str]] = {"trained": [], "init": [], "random_labels": []}
         kept: dict[str, list[float]] = {"trained": [], "init": [], "random_labels": []}
+        totals: list[int] = []
         for r in runs:
             path = args.root / f"circ_{args.task}_{kind}_{r.name.rsplit('_', 1)[1]}.json"
             if path.exists():
@@ -77,6 +78,7 @@ def main() -> None:
                 for entry in circuits:
                     e = result[entry]
                     circuits[entry].append(f"{e['nodes_kept']['all']}{'' if e['reached'] else '*'}")
+                    totals.append(result["nodes_total"]["all"])
                     if e["reached"]:
                         kept[entry].append(e["nodes_kept"]["all"])
         cells = []
@@ -86,6 +88,8 @@ def main() -> None:
                 continue
             reached = kept[entry]
             summary = mean_se([float(v) for v in reached], 0) if reached else "none reached"
+            if reached and totals:
+                summary += f" ({statistics.mean(reached) / totals[0]:.0%} of {totals[0]})"
             cells.append(f"{summary} [{', '.join(circuits[entry])}]")
         width, nonzero = block_weights(runs[0], rows[0]["density"])
         print(f"| {kind} | {width} | {nonzero:,} | {len(rows)} | {mean_se([r['loss'] for r in rows])} | "
