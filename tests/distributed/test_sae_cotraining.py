@@ -85,7 +85,7 @@ def _rank() -> dict:
                     res["metrics"].append(metrics)
                     cap.clear()
             res["model_grads"] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-            res["sae_grads"] = {k: p.grad.clone() / 2 for k, p in reg.sae.named_parameters()}
+            res["sae_grads"] = {k: p.grad.clone() / 2 for k, p in reg.sae.named_parameters() if p.requires_grad}
             res["sae_before"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
             reg.after_optimizer_step()
             res["sae_after"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
@@ -126,6 +126,13 @@ def _shard(full, dim, rank, size=2):
     return full if dim is None else full.chunk(size, dim=dim)[rank]
 
 
+def _assert_no_bias_gradient(g, grads):
+    """b_dec refitted to the batch's mean residual (all DP ranks): the error sums to 0 over the
+    tokens, so the MLP's output bias gets no gradient from the transcoder, up to rounding."""
+    top = max(t.abs().max().item() for t in grads.values())
+    assert g.abs().max() < 1e-4 * top, g.abs().max()
+
+
 def _close(got, want, what, rtol=1e-5):
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5 * scale + 1e-12, msg=lambda m: f"{what}: {m}")
@@ -143,6 +150,10 @@ def test_tp2_equals_tp1(tp_results, key):
                 torch.testing.assert_close(v, ref["metrics"][i][tag], rtol=1e-4, atol=1e-6, msg=lambda m: f"{tag}: {m}")
         assert r["model_grads"].keys() == ref["model_grads"].keys()
         for name, g in r["model_grads"].items():
+            if key == "transcoder" and name == "blocks.1.mlp.fc2.bias":
+                _assert_no_bias_gradient(g, ref["model_grads"])
+                _assert_no_bias_gradient(ref["model_grads"][name], ref["model_grads"])
+                continue
             _close(g, _shard(ref["model_grads"][name], r["layout"][name], rank), name)
         for which in ("sae_grads", "sae_before"):
             for name, t in r[which].items():
@@ -267,8 +278,12 @@ def test_valid_config_parses():
 # ---------------------------------------------------------------- through the product
 
 STEPS = 8
+# and a detached skip transcoder of blocks.1's MLP next to it (coefficient 0: the run's loss is
+# the same), whose target's mean moves with the young model's own MLP bias.
 RUN_REG = ("regularizers=[{type: sae, name: sae, coefficient: 0.5, hookpoints: ['blocks.1.resid_post'], mode: joint,"
-           " num_latents: 64, k: 4, aux_k: 8, dead_window_tokens: 256, lr: 3e-3, redundancy_every: 2}]")
+           " num_latents: 64, k: 4, aux_k: 8, dead_window_tokens: 256, lr: 3e-3, redundancy_every: 2},"
+           " {type: transcoder, name: tc, coefficient: 0.0, hookpoints: ['blocks.1.resid_mid', 'blocks.1.mlp.out'],"
+           " mode: detached, skip: true, num_latents: 64, k: 4, lr: 1e-3}]")
 RUN_BASE = [
     "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.max_seq_len=16",
     "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=1.0",
@@ -321,6 +336,12 @@ def test_training_run_metrics_and_resume(run_cfg, tmp_path):
     # cannot lower it while EV falls (it could with per-token ||x||^2 normalization).
     assert ev[-1] > 0.5 and ev[-1] > ev[0]
     assert all(v <= 4 for v in table.column("reg/sae/l0").to_pylist())
+    # The transcoder's live EV of blocks.1.mlp.out stays >= 0 and grows while the MLP output's
+    # mean moves with the model (b_dec refitted per micro-step: 0.0 -> 0.028 when recorded; an
+    # Adam-trained b_dec lagged the mean: -0.59 after one step, -0.54 after 8).
+    tc_ev = table.column("reg/tc/explained_variance").to_pylist()
+    print("transcoder EV", [round(v, 3) for v in tc_ev])
+    assert min(tc_ev) > -1e-4 and tc_ev[-1] > 0.01
 
     # The SAE's state lives in the checkpoint's client_state (once per TP rank).
     (states,) = list((straight_dir / "checkpoints" / f"global_step{STEPS}").glob("mp_rank_00_model_states.pt"))
@@ -346,6 +367,14 @@ def test_training_run_metrics_and_resume(run_cfg, tmp_path):
                                map_location="cpu", weights_only=False)["regularizers"]["sae"]
     for name, t in sae_state["sae"].items():
         assert torch.equal(resumed_state["sae"][name], t), name
+    # The transcoder's refitted b_dec round-trips through the checkpoint (resumed == straight).
+    tc_dir = "checkpoints/global_step{}/mp_rank_00_model_states.pt"
+    tc_straight, tc_resumed, tc_first = (
+        torch.load(d / tc_dir.format(s), map_location="cpu", weights_only=False)["regularizers"]["tc"]["sae"]
+        for d, s in ((straight_dir, STEPS), (resumed_dir, STEPS), (straight_dir, 4)))
+    assert not torch.equal(tc_first["b_pre"], tc_straight["b_pre"])
+    for name, t in tc_straight.items():
+        assert torch.equal(tc_resumed[name], t), f"tc.{name}"
 
 
 # -- data parallelism: the SAE's own optimizer sees the DP-averaged gradient -------------------
@@ -354,9 +383,12 @@ def test_training_run_metrics_and_resume(run_cfg, tmp_path):
 # geometric median are per-rank / iterative, not batch means).
 DP_ENTRY = {"type": "sae", "name": "sae_dp", "coefficient": 0.5, "hookpoints": [HOOK], "mode": "joint",
             "recon_normalize": "none", "num_latents": 64, "k": 6, "b_pre_init": "mean", "lr": 1e-2, "seed": 7}
+# A transcoder's b_dec refit averages the batch's mean residual over DP: one b_dec on every rank.
+DP_TRANSCODER = {**DP_ENTRY, "type": "transcoder", "name": "sae_dp",
+                 "hookpoints": ["blocks.1.resid_mid", "blocks.1.mlp.out"], "skip": True}
 
 
-def _dp_rank() -> dict:
+def _dp_rank(entry: dict = DP_ENTRY) -> dict:
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
@@ -369,7 +401,7 @@ def _dp_rank() -> dict:
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
         seed_weights(5)
         model = GPT(cfg, groups)
-        (reg,) = build_regularizers(checked_regularizers([DP_ENTRY], cfg, 1), model, groups)
+        (reg,) = build_regularizers(checked_regularizers([entry], cfg, 1), model, groups)
         out = {"metrics": []}
         with ActivationCapture(reg.captures) as cap:
             for step in range(2):
@@ -395,13 +427,18 @@ def _dp_rank() -> dict:
         shutdown_parallel()
 
 
-def test_dp2_sae_step_equals_dp1():
-    (ref,) = run_ranks(1, _dp_rank)
-    ranks = run_ranks(2, _dp_rank)
+@pytest.mark.parametrize("entry", [DP_ENTRY, DP_TRANSCODER], ids=["sae", "transcoder"])
+def test_dp2_sae_step_equals_dp1(entry):
+    (ref,) = run_ranks(1, _dp_rank, entry)
+    ranks = run_ranks(2, _dp_rank, entry)
     for name, t in ranks[0]["sae"].items():
         assert torch.equal(t, ranks[1]["sae"][name]), f"DP replicas of the SAE diverged: {name}"
         _close(t, ref["sae"][name], f"sae.{name}")
     for name, g in ranks[0]["model_grads"].items():
+        if entry is DP_TRANSCODER and name == "blocks.1.mlp.fc2.bias":
+            _assert_no_bias_gradient(g, ranks[0]["model_grads"])
+            _assert_no_bias_gradient(ref["model_grads"][name], ref["model_grads"])
+            continue
         _close(g, ref["model_grads"][name], name)
     for step in range(2):
         mean_loss = (ranks[0]["metrics"][step]["reg/sae_dp/loss"] + ranks[1]["metrics"][step]["reg/sae_dp/loss"]) / 2

@@ -4,7 +4,9 @@
     y_hat, matryoshka-free losses (FVU reconstruction, AuxK or the L0 penalty, the training
     loss) and the gradient of every shard, of b_dec, of W_skip and of a joint input; for
     TopK with and without the skip term (sparse and dense decode), BatchTopK with the skip
-    term and a joint input, and JumpReLU; the TopK skip transcoder with its input normalised.
+    term and a joint input, and JumpReLU; the TopK skip transcoder with its input normalised;
+    a joint TopK skip transcoder whose b_dec the training forward refits (the same b_dec on
+    both TP ranks and at TP=1, no gradient, zero mean error).
 (b) The replacement metrics (transcoder_splice_metrics) of a GPT at TP=2 x DP=1 equal those
     at TP=1 x DP=2 (the batches split over DP).
 """
@@ -24,6 +26,9 @@ VARIANTS = {
     "batchtopk_skip_joint": dict(cfg=dict(activation="batchtopk", k=3, aux_k=5), skip=True, sparse=True, joint=True),
     "jumprelu_skip": dict(cfg=dict(activation="jumprelu", l0_coefficient=0.2, jumprelu_bandwidth=0.5), skip=True,
                           sparse=True, joint=False),
+    # b_dec refitted to the batch's mean residual by the training forward (b_dec_rate 1)
+    "topk_skip_refit_joint": dict(cfg=dict(activation="topk", k=4, aux_k=6), skip=True, sparse=True, joint=True,
+                                  refit=True),
 }
 DEAD = torch.zeros(N, dtype=torch.bool)
 DEAD[[2, 7, 15, 16, 20, 31]] = True  # on both shards
@@ -69,14 +74,15 @@ def run_variant(name: str, tp_group, tp_size: int, tp_rank: int) -> dict:
 
     spec = VARIANTS[name]
     tc = ParallelTranscoder(D, SAEConfig(num_latents=N, **spec["cfg"]), tp_group, tp_size, tp_rank, seed=2,
-                            skip=spec["skip"], sparse_decode=spec["sparse"])
+                            skip=spec["skip"], sparse_decode=spec["sparse"],
+                            b_dec_rate=1.0 if spec.get("refit") else None)
     with torch.no_grad():
         for pname, full in _weights(name).items():
             p = getattr(tc, pname)
             p.copy_(_shard(full, p, tp_rank, tp_size))
     x, y = _data()
     x = x.clone().requires_grad_(spec["joint"])
-    out = tc(x)
+    out = tc(x, target=y)
     dead = DEAD.chunk(tp_size)[tp_rank]
     losses = {"fvu": tc.reconstruction_loss(y, out.x_hat, "fvu")}
     losses["total"], _ = tc.training_loss(y, out, dead, normalize="fvu")
@@ -86,13 +92,14 @@ def run_variant(name: str, tp_group, tp_size: int, tp_rank: int) -> dict:
         losses["aux"] = tc.aux_k_loss(y, out, dead)
     res = {"latents": _gather(out.latents, tp_group, tp_size), "y_hat": out.x_hat.detach().clone(),
            "losses": {k: v.detach() for k, v in losses.items()}, "grads": {}, "x_grads": {},
+           "b_dec": tc.b_dec.detach().clone(),
            "partition": {n: p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
                          for n, p in tc.named_parameters()}}
     for key, loss in losses.items():
         tc.zero_grad(set_to_none=False)
         x.grad = None
         loss.backward(retain_graph=True)
-        res["grads"][key] = {n: p.grad.clone() for n, p in tc.named_parameters()}
+        res["grads"][key] = {n: p.grad.clone() for n, p in tc.named_parameters() if p.requires_grad}
         if spec["joint"]:
             res["x_grads"][key] = x.grad.clone()
     return res
@@ -175,6 +182,11 @@ def test_tp2_equals_tp1(results, name):
                 _close(g, want if dim is None else want.chunk(2, dim=dim)[rank], f"{key}: d/d{pname}")
             if VARIANTS[name]["joint"]:
                 _close(got["x_grads"][key], ref["x_grads"][key], f"{key}: d/dx")
+        _close(got["b_dec"], ref["b_dec"], "b_dec")
+        if VARIANTS[name].get("refit"):  # b_dec = the batch's mean residual: no gradient, y_hat's mean error 0
+            assert "b_pre" not in got["grads"]["fvu"] and not torch.equal(ref["b_dec"], _weights(name)["b_pre"])
+            y = _data()[1]
+            torch.testing.assert_close((y - got["y_hat"]).reshape(-1, D).mean(0), torch.zeros(D), rtol=0, atol=1e-5)
         if VARIANTS[name]["skip"]:  # the skip term has a gradient, the same on both ranks
             assert ref["grads"]["fvu"]["W_skip"].abs().sum() > 0
             assert got["partition"]["W_skip"] is None and got["partition"]["b_pre"] is None
