@@ -5,7 +5,7 @@
 ROOT holds the co-trained runs `sf_<activation>` (tti train configs/sae_family.yaml with the
 overrides on the page; `sf_base` is the model trained with the SAE's coefficient 0), each
 evaluated by `tti eval` (RUN/eval/<step>.parquet), and the post-hoc fits on the base model
-`sf_base/sae_fit/<activation>/sae_metrics.json` (tti sae fit). Prints one Markdown row per
+`sf_base/sae_fit/<name>/sae_metrics.json` (tti sae fit; one row per directory). Prints one Markdown row per
 SAE: the LM's eval loss, then the SAE's L0, explained variance, CE loss recovered, dead
 fraction, ground-truth MCC and mean best-latent F1 (docs/metrics.md).
 """
@@ -57,10 +57,10 @@ def main() -> None:
     if base:
         loss, m = base
         print(f"| topk | co-trained (coefficient 0) | {loss:.3f} | " + " | ".join(fmt(m[c]) for c in COLUMNS) + " |")
-        for act in ("topk", "batchtopk", "jumprelu", "matryoshka"):
-            fit = post_hoc(args.root / "sf_base" / "sae_fit" / act, args.site)
-            if fit:
-                print(f"| {act} | post hoc on the coefficient-0 model | {loss:.3f} | "
+        for fit_dir in sorted((args.root / "sf_base" / "sae_fit").glob("*")):
+            fit = post_hoc(fit_dir, args.site)
+            if fit and any(v is not None for v in fit.values()):
+                print(f"| {fit_dir.name} | post hoc on the coefficient-0 model | {loss:.3f} | "
                       + " | ".join(fmt(fit[c]) for c in COLUMNS) + " |")
 
 
