@@ -13,7 +13,7 @@ fc2 [d, 4d]; density 0.25, min_per_neuron 4):
   apply     the multiply of the masks into the weights.
 Times are medians of R repeats after one warm-up, in milliseconds.
 
-    python bench/weight_sparsity_step.py [R]     # default R = 5
+    python bench/weight_sparsity_step.py [R] [DEVICE]     # default R = 5, DEVICE = cpu (or cuda)
 
 Asserts nothing: record the printed lines in docs/performance.md.
 """
@@ -29,15 +29,23 @@ import torch
 from tti_dist.models.weight_sparsity import abs_topk_masks
 
 R = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+DEVICE = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cpu")
 DENSITY = 0.25
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_ms(fn) -> float:
     fn()
+    sync()
     times = []
     for _ in range(R):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -46,7 +54,7 @@ def plain_topk_masks(weights: list[torch.Tensor], ks: list[int]) -> list[torch.T
     masks = []
     for w, k in zip(weights, ks):
         idx = torch.topk(w.abs().reshape(-1), k, sorted=False).indices
-        mask = torch.zeros(w.numel(), dtype=torch.bool)
+        mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
         mask[idx] = True
         masks.append(mask.view_as(w))
     return masks
@@ -54,10 +62,11 @@ def plain_topk_masks(weights: list[torch.Tensor], ks: list[int]) -> list[torch.T
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"threads {torch.get_num_threads()}, density {DENSITY}, min_per_neuron 4, median of {R}")
-    for d, layers in ((128, 2), (256, 4), (512, 4), (768, 2)):
+    print(f"device {DEVICE}, threads {torch.get_num_threads()}, density {DENSITY}, min_per_neuron 4, median of {R}")
+    shapes_cpu = ((128, 2), (256, 4), (512, 4), (768, 2))
+    for d, layers in shapes_cpu if DEVICE.type == "cpu" else shapes_cpu + ((1024, 12), (2048, 4)):
         shapes = [((3 * d, d), "column"), ((d, d), "row"), ((4 * d, d), "column"), ((d, 4 * d), "row")] * layers
-        weights = [torch.nn.Parameter(torch.randn(*s)) for s, _ in shapes]
+        weights = [torch.nn.Parameter(torch.randn(*s, device=DEVICE)) for s, _ in shapes]
         parallels = [p for _, p in shapes]
         ks = [int(DENSITY * w.numel()) for w in weights]
         for w in weights:
