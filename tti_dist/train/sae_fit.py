@@ -54,12 +54,11 @@ import torch.distributed as dist
 from tti_dist.capture.hookpoints import ActivationCapture, list_hookpoints
 from tti_dist.data.loader import DistributedBatchLoader
 from tti_dist.data.prepare import run_windows
-from tti_dist.distributed.collectives import all_gather_concat
-from tti_dist.metrics.dictionary_scoring import dictionary_scoring_tags, score_dictionary
 from tti_dist.sae.files import shard_name, write_shard
 from tti_dist.sae.firing_tracker import FiringTracker
 from tti_dist.rundir import RunDir
 from tti_dist.sae.fit_plan import METRICS_FILE, FitPlan, compound_metrics_path
+from tti_dist.sae.ground_truth import ground_truth_scores
 from tti_dist.sae.metrics import explained_variance
 from tti_dist.sae.model import ParallelSAE
 from tti_dist.sae.optimizer_step import sae_optimizer_step
@@ -187,31 +186,16 @@ def _fit_site(model, plan: FitPlan, groups) -> tuple[ParallelSAE, dict, list]:
 @torch.no_grad()
 def _ground_truth_scores(model, sae: ParallelSAE, site, val: DistributedBatchLoader, num_batches: int,
                          groups, prefix: str) -> dict[str, float]:
-    """`<prefix>gt_*` (tti_dist.metrics.dictionary_scoring): the SAE's (transcoder's) latents of `site` scored against
-    the corpus's factor columns on the validation batches (each DP rank's, all of them
-    gathered over TP and DP, so every rank returns the same); {} without factor columns.
-    Collective over TP and DP."""
+    """`<prefix>gt_*`: the SAE's (transcoder's) latents of `site`, in inference form, scored
+    against the corpus's factor columns on the validation batches (tti_dist.sae.ground_truth;
+    every rank returns the same); {} without factor columns. Collective over TP and DP."""
     columns = tuple(c for c in val.windows.column_names if c.startswith("factor_"))
     if not columns:
         return {}
     sae_training = sae.training
     sae.eval()
-    latents, labels = [], {c: [] for c in columns}
-    with ActivationCapture([site]) as capture:
-        for batch in val.fixed_batches_columns(num_batches, columns):
-            model(batch["tokens"][:, :-1].to(groups.device))
-            f = sae(capture.captured[site.name].detach()).latents.float()
-            capture.clear()
-            if groups.tp_size > 1:
-                f = all_gather_concat(f, groups.tp_group, dim=-1)
-            latents.append(f.reshape(-1, f.shape[-1]))
-            for c in columns:  # the factor of each input token (targets are shifted by one)
-                labels[c].append(batch[c][:, :-1].reshape(-1).to(groups.device))
-    sae.train(sae_training)
-    z = torch.cat(latents)
-    factors = {c: torch.cat(v) for c, v in labels.items()}
-    if groups.dp_size > 1:  # every DP rank reads the same number of equal-shape batches
-        z = all_gather_concat(z, groups.dp_group, dim=0)
-        factors = {c: all_gather_concat(v, groups.dp_group, dim=0) for c, v in factors.items()}
-    scores = score_dictionary(z.cpu(), {c.removeprefix("factor_"): v.cpu() for c, v in factors.items()})
-    return dictionary_scoring_tags(prefix, scores)
+    try:
+        return ground_truth_scores(model, lambda a: sae(a).latents, site,
+                                   val.fixed_batches_columns(num_batches, columns), groups, prefix)
+    finally:
+        sae.train(sae_training)
