@@ -152,7 +152,9 @@ def test_run_directory_contents(runs):
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step20"
 
 
-@pytest.mark.parametrize("name", ["tp2_dp2_z1", "tp2_dp2_z3", "tp2_dp2_z1_reg"])
+# tp2_dp2_z1_reg is tp2_dp2_z1 plus regularizers and weight sparsity, so the plain ZeRO-1
+# layout's resume is covered by it (one 4-rank relaunch less in CI).
+@pytest.mark.parametrize("name", ["tp2_dp2_z3", "tp2_dp2_z1_reg"])
 def test_resume_reproduces_uninterrupted_run(runs, tmp_path, name):
     """10 steps + resume + 10 steps == 20 straight steps, exactly (regularizer samples included)."""
     straight_dir, straight = runs(name)
