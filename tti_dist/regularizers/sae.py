@@ -159,14 +159,7 @@ class SAECoTraining(Regularizer, CoTrainedModule):
             total, parts = self.sae.training_loss(out.x_in, out, dead, normalize=self.params.recon_normalize)
             params = list(self.sae.parameters())
             grads = torch.autograd.grad(total, params + ([a] if joint else []), allow_unused=True)
-        for p, gp in zip(params, grads[:len(params)]):
-            if gp is None:
-                continue
-            if p.grad is None:
-                p.grad = gp.detach().clone()
-            else:
-                p.grad.add_(gp)
-        self._pending += 1
+        self._accumulate(params, grads)
         if joint:
             dot = (a.float() * grads[-1].float()).sum()
             value = total.detach() + (dot - dot.detach())
@@ -176,6 +169,18 @@ class SAECoTraining(Regularizer, CoTrainedModule):
             self.tracker.update(out.latents)
             metrics = self._metrics(out, parts)
         return value, metrics
+
+    def _accumulate(self, params: list[torch.Tensor], grads: tuple) -> None:
+        """Add this micro-step's gradients (grads[:len(params)], None = unused) into params' .grad
+        and count the micro-step; `after_optimizer_step` takes their mean."""
+        for p, gp in zip(params, grads[:len(params)]):
+            if gp is None:
+                continue
+            if p.grad is None:
+                p.grad = gp.detach().clone()
+            else:
+                p.grad.add_(gp)
+        self._pending += 1
 
     @torch.no_grad()
     def _metrics(self, out, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -141,14 +141,7 @@ class TranscoderCoTraining(SAECoTraining):
             total, parts = self.sae.training_loss(y_in, out, dead, normalize=self.params.recon_normalize)
             params = [q for q in self.sae.parameters() if q.requires_grad]
             grads = torch.autograd.grad(total, params + inputs, allow_unused=True)
-        for p, gp in zip(params, grads[:len(params)]):
-            if gp is None:
-                continue
-            if p.grad is None:
-                p.grad = gp.detach().clone()
-            else:
-                p.grad.add_(gp)
-        self._pending += 1
+        self._accumulate(params, grads)
         value = total.detach()
         for (a, _), g in zip(pairs, grads[len(params):]):
             if g is not None:
