@@ -166,17 +166,18 @@ def abs_topk_masks(
     """Bool masks (each of its weight's local shape) keeping the global top-k |w| of each matrix.
 
     weights[m] is this TP rank's shard of matrix m (whole neurons: rows for 'column', columns
-    for 'row'), ks[m] the entries to keep over the whole matrix. Exactly the TP=1 selection,
+    for 'row'; every rank's shard of a matrix has the same size), ks[m] the entries to keep
+    over the whole matrix, 1..its size. Exactly the TP=1 selection,
     ties included (module docstring for the order and the algorithm).
     """
     if not weights:
         return []
     device = weights[0].device
     keys = [_keys(w, par, min_per_neuron) for w, par in zip(weights, parallels)]
-    total = torch.tensor([k.numel() for k in keys], dtype=torch.int64, device=device)
-    if tp_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=tp_group)
-    remaining = torch.tensor(ks, dtype=torch.int64, device=device).minimum(total)
+    for k, key in zip(ks, keys):
+        if not 1 <= k <= key.numel() * tp_size:
+            raise ValueError(f"abs_topk_masks: k={k} must be in 1..{key.numel() * tp_size} (the matrix's size)")
+    remaining = torch.tensor(ks, dtype=torch.int64, device=device)
     # Radix select over the 31 key bits, most significant first: 11 + 11 + 9 bits. After each
     # pass only the keys sharing the chosen leading digits stay candidates (compacted), so the
     # later passes touch a small fraction of the weights.
