@@ -388,7 +388,8 @@ DP_TRANSCODER = {**DP_ENTRY, "type": "transcoder", "name": "sae_dp",
                  "hookpoints": ["blocks.1.resid_mid", "blocks.1.mlp.out"], "skip": True}
 
 
-def _dp_rank(entry: dict = DP_ENTRY) -> dict:
+def _dp_rank(entries: tuple[dict, ...] = (DP_ENTRY,)) -> list[dict]:
+    """Each entry's two co-trained steps on this rank's rows (one process group for all)."""
     from tti_dist.capture import ActivationCapture
     from tti_dist.config.schema import ModelConfig
     from tti_dist.distributed.groups import init_parallel, shutdown_parallel
@@ -397,40 +398,55 @@ def _dp_rank(entry: dict = DP_ENTRY) -> dict:
     from tti_dist.utils.seeding import seed_weights
 
     groups = init_parallel(1, torch.device("cpu"), 120)  # world 1 or 2 -> DP = world
+    results = []
     try:
-        cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
-        seed_weights(5)
-        model = GPT(cfg, groups)
-        (reg,) = build_regularizers(checked_regularizers([entry], cfg, 1), model, groups)
-        out = {"metrics": []}
-        with ActivationCapture(reg.captures) as cap:
-            for step in range(2):
-                batch = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(200 + step))
-                rows = batch.chunk(groups.dp_size)[groups.dp_rank]
-                model(rows)
-                weighted, metrics = reg(cap.captured, step=step)
-                weighted.backward()
-                cap.clear()
-                out["metrics"].append(metrics)
-                reg.after_optimizer_step()
-        # What DeepSpeed does with the model's gradients: the mean over the DP group.
-        grads = {}
-        for k, p in model.named_parameters():
-            if p.grad is not None:
-                g = p.grad.clone()
-                torch.distributed.all_reduce(g, group=groups.dp_group)
-                grads[k] = g / groups.dp_size
-        out["model_grads"] = grads
-        out["sae"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
-        return out
+        for entry in entries:
+            cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_seq_len=16)
+            seed_weights(5)
+            model = GPT(cfg, groups)
+            (reg,) = build_regularizers(checked_regularizers([entry], cfg, 1), model, groups)
+            out = {"metrics": []}
+            with ActivationCapture(reg.captures) as cap:
+                for step in range(2):
+                    batch = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(200 + step))
+                    rows = batch.chunk(groups.dp_size)[groups.dp_rank]
+                    model(rows)
+                    weighted, metrics = reg(cap.captured, step=step)
+                    weighted.backward()
+                    cap.clear()
+                    out["metrics"].append(metrics)
+                    reg.after_optimizer_step()
+            # What DeepSpeed does with the model's gradients: the mean over the DP group.
+            grads = {}
+            for k, p in model.named_parameters():
+                if p.grad is not None:
+                    g = p.grad.clone()
+                    torch.distributed.all_reduce(g, group=groups.dp_group)
+                    grads[k] = g / groups.dp_size
+            out["model_grads"] = grads
+            out["sae"] = {k: v.detach().clone() for k, v in reg.sae.named_parameters()}
+            results.append(out)
+        return results
     finally:
         shutdown_parallel()
 
 
-@pytest.mark.parametrize("entry", [DP_ENTRY, DP_TRANSCODER], ids=["sae", "transcoder"])
-def test_dp2_sae_step_equals_dp1(entry):
-    (ref,) = run_ranks(1, _dp_rank, entry)
-    ranks = run_ranks(2, _dp_rank, entry)
+DP_CASES = {"sae": DP_ENTRY, "transcoder": DP_TRANSCODER}
+
+
+@pytest.fixture(scope="module")
+def dp_results():
+    """(DP=1 result, DP=2 results) per case: one 1-rank and one 2-rank spawn for all cases."""
+    entries = tuple(DP_CASES.values())
+    (ref,) = run_ranks(1, _dp_rank, entries)
+    ranks = run_ranks(2, _dp_rank, entries)
+    return {name: (ref[i], [ranks[0][i], ranks[1][i]]) for i, name in enumerate(DP_CASES)}
+
+
+@pytest.mark.parametrize("case", list(DP_CASES))
+def test_dp2_sae_step_equals_dp1(dp_results, case):
+    entry = DP_CASES[case]
+    ref, ranks = dp_results[case]
     for name, t in ranks[0]["sae"].items():
         assert torch.equal(t, ranks[1]["sae"][name]), f"DP replicas of the SAE diverged: {name}"
         _close(t, ref["sae"][name], f"sae.{name}")

@@ -5,6 +5,7 @@ at 10 and 20) are made once per module and shared by the tests:
     tp1_dp2_z1   TP=1 x DP=2, ZeRO-1   (the dense reference for TP)
     tp2_dp2_z{0,1,2,3}  TP=2 x DP=2, ZeRO stage 0..3
     tp2_dp2_z1_reg  TP=2 x DP=2, ZeRO-1 with regularizers and weight sparsity
+    tp1_dp2_z2_ws   TP=1 x DP=2, ZeRO-2 with weight sparsity
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ LAYOUTS = {
         # run must continue exactly, and ZeRO-1's fp32 master weights must stay masked.
         "weight_sparsity={density: 0.25, anneal_fraction: 0.5, min_per_neuron: 2}",
     )),
+    # Weight sparsity under ZeRO-2: the masks reach the fp32 master partitions.
+    "tp1_dp2_z2_ws": dict(tp=1, dp=2, zero=2, extra=(
+        "weight_sparsity={density: 0.25, anneal_fraction: 0.5, min_per_neuron: 2}",)),
 }
 
 
@@ -171,15 +175,19 @@ def test_resume_reproduces_uninterrupted_run(runs, tmp_path, name):
     assert resumed.eval_losses[20] == straight.eval_losses[20]
 
 
-def test_weight_sparsity_keeps_exactly_the_scheduled_density(runs):
+@pytest.mark.parametrize("name", ["tp2_dp2_z1_reg", "tp1_dp2_z2_ws"])
+def test_weight_sparsity_keeps_exactly_the_scheduled_density(runs, name):
     """Every logged weights/<matrix>/density is the schedule's kept count over the matrix's
-    size, and the checkpoint's fp32 master weights (ZeRO-1 partitions, TP shards merged as
-    tti export does) hold exactly floor(density x size) nonzeros per matrix."""
+    size, and the checkpoint's fp32 master weights (ZeRO-1 or ZeRO-2 partitions, TP shards
+    merged as tti export does) hold exactly floor(density x size) nonzeros per matrix, where
+    the module's own weights hold theirs (without masking the masters: 4x as many)."""
     from tti_dist.models.weight_sparsity import selected_matrices
+    from tti_dist.rundir import model_states_file
     from tti_dist.train.export import consolidated_state_dict
+    from tti_dist.utils.safe_load import DEEPSPEED_GLOBALS, load_torch_file
 
-    run_dir, _ = runs("tp2_dp2_z1_reg")
-    cfg = make_config(**LAYOUTS["tp2_dp2_z1_reg"])
+    run_dir, _ = runs(name)
+    cfg = make_config(**LAYOUTS[name])
     ws = cfg.weight_sparsity
     matrices = selected_matrices(cfg.model, ws)
     assert len(matrices) == 8
@@ -190,9 +198,13 @@ def test_weight_sparsity_keeps_exactly_the_scheduled_density(runs):
             kept = m.kept(ws.density_at(step, STEPS), ws.min_per_neuron)
             assert table[f"weights/{m.name}/density"][i] == kept / m.numel, (step, m.name)
     for tag in ("global_step10", "global_step20"):
-        _, state, _ = consolidated_state_dict(run_dir, tag)
+        _, master, _ = consolidated_state_dict(run_dir, tag)
         for m in matrices:
-            assert int(torch.count_nonzero(state[f"{m.name}.weight"])) == int(ws.density * m.numel), (tag, m.name)
+            assert int(torch.count_nonzero(master[f"{m.name}.weight"])) == int(ws.density * m.numel), (tag, m.name)
+        if cfg.parallel.tp_size == 1:  # the module's weights (model states) have their zeros in the same places
+            module = load_torch_file(run_dir / "checkpoints" / tag / model_states_file(0), DEEPSPEED_GLOBALS)["module"]
+            for m in matrices:
+                assert torch.equal(master[f"{m.name}.weight"] != 0, module[f"{m.name}.weight"] != 0), (tag, m.name)
 
 
 def test_export_matches_deepspeed_zero_to_fp32(runs, tmp_path):

@@ -1,31 +1,17 @@
-"""Weight-sparse training (Gao et al. 2025) under TP and ZeRO, on real gloo ranks.
+"""The weight-sparsity mask (Gao et al. 2025) under TP, on real gloo ranks.
 
-(a) `abs_topk_masks` on TP=2 shards keeps exactly the TP=1 mask of the whole matrix, ties
-    and min_per_neuron included, for column- and row-parallel matrices in one call.
-(b) A real ZeRO-2 run through the launcher (TP=1 x DP=2; density 0.25 reached at step 4 of
-    8, min_per_neuron 2): every logged weights/<matrix>/density equals the schedule's kept
-    count exactly, and the checkpoint's fp32 master partitions (consolidated as tti export
-    does) hold exactly floor(density x size) nonzeros per matrix, in the places the model's
-    own weights hold them. ZeRO-1 with TP=2 and resume: tests/distributed/test_training.py.
+`abs_topk_masks` on TP=2 shards keeps exactly the TP=1 mask of the whole matrix, ties and
+min_per_neuron included, for column- and row-parallel matrices, one at a time and batched.
+Training with weight sparsity (ZeRO-1 at TP=2 with resume, ZeRO-2 at DP=2: exact density
+in the logged metrics and in the fp32 master weights) is in tests/distributed/test_training.py,
+which shares its runs and dataset.
 """
 
 from __future__ import annotations
 
-import math
-
-import pyarrow.parquet as pq
-import pytest
 import torch
 
 from spawn import run_ranks
-from test_training import BASE, dataset_path, _dataset  # noqa: F401  (the module's dataset fixture)
-from tti_dist.config import load_config
-from tti_dist.regularizers.validation import validate_run_config
-from tti_dist.train.worker import launch_local
-
-STEPS = 8
-DENSITY = 0.25
-SPARSITY = f"weight_sparsity={{density: {DENSITY}, anneal_fraction: 0.5, min_per_neuron: 2}}"
 
 
 def _matrices(seed: int) -> list[tuple[torch.Tensor, str, int, int]]:
@@ -71,37 +57,3 @@ def test_mask_tp2_equals_tp1_ties_included():
         ref = abs_topk_masks([w], [par], [k])[0]
         got = torch.cat([ranks[r][1][i] for r in range(2)], dim=0 if par == "column" else 1)
         assert torch.equal(got, ref), i
-
-
-def _config(tp: int, dp: int, zero: int):
-    overrides = [*BASE, f"train.steps={STEPS}", "train.eval_every=0", f"checkpoint.every={STEPS}",
-                 f"parallel.tp_size={tp}", f"parallel.dp_size={dp}", f"zero.stage={zero}",
-                 f"data.path={dataset_path()}", SPARSITY]
-    cfg = load_config(None, overrides)
-    validate_run_config(cfg, world_size=tp * dp)
-    return cfg
-
-
-@pytest.mark.slow
-def test_zero2_training_keeps_exactly_the_scheduled_density(tmp_path):
-    from tti_dist.models.weight_sparsity import selected_matrices
-    from tti_dist.train.export import consolidated_state_dict
-
-    cfg = _config(1, 2, 2)
-    launch_local(cfg, str(tmp_path / "run"), nproc=2)
-    ws = cfg.weight_sparsity
-    matrices = selected_matrices(cfg.model, ws)
-    table = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pydict()
-    assert table["step"] == list(range(1, STEPS + 1))
-    for i, step in enumerate(table["step"]):
-        density = ws.density_at(step, STEPS)
-        assert table["weights/target_density"][i] == pytest.approx(density)
-        for m in matrices:
-            assert table[f"weights/{m.name}/density"][i] == m.kept(density, ws.min_per_neuron) / m.numel
-    _, master, _ = consolidated_state_dict(tmp_path / "run")  # from ZeRO's fp32 partitions
-    module = torch.load(tmp_path / "run" / "checkpoints" / f"global_step{STEPS}" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
-    for m in matrices:
-        w = master[f"{m.name}.weight"]
-        assert int(torch.count_nonzero(w)) == math.floor(DENSITY * m.numel), m.name
-        assert torch.equal(w != 0, module[f"{m.name}.weight"] != 0), m.name
