@@ -6,6 +6,8 @@
     `mlp.act` holds exactly the reference top-k of GELU(mlp.pre) per token.
 (c) The hard mask (with and without top-k): the same units at TP=1 and TP=2, zero on every
     token, zero fc1 gradient for masked units, TP=2 equal to TP=1; weights unchanged by the mask.
+(d) AbsTopK activation sparsity at every site (q, k and v sharded by head, the rest
+    replicated): TP=2 equals TP=1, and each hooked site keeps exactly k entries per token.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ MODEL_VARIANTS = {
     "topk_abs": dict(mlp_topk=8, mlp_topk_by="abs"),
     "mask": dict(mlp_mask_density=0.5, mlp_mask_seed=5),
     "mask_topk": dict(mlp_mask_density=0.5, mlp_mask_seed=5, mlp_topk=8),
+    "abs_topk_act": dict(abs_topk_fraction=0.25, abs_topk_sites=("attn_in", "attn_q", "attn_k", "attn_v", "attn_out",
+                                                                 "mlp_in", "mlp_out", "resid_mid", "resid_post")),
 }
+ABS_TOPK_HOOKS = ["blocks.*.attn.out", "blocks.*.resid_mid", "blocks.*.mlp.out", "blocks.*.resid_post"]
 K = 8
 FFN = 128
 
@@ -90,11 +95,14 @@ def _rank(run_model: bool) -> dict:
                               **kwargs)
             seed_weights(7)
             model = GPT(cfg, groups)
-            hps = resolve_hookpoints(model, ["blocks.*.mlp.pre", "blocks.*.mlp.act"], "test")
+            hps = resolve_hookpoints(model, ["blocks.*.mlp.pre", "blocks.*.mlp.act"]
+                                     + (ABS_TOPK_HOOKS if "abs_topk_fraction" in kwargs else []), "test")
             tokens = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(11))
             with ActivationCapture(hps) as cap:
                 logits = model(tokens[:, :-1])
-                acts = {n: _gather_last(a, groups.tp_group, tp) for n, a in cap.captured.items()}
+                # mlp.pre/act are sharded by unit; the AbsTopK hooks are replicated.
+                acts = {n: _gather_last(a, groups.tp_group, tp) if n.endswith(("pre", "act")) else a.detach()
+                        for n, a in cap.captured.items()}
             loss = lm_loss(logits, tokens[:, 1:]).mean()
             loss.backward()
             out["model"][name] = {
@@ -159,7 +167,7 @@ def test_model_tp2_equals_tp1(results, variant):
         torch.testing.assert_close(m["loss"], ref["loss"], rtol=1e-5, atol=0)
         for name, a in m["acts"].items():
             torch.testing.assert_close(a, ref["acts"][name], rtol=1e-5, atol=1e-7)
-            if name.endswith("act"):
+            if name.endswith("act") or variant == "abs_topk_act":
                 assert torch.equal(a != 0, ref["acts"][name] != 0), name  # same units selected
         for name, g in m["grads"].items():
             dim = m["layout"][name]
@@ -216,8 +224,21 @@ def test_hard_mask_same_units_zero_acts_and_zero_fc1_gradient(results, variant):
             assert g_w[local].ne(0).any()
 
 
+def test_abs_topk_sites_keep_exactly_k_per_token(results):
+    """hidden 32 x fraction 0.25 = 8 entries per token at every hooked site, at TP=1 and TP=2;
+    the all-site model differs from the dense one (the option acts)."""
+    ref, ranks, _ = results
+    for m in [ref["model"]["abs_topk_act"]] + [r["model"]["abs_topk_act"] for r in ranks]:
+        hooked = [n for n in m["acts"] if not n.split(".")[-1] in ("pre", "act")]
+        assert len(hooked) == 8
+        for name in hooked:
+            l0 = (m["acts"][name] != 0).sum(-1)
+            assert torch.equal(l0, torch.full_like(l0, 8)), name
+    assert not torch.allclose(ref["model"]["abs_topk_act"]["logits"], ref["model"]["topk"]["logits"], atol=1e-2)
+
+
 def test_mask_does_not_change_weights(results):
     ref = results[0]["model"]
-    for variant in ("mask", "mask_topk", "topk_abs"):
+    for variant in ("mask", "mask_topk", "topk_abs", "abs_topk_act"):
         for name, w in ref[variant]["weights"].items():
             assert torch.equal(w, ref["topk"]["weights"][name]), (variant, name)

@@ -19,6 +19,13 @@ from tti_dist.config.regularizers import RegularizerConfig
 from tti_dist.config.weight_sparsity import WeightSparsityConfig
 
 
+ABS_TOPK_SITES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out", "resid_mid",
+                  "resid_post")
+"""The sites model.abs_topk_sites may name (models/activation_sparsity.py)."""
+ABS_TOPK_DEFAULT_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+"""The released circuit_sparsity model's default sites: the residual stream's reads and writes."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the GPT decoder (pre-norm, causal attention, GELU MLP)."""
@@ -74,6 +81,20 @@ class ModelConfig:
     per layer, independent of tp_size). Applied before top-k, so top-k chooses among them."""
     mlp_mask_seed: int = 0
     """Seed of the hard mask's unit subset; used only with mlp_mask_density < 1."""
+    abs_topk_fraction: float = 1.0
+    """AbsTopK activation sparsity (Gao et al. 2025, "Weight-sparse transformers have
+    interpretable circuits"): at every site in abs_topk_sites, each token keeps only its
+    k = floor(abs_topk_fraction x hidden_size) entries of largest magnitude (sign kept) and
+    the rest are zeroed; 1.0 switches it off. Gao et al. use 0.25. Exact under tensor
+    parallelism (the TP=1 selection, ties to the lower index); gradients pass through the
+    kept entries only. In (0, 1], with k >= 1."""
+    abs_topk_sites: tuple[str, ...] = ABS_TOPK_DEFAULT_SITES
+    """Where AbsTopK applies (used only with abs_topk_fraction < 1), any of: attn_in
+    (LayerNorm1 output), attn_q, attn_k, attn_v (all heads' queries/keys/values of a
+    token), attn_out (hook attn.out), mlp_in (LayerNorm2 output), mlp_out (hook mlp.out or
+    moe.out), resid_mid, resid_post (the stream after each write, at its hook). The default
+    is the released reference's: the residual stream's reads and writes. A site's
+    hookpoint records the sparsified value."""
     bottleneck_layer: int | None = None
     """Stochastic bottleneck after block i (i = bottleneck_layer): the residual stream
     x (hidden_size) is replaced by dec(z), z ~ N(mu(h), diag exp(logvar(h))) with
@@ -120,6 +141,14 @@ class ModelConfig:
         return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
 
     @property
+    def abs_topk_k(self) -> int:
+        """Entries each token keeps at an AbsTopK site: floor(abs_topk_fraction x hidden_size),
+        or 0 when activation sparsity is off (abs_topk_fraction 1.0)."""
+        if self.abs_topk_fraction >= 1.0:
+            return 0
+        return int(self.abs_topk_fraction * self.hidden_size)
+
+    @property
     def expert_ffn_size(self) -> int:
         """Hidden width of each expert's MLP."""
         return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_size
@@ -135,13 +164,16 @@ class ModelConfig:
 
     def sparsity_options(self) -> dict[str, int | float]:
         """The architectural levers of interpretability that are switched on (a top-k MLP, a
-        hard mask, a bottleneck, mixture-of-experts), by key; empty for the dense model. A
-        sweep's baseline must have none of them, as well as no regularizer weight."""
+        hard mask, AbsTopK activation sparsity, a bottleneck, mixture-of-experts), by key;
+        empty for the dense model. A sweep's baseline must have none of them, as well as no
+        regularizer weight."""
         options: dict[str, int | float] = {}
         if self.mlp_topk:
             options["mlp_topk"] = self.mlp_topk
         if self.mlp_mask_density < 1.0:
             options["mlp_mask_density"] = self.mlp_mask_density
+        if self.abs_topk_k:
+            options["abs_topk_fraction"] = self.abs_topk_fraction
         if self.bottleneck_layer is not None:
             options["bottleneck_layer"] = self.bottleneck_layer
         if self.moe_num_experts:

@@ -15,7 +15,15 @@ import math
 from pathlib import Path
 
 
-from tti_dist.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig, WandbConfig, ZeroConfig
+from tti_dist.config.schema import (
+    ABS_TOPK_SITES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    WandbConfig,
+    ZeroConfig,
+)
 from tti_dist.data.tokenizer import MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE, load_pretrained_tokenizer
 from tti_dist.errors import ConfigError
 
@@ -94,6 +102,20 @@ def _validate_model(cfg: RunConfig) -> None:
         )
     if m.mlp_mask_seed < 0:
         raise ConfigError(f"model.mlp_mask_seed: {m.mlp_mask_seed!r} must be >= 0")
+    _finite(m.abs_topk_fraction, "model.abs_topk_fraction")
+    if not 0.0 < m.abs_topk_fraction <= 1.0 or (m.abs_topk_fraction < 1.0 and m.abs_topk_k < 1):
+        raise ConfigError(
+            f"model.abs_topk_fraction: {m.abs_topk_fraction!r} must be in (0, 1] and keep at least one of the "
+            f"{m.hidden_size} entries per token (floor(fraction x hidden_size) >= 1); 1.0 switches it off"
+        )
+    for site in m.abs_topk_sites:
+        if site not in ABS_TOPK_SITES:
+            hint = " (the MLP units' AbsTopK is model.mlp_topk with mlp_topk_by: abs)" if site == "mlp_neuron" else ""
+            raise ConfigError(f"model.abs_topk_sites: {site!r} is not a site; allowed: {', '.join(ABS_TOPK_SITES)}"
+                              + hint)
+    if len(set(m.abs_topk_sites)) != len(m.abs_topk_sites) or not m.abs_topk_sites:
+        raise ConfigError(f"model.abs_topk_sites: {list(m.abs_topk_sites)!r} must name each site once, "
+                          "and at least one")
     if m.bottleneck_layer is not None and not 0 <= m.bottleneck_layer < m.num_layers:
         raise ConfigError(
             f"model.bottleneck_layer: {m.bottleneck_layer!r} must be a block index in 0..{m.num_layers - 1} or null"
@@ -336,6 +358,8 @@ def ignored_settings(cfg: RunConfig) -> list[str]:
         notes.append(f"model.mlp_topk_by: {m.mlp_topk_by!r} is ignored with mlp_topk 0")
     if m.mlp_mask_density == 1.0 and m.mlp_mask_seed != ModelConfig.mlp_mask_seed:
         notes.append(f"model.mlp_mask_seed: {m.mlp_mask_seed} is ignored with mlp_mask_density 1.0")
+    if m.abs_topk_fraction == 1.0 and m.abs_topk_sites != ModelConfig.abs_topk_sites:
+        notes.append(f"model.abs_topk_sites: {list(m.abs_topk_sites)!r} is ignored with abs_topk_fraction 1.0")
     if m.moe_num_experts == 0:
         for name in ("moe_top_k", "moe_layer_interval", "moe_capacity_factor", "moe_eval_capacity_factor",
                      "moe_min_capacity", "moe_drop_tokens", "moe_ffn_hidden_size"):

@@ -29,6 +29,7 @@ from torch import nn
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
 from tti_dist.distributed.expert_parallel import ExpertGroups
+from tti_dist.models.activation_sparsity import AbsTopK
 from tti_dist.models.bottleneck import ParallelBottleneck
 from tti_dist.models.moe import RoutedMLP
 from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
@@ -49,7 +50,10 @@ class ParallelAttention(nn.Module):
     """Causal multi-head self-attention with heads split across the TP group.
 
     Hookpoints: `attn.z` (concatenated per-head outputs before the output projection,
-    TP-sharded by head) and `attn.out` (after it, replicated).
+    TP-sharded by head) and `attn.out` (after it, replicated). With AbsTopK activation
+    sparsity (models/activation_sparsity.py) at attn_q/attn_k/attn_v, each token keeps the
+    largest-|.| entries of its queries/keys/values over all heads (before RoPE); at attn_out,
+    of the output, before `attn.out` records it.
     """
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, tp_size: int):
@@ -70,7 +74,20 @@ class ParallelAttention(nn.Module):
             cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
+        self.q_topk = AbsTopK(cfg, "attn_q", tp_group)
+        self.k_topk = AbsTopK(cfg, "attn_k", tp_group)
+        self.v_topk = AbsTopK(cfg, "attn_v", tp_group)
+        self.out_topk = AbsTopK(cfg, "attn_out")
         self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
+
+    @staticmethod
+    def _sparsify_heads(topk: AbsTopK, t_BHTd: torch.Tensor) -> torch.Tensor:
+        """AbsTopK over each token's [heads x head_dim] entries of q, k or v ([B, H_local, T, d])."""
+        if not topk.active:
+            return t_BHTd
+        B, H, T, d = t_BHTd.shape
+        flat = topk(t_BHTd.transpose(1, 2).reshape(B, T, H * d))
+        return flat.view(B, T, H, d).transpose(1, 2)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -80,6 +97,9 @@ class ParallelAttention(nn.Module):
         # unbind, not qkv[0], qkv[1], qkv[2]: indexing backpropagates through three zero-filled
         # copies of the whole [3, ...] tensor, unbind through one stack.
         q, k, v = qkv.unbind(0)
+        q = self._sparsify_heads(self.q_topk, q)
+        k = self._sparsify_heads(self.k_topk, k)
+        v = self._sparsify_heads(self.v_topk, v)
         if self.use_rope:
             q, k = apply_rope(q, k, base=self.rope_base)
         z = F.scaled_dot_product_attention(
@@ -87,7 +107,7 @@ class ParallelAttention(nn.Module):
         )
         z = self.hook_z(z.transpose(1, 2).reshape(B, T, self.num_heads_local * self.head_dim))
         out, _ = self.proj(z)
-        return self.hook_out(out)
+        return self.hook_out(self.out_topk(out))
 
 
 class ParallelMLP(nn.Module):
@@ -109,7 +129,8 @@ class ParallelMLP(nn.Module):
     With both off the forward is the plain GELU MLP (no extra work).
 
     Hookpoints: `mlp.pre` and `mlp.act` (before GELU / after GELU and the masks, TP-sharded;
-    with top-k, L0 of `mlp.act` <= k), `mlp.out` (replicated).
+    with top-k, L0 of `mlp.act` <= k), `mlp.out` (replicated; after the mlp_out AbsTopK
+    when that site is on).
     """
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_group, layer_index: int):
@@ -139,6 +160,7 @@ class ParallelMLP(nn.Module):
             cfg.ffn_size, cfg.hidden_size, config=mp_config, init_method=normal_init(out_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
+        self.out_topk = AbsTopK(cfg, "mlp_out")
         self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -151,7 +173,7 @@ class ParallelMLP(nn.Module):
                                   tp_size=self.tp_size, tp_rank=self.tp_rank)
         act = self.hook_act(act)
         out, _ = self.fc2(act)
-        return self.hook_out(out)
+        return self.hook_out(self.out_topk(out))
 
 
 class Block(nn.Module):
@@ -159,6 +181,11 @@ class Block(nn.Module):
 
     In an MoE block (cfg.is_moe_block) the MLP is a `RoutedMLP` (models/moe.py) named
     `moe`, with hookpoints `moe.{router_logits,router_probs,expert,out}` instead of `mlp.*`.
+
+    AbsTopK activation sparsity (models/activation_sparsity.py), where its sites are on:
+    attn_in and mlp_in on the LayerNorm outputs the sublayers read, resid_mid and
+    resid_post on the stream after each write (before its hookpoint). The sublayers apply
+    their own sites (attn_q/k/v, attn_out, mlp_out) before their output hookpoints.
 
     Hookpoints: `resid_pre`, `resid_mid`, `resid_post` (replicated across TP). In the block
     with index cfg.bottleneck_layer a stochastic bottleneck (models/bottleneck.py) follows
@@ -171,15 +198,19 @@ class Block(nn.Module):
         self.layer_index = layer_index
         self.hook_resid_pre = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
+        self.attn_in_topk = AbsTopK(cfg, "attn_in")
         self.attn = ParallelAttention(cfg, mp_config, tp_group, tp_size)
+        self.resid_mid_topk = AbsTopK(cfg, "resid_mid")
         self.hook_resid_mid = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, bias=cfg.bias)
+        self.mlp_in_topk = AbsTopK(cfg, "mlp_in")
         if cfg.is_moe_block(layer_index):
             self.moe = RoutedMLP(cfg, mp_config, tp_group, layer_index, experts)
             self.mlp = None
         else:
             self.moe = None
             self.mlp = ParallelMLP(cfg, mp_config, tp_group, layer_index)
+        self.resid_post_topk = AbsTopK(cfg, "resid_post")
         self.hook_resid_post = HookPoint(cfg.hidden_size, tp_sharded=False)
         self.drop = nn.Dropout(cfg.dropout)
         # Registered after hook_resid_post (and applied after it): hookpoints stay in data-flow order.
@@ -189,9 +220,9 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(x_BTD)
-        x = self.hook_resid_mid(x + self.drop(self.attn(self.ln1(x))))
+        x = self.hook_resid_mid(self.resid_mid_topk(x + self.drop(self.attn(self.attn_in_topk(self.ln1(x))))))
         ffn = self.moe if self.moe is not None else self.mlp
-        x = self.hook_resid_post(x + self.drop(ffn(self.ln2(x))))
+        x = self.hook_resid_post(self.resid_post_topk(x + self.drop(ffn(self.mlp_in_topk(self.ln2(x))))))
         if self.bottleneck is not None:
             x = self.bottleneck(x)
         return x

@@ -42,6 +42,7 @@ from torch import nn
 from tti_dist.capture.hookpoints import HookPoint
 from tti_dist.config.schema import ModelConfig
 from tti_dist.distributed.expert_parallel import ExpertGroups
+from tti_dist.models.activation_sparsity import AbsTopK
 from tti_dist.models.parallel_linear import ColumnLinear, RowLinear
 from tti_dist.utils.deepspeed_import import import_deepspeed
 
@@ -247,6 +248,7 @@ class RoutedMLP(nn.Module):
             min_capacity=cfg.moe_min_capacity, drop_tokens=cfg.moe_drop_tokens, use_rts=True,
             enable_expert_tensor_parallelism=True, top2_2nd_expert_sampling=False,
         )
+        self.out_topk = AbsTopK(cfg, "mlp_out")  # AbsTopK activation sparsity, identity when off
         self.hook_out = HookPoint(cfg.hidden_size, tp_sharded=False)
         gate_cls, layer_cls = moe_classes()
         gate = gate_cls(cfg.hidden_size, E, k, cfg.moe_capacity_factor, cfg.moe_eval_capacity_factor,
@@ -281,7 +283,7 @@ class RoutedMLP(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         hooks = (self.hook_router_logits, self.hook_router_probs, self.hook_expert)
         out, self._routing_stats = self.layer.deepspeed_moe(x_BTD, hooks)
-        return self.hook_out(out)
+        return self.hook_out(self.out_topk(out))
 
     def routing_stats(self) -> dict[str, torch.Tensor] | None:
         """Detached counts of the latest forward (None before the first): first_choice_counts

@@ -59,6 +59,8 @@ def check_exportable(cfg: ModelConfig) -> None:
         ("model.mlp_topk", cfg.mlp_topk, cfg.mlp_topk > 0, "a top-k MLP has no GPT-2/GPT-NeoX equivalent"),
         ("model.mlp_mask_density", cfg.mlp_mask_density, cfg.mlp_mask_density < 1.0,
          "a hard-masked MLP has no GPT-2/GPT-NeoX equivalent"),
+        ("model.abs_topk_fraction", cfg.abs_topk_fraction, cfg.abs_topk_k > 0,
+         "AbsTopK activation sparsity has no GPT-2/GPT-NeoX equivalent"),
         ("model.bottleneck_layer", cfg.bottleneck_layer, cfg.bottleneck_layer is not None,
          "a stochastic bottleneck has no GPT-2/GPT-NeoX equivalent"),
         ("model.moe_num_experts", cfg.moe_num_experts, cfg.moe_num_experts > 0,
