@@ -1,6 +1,6 @@
 """Summarise the weight-sparse vs dense experiment (docs/experiments/weight_sparse.md).
 
-    python experiments/weight_sparse_table.py ROOT [--kinds sparse,sparse256,dense,dense64] [--task verb_number]
+    python experiments/weight_sparse_table.py ROOT [--kinds sparse,sparseact,sparse256,dense,dense64] [--task verb_number]
 
 ROOT holds one run directory per model and seed, `ws_<kind>_s<seed>` (tti train
 configs/weight_sparse.yaml, see the page for the overrides), and, where measured, the
@@ -56,7 +56,7 @@ def run_summary(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--kinds", default="sparse,sparse256,dense,dense64")
+    parser.add_argument("--kinds", default="sparse,sparseact,sparse256,dense,dense64")
     parser.add_argument("--task", default="verb_number")
     args = parser.parse_args()
     print("| model | d | nonzero block weights | seeds | eval loss | fall over last 25% | density | circuit: trained "
