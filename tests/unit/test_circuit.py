@@ -9,6 +9,8 @@
 (c) The random-label control permutes the labels, keeps every class's count and is fixed
     by its seed.
 (d) Bad input is one line naming the option, exit 2, before any work.
+(e) The circuit's edges: the planted circuit's 8 weights in closed form, and the vectorised
+    count equal to a weight-by-weight loop on a sparse 2-block model.
 """
 
 from __future__ import annotations
@@ -126,6 +128,68 @@ def test_pruning_recovers_the_planted_units(groups, ablation):
     assert result["nodes_kept"] == {"mlp": 2, "attn": 0, "all": 2}
     assert result["task_loss"] == pytest.approx(full, abs=1e-5)
     assert result["full_loss"] == pytest.approx(full, abs=1e-6)
+    # Edges: each planted unit reads f (2 weights) and writes u (2 weights); attention is all zero.
+    # The whole model: fc1 is dense but for the planted rows (14 x 16 + 4), fc2 has only those 4.
+    from tti_dist.eval.circuit_edges import circuit_edges
+
+    assert circuit_edges(model, result["kept"]) == {"attn": 0, "mlp": 8, "all": 8}
+    assert circuit_edges(model, None) == {"attn": 0, "mlp": 14 * 16 + 4 + 4, "all": 232}
+
+
+def _brute_force_edges(model, kept: dict) -> dict:
+    """The edge rule of tti_dist.eval.circuit_edges, one weight at a time."""
+    cfg = model.cfg
+    d, heads, hd, L = cfg.hidden_size, cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.num_layers
+
+    def on(name, i):
+        return name not in kept or i in kept[name]
+
+    attn = mlp = 0
+    for i, block in enumerate(model.blocks):
+        out = f"blocks.{i + 1}.resid_pre" if i + 1 < L else f"blocks.{i}.resid_post"
+        qkv, proj = block.attn.qkv.weight, block.attn.proj.weight
+        fc1, fc2 = block.mlp.fc1.weight, block.mlp.fc2.weight
+        unit_on = [on(f"blocks.{i}.mlp.act", u) for u in range(cfg.ffn_size)]
+        head_on = [on(f"blocks.{i}.attn.z", h) for h in range(heads)]
+        read_by_units = [any(unit_on[u] and fc1[u, c] != 0 for u in range(cfg.ffn_size)) for c in range(d)]
+        written = [any(head_on[col // hd] and proj[c, col] != 0 for col in range(d)) for c in range(d)]
+        for row in range(3 * d):
+            for c in range(d):
+                attn += bool(qkv[row, c] != 0 and head_on[row // (3 * hd)] and on(f"blocks.{i}.resid_pre", c))
+        for c in range(d):
+            for col in range(d):
+                attn += bool(proj[c, col] != 0 and head_on[col // hd] and (on(out, c) or read_by_units[c]))
+            for u in range(cfg.ffn_size):
+                mlp += bool(fc1[u, c] != 0 and unit_on[u] and (on(f"blocks.{i}.resid_pre", c) or written[c]))
+                mlp += bool(fc2[c, u] != 0 and unit_on[u] and on(out, c))
+    return {"attn": attn, "mlp": mlp, "all": attn + mlp}
+
+
+def test_edges_match_a_weight_by_weight_count(groups):
+    """A 2-block model with 70% of its block weights zeroed and random kept nodes of every
+    kind: the vectorised count equals a loop over every weight."""
+    from tti_dist.eval.circuit_edges import circuit_edges
+    from tti_dist.eval.circuit_masks import node_sites
+    from tti_dist.models.gpt import GPT
+
+    cfg = ModelConfig(num_layers=2, hidden_size=8, num_heads=2, ffn_hidden_size=12, vocab_size=8, max_seq_len=8)
+    torch.manual_seed(2)
+    model = GPT(cfg, groups)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and name.startswith("blocks"):
+                p.mul_(torch.rand(p.shape, generator=gen) < 0.3)
+    sites = node_sites(model)
+    assert {s.kind for s in sites} == {"mlp", "attn", "resid"}
+    for trial in range(4):
+        kept = {s.name: sorted(torch.randperm(s.num_nodes, generator=gen)[:s.num_nodes // 2 + trial % 2].tolist())
+                for s in sites if trial < 3 or s.kind != "resid"}  # the last trial leaves the stream unpruned
+        assert circuit_edges(model, kept) == _brute_force_edges(model, kept), trial
+    full = circuit_edges(model, None)
+    assert full == _brute_force_edges(model, {})
+    assert full["all"] == sum(int((p != 0).sum()) for n, p in model.named_parameters()
+                              if n.startswith("blocks") and p.dim() == 2)
 
 
 def test_masks_gate_heads_and_residual_channels(groups):

@@ -35,7 +35,9 @@ loss. Bisection assumes the loss falls as k grows along the ranking; where it do
 the k found still meets the target, but a smaller one may exist. Over several lambdas the
 smallest circuit reaching the target is reported.
 
-Edges (the paper also prunes and counts weights between kept nodes) are not built.
+Edges: the paper also counts a circuit's weights between kept nodes; `tti circuit` counts
+them for the nodes kept here (tti_dist.eval.circuit_edges) but does not prune edges
+separately (a kept node keeps all its weights).
 """
 
 from __future__ import annotations

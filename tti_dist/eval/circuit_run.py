@@ -13,6 +13,9 @@ The three entries of the output, each pruned to the same target
   tti_dist.eval.circuit_tasks.random_labels): how small a circuit the search finds for a
   task the model cannot have learned.
 
+Each entry also counts its circuit's edges, the nonzero block weights between kept nodes
+(tti_dist.eval.circuit_edges); `edges_total` counts them in the whole trained model.
+
 The target is `--target-loss`, or by default the trained model's full (unpruned) task loss
 plus DEFAULT_TARGET_MARGIN nats, fixed once and used for all three entries, as the paper
 compares circuit sizes at one target loss.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from tti_dist.data.synthetic_vocab import VocabLayout
+from tti_dist.eval.circuit_edges import circuit_edges
 from tti_dist.eval.circuit_masks import NodeMasker, TaskData, evaluate, node_sites, prune, total_nodes
 from tti_dist.eval.circuit_plan import DEFAULT_TARGET_MARGIN, CircuitSettings, task_examples
 from tti_dist.eval.circuit_tasks import random_labels
@@ -70,10 +74,14 @@ def run_circuit(plan: EvalPlan, settings: CircuitSettings, layout: VocabLayout, 
         "nodes_total": total_nodes(sites),
         "settings": {"batches": plan.batches, "steps": settings.steps, "lr": settings.lr,
                      "lambdas": list(settings.lambdas), "nodes": list(settings.nodes),
-                     "ablation": settings.ablation, "seed": settings.seed, "edges": False},
+                     "ablation": settings.ablation, "seed": settings.seed},
+        "edges_total": circuit_edges(trained, None),
     }
     result["trained"] = prune(trained, sites, data, target, **search)
     init = _model(plan, groups, None)
     result["init"] = prune(init, node_sites(init, settings.nodes), data, target, **search)
     result["random_labels"] = prune(trained, sites, nonsense, target, **search)
+    # Edges between the kept nodes (tti_dist.eval.circuit_edges): where weight sparsity shows.
+    for entry, model in (("trained", trained), ("init", init), ("random_labels", trained)):
+        result[entry]["edges_kept"] = circuit_edges(model, result[entry]["kept"])
     return result
