@@ -4,11 +4,12 @@
 
 ROOT holds one run directory per model and seed, `ws_<kind>_s<seed>` (tti train
 configs/weight_sparse.yaml, see the page for the overrides), and, where measured, the
-circuit results `circ_<task>_<kind>_s<seed>.json` (tti circuit ... --out). Prints Markdown:
+circuit results `circ_<task>_<kind>_s<seed>.json` (tti circuit ... --out). Prints Markdown tables:
 per kind, the final eval loss (mean +- standard error over seeds), how much it still fell
 over the last quarter of training (convergence), the final weight density, and the nodes
 each circuit search kept (trained model, model at initialisation, random labels) with
-whether it reached the target loss.
+whether it reached the target loss; then, where the circuit files count edges, the trained
+circuit's edges (nonzero block weights between kept nodes) beside the model's.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from tti_dist.models.layout import model_layout
 from tti_dist.rundir import RunDir
 
 
-def mean_se(values: list[float], digits: int = 3) -> str:
-    """'mean +- standard error' over seeds ('x (1 seed)' for one)."""
+def mean_se(values: list[float], digits: int = 3, sep: str = "") -> str:
+    """'mean +- standard error' over seeds ('x (1 seed)' for one); sep="," groups thousands."""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f} (1 seed)"
-    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values) / math.sqrt(len(values)):.{digits}f}"
+        return f"{values[0]:{sep}.{digits}f} (1 seed)"
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    return f"{statistics.mean(values):{sep}.{digits}f} +- {se:{sep}.{digits}f}"
 
 
 def block_weights(run: Path, density: float) -> tuple[int, int]:
@@ -62,6 +64,7 @@ def main() -> None:
     print("| model | d | nonzero block weights | seeds | eval loss | fall over last 25% | density | circuit: trained "
           "| at init | random labels |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    edge_rows = []
     for kind in args.kinds.split(","):
         runs = sorted(args.root.glob(f"ws_{kind}_s*"))
         runs = [r for r in runs if r.is_dir() and (r / "metrics.parquet").exists()]
@@ -71,6 +74,7 @@ def main() -> None:
         circuits: dict[str, list[str]] = {"trained": [], "init": [], "random_labels": []}
         kept: dict[str, list[float]] = {"trained": [], "init": [], "random_labels": []}
         totals: list[int] = []
+        edges: list[tuple[int, int, bool]] = []  # (edges kept, edges in the model, reached) per seed
         for r in runs:
             path = args.root / f"circ_{args.task}_{kind}_{r.name.rsplit('_', 1)[1]}.json"
             if path.exists():
@@ -81,6 +85,9 @@ def main() -> None:
                     totals.append(result["nodes_total"]["all"])
                     if e["reached"]:
                         kept[entry].append(e["nodes_kept"]["all"])
+                if "edges_total" in result:
+                    t = result["trained"]
+                    edges.append((t["edges_kept"]["all"], result["edges_total"]["all"], t["reached"]))
         cells = []
         for entry in circuits:
             if not circuits[entry]:
@@ -95,6 +102,17 @@ def main() -> None:
         print(f"| {kind} | {width} | {nonzero:,} | {len(rows)} | {mean_se([r['loss'] for r in rows])} | "
               f"{statistics.mean(r['fall_last_quarter'] for r in rows):.1%} | "
               f"{statistics.mean(r['density'] for r in rows):.3f} | " + " | ".join(cells) + " |")
+        if edges:
+            reached = [(k, t) for k, t, ok in edges if ok]
+            summary = mean_se([float(k) for k, _ in reached], 0, sep=",") if reached else "none reached"
+            share = mean_se([k / t for k, t in reached], 3) if reached else "-"
+            seeds = ", ".join(f"{k:,}{'' if ok else '*'}" for k, _, ok in edges)
+            edge_rows.append(f"| {kind} | {edges[0][1]:,} | {summary} [{seeds}] | {share} |")
+    if edge_rows:
+        print("\n| model | edges in the model (nonzero block weights) | edges of the trained circuit | "
+              "share of the model's edges |")
+        print("|---|---|---|---|")
+        print("\n".join(edge_rows))
     print("\nCircuit cells: mean +- SE of the nodes kept over the seeds whose search reached the target, "
           "then each seed's count; * = the target loss was not reached (the count is the smallest mask tried).")
 
